@@ -1,0 +1,42 @@
+# kvstore — two commands do all set-up on a fresh machine:
+#   make run    install into .venv and run the main job
+#   make test   install into .venv and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS := test,dev
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench lint clean
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/kvstore local-demo
+
+test: install
+	$(BIN)/pytest -q
+
+# Unit tests only (skips the slow crash loops and real-process suites).
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+# Installs what the benchmarks compare against, then runs each with --quick.
+bench: install
+	command -v fio >/dev/null || (apt-get update -qq && apt-get install -y -qq fio)
+	mkdir -p bench-results
+	$(BIN)/python benchmarks/tiers.py --quick --json bench-results/tiers.json
+
+lint: install
+	$(BIN)/ruff check kvstore transport connectors tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench-results

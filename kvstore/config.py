@@ -1,0 +1,153 @@
+"""Typed configuration: frozen dataclasses, loaded from a TOML file plus overrides.
+
+Sizes take human units (``"4GiB"``), durations too (``"30s"``). Every value is
+validated when the config is built; a bad one raises :class:`ConfigError` naming
+the key (``store.dram``), so a daemon stops at start-up instead of misbehaving.
+Environment variables are not read here: they are for process plumbing only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from kvstore.errors import ConfigError, InvalidArgument
+from kvstore.units import parse_duration, parse_size
+
+Toggle = Literal["auto", "on", "off"]
+_TOGGLES = ("auto", "on", "off")
+
+
+def _size(default: str | int, doc: str) -> Any:
+    return field(default=default, metadata={"unit": "size", "doc": doc})
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The node-local tiered store (DRAM arena + optional disk tier)."""
+
+    dram: int = _size("1GiB", "Capacity of the DRAM tier (the host arena).")
+    disk_dir: Path | None = field(
+        default=None, metadata={"doc": "Directory of the disk tier; no disk tier when unset."}
+    )
+    disk: int = _size("4GiB", "Capacity of the disk tier's preallocated data file.")
+    high_watermark: float = field(
+        default=0.95, metadata={"doc": "DRAM use fraction above which LRU chunks are demoted."}
+    )
+    low_watermark: float = field(
+        default=0.85, metadata={"doc": "Demotion stops once DRAM use falls below this fraction."}
+    )
+    alignment: int = _size(4096, "Allocation granularity in bytes (a power of two >= 512).")
+    pin_memory: Toggle = field(
+        default="auto", metadata={"doc": "Page-lock the arena with CUDA: auto = when CUDA is present."}
+    )
+    prefault: bool = field(
+        default=True, metadata={"doc": "Fault in arena pages at start (steady latency, slower start)."}
+    )
+    disk_direct_io: Toggle = field(
+        default="auto", metadata={"doc": "O_DIRECT disk I/O: auto = when the filesystem allows it."}
+    )
+    disk_sync: bool = field(
+        default=True, metadata={"doc": "fdatasync data and sync the index before a put returns."}
+    )
+    promote_on_hit: bool = field(
+        default=True, metadata={"doc": "Copy chunks read from disk back into DRAM."}
+    )
+
+    def __post_init__(self) -> None:
+        _coerce_units(self, "store")
+        if self.dram <= 0:
+            raise ConfigError("store.dram must be > 0")
+        if self.alignment < 512 or self.alignment & (self.alignment - 1):
+            raise ConfigError(f"store.alignment must be a power of two >= 512, got {self.alignment}")
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise ConfigError(
+                "store.low_watermark and store.high_watermark must satisfy "
+                f"0 < low <= high <= 1, got low={self.low_watermark} high={self.high_watermark}"
+            )
+        for name in ("pin_memory", "disk_direct_io"):
+            if getattr(self, name) not in _TOGGLES:
+                raise ConfigError(f"store.{name} must be one of {_TOGGLES}, got {getattr(self, name)!r}")
+        if self.disk_dir is not None:
+            object.__setattr__(self, "disk_dir", Path(self.disk_dir))
+            if self.disk < self.alignment:
+                raise ConfigError(f"store.disk must be at least {self.alignment} bytes, got {self.disk}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Top-level kvstore configuration; one section per component."""
+
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+C = TypeVar("C")
+
+
+def build(cls: type[C], data: dict[str, Any], section: str) -> C:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ConfigError."""
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = names[name]
+        if dataclasses.is_dataclass(f.type) or (isinstance(value, dict) and f.name != "extra"):
+            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            kwargs[name] = build(type(sub), value, f"{section}.{name}" if section else name)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (InvalidArgument, TypeError, ValueError) as e:
+        raise ConfigError(f"{section or 'config'}: {e}") from e
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load ``path`` (TOML) if given, apply dotted ``overrides`` (``{"store.dram": "2GiB"}``)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} not found") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from e
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {p} is not a section")
+        node[leaf] = value
+    return build(Config, data, "")
+
+
+def _coerce_units(obj: Any, section: str) -> None:
+    """Parse human units in place on a frozen dataclass, naming the key on error."""
+    for f in dataclasses.fields(obj):
+        unit = f.metadata.get("unit")
+        value = getattr(obj, f.name)
+        try:
+            if unit == "size":
+                object.__setattr__(obj, f.name, parse_size(value, name=f"{section}.{f.name}"))
+            elif unit == "duration":
+                object.__setattr__(obj, f.name, parse_duration(value, name=f"{section}.{f.name}"))
+        except InvalidArgument as e:
+            raise ConfigError(str(e)) from e
+
+
+def describe(cls: type[Any], section: str) -> list[tuple[str, str, str]]:
+    """``(key, default, doc)`` for every field, for ``--help`` and docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else "(section)"
+        rows.append((f"{section}.{f.name}", str(default), f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,95 @@
+"""One error tree for kvstore.
+
+Every failure a caller can act on is a :class:`KVStoreError`; the subclass says
+what to do next:
+
+==================  ===================================================  =========
+class               meaning / what the caller does                       retryable
+==================  ===================================================  =========
+NotFound            the key is not stored (a miss); recompute or skip     no
+TryAgain            transient contention or a replica in flight; retry    yes
+Timeout             a deadline expired; retry with a longer deadline      yes
+Corruption          stored bytes failed their checksum; treated as miss   no
+NoSpace             a tier or arena is full and nothing can be evicted    no
+PermissionDenied    the caller may not do this (tenant, token, mode)      no
+InvalidArgument     bad input (key, size, buffer, config value)           no
+TransportError      the peer or link failed mid-operation                 yes
+==================  ===================================================  =========
+
+gRPC status codes and native error codes are mapped to this tree in one place
+(:func:`from_errno` here; the gRPC mapping lives with the master's client).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class KVStoreError(Exception):
+    """Base of every error kvstore raises on purpose."""
+
+    retryable: bool = False
+
+
+class NotFound(KVStoreError):
+    """The key is not stored anywhere the caller can reach."""
+
+
+class TryAgain(KVStoreError):
+    """Transient condition (contention, write in flight); retrying may succeed."""
+
+    retryable = True
+
+
+class Timeout(KVStoreError):
+    """A deadline expired before the operation completed."""
+
+    retryable = True
+
+
+class Corruption(KVStoreError):
+    """Stored or transferred bytes do not match their checksum.
+
+    Stores never hand such bytes out: the chunk is dropped and reported as a miss.
+    """
+
+
+class NoSpace(KVStoreError):
+    """A tier, arena or disk is full and nothing more can be evicted."""
+
+
+class PermissionDenied(KVStoreError):
+    """The caller is not allowed to perform this operation."""
+
+
+class InvalidArgument(KVStoreError, ValueError):
+    """Bad input: a malformed key, a size out of range, a buffer too small."""
+
+
+class ConfigError(InvalidArgument):
+    """A configuration value is invalid; the message names the key."""
+
+
+class TransportError(KVStoreError):
+    """The transfer engine lost its peer or the link failed."""
+
+    retryable = True
+
+
+def from_errno(err: OSError, what: str) -> KVStoreError:
+    """Map an ``OSError`` to the error tree, keeping the OS message and ``what`` failed."""
+    code = err.errno
+    msg = f"{what}: {err.strerror or err}"
+    if code in (_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG):
+        return NoSpace(msg)
+    if code in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        return PermissionDenied(msg)
+    if code in (_errno.EAGAIN, _errno.EINTR, _errno.EBUSY):
+        return TryAgain(msg)
+    if code in (_errno.ETIMEDOUT,):
+        return Timeout(msg)
+    if code in (_errno.EINVAL, _errno.ENAMETOOLONG, _errno.ENOTDIR, _errno.EISDIR):
+        return InvalidArgument(msg)
+    if code in (_errno.EIO, _errno.EBADMSG):
+        return Corruption(msg)
+    return KVStoreError(msg)

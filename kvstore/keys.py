@@ -1,0 +1,123 @@
+"""Content-addressed chunk keys, identical in every process and on every host.
+
+::
+
+    root    = SHA-256(canonical namespace)
+    key_i   = SHA-256(key_{i-1} || token ids of chunk i as little-endian uint32)
+
+The namespace holds everything that makes two caches incompatible: model
+identity, the KV layout fingerprint, the tensor-parallel shard and the tenant's
+cache salt. Two requests sharing a token prefix share the keys of its full
+chunks; any namespace difference gives disjoint keys. Python's ``hash()`` is
+never used (it is salted per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvstore.errors import InvalidArgument
+from kvstore.layout import KVLayout
+
+KEY_BYTES = 32
+"""Length of a chunk key (a SHA-256 digest)."""
+MAX_TOKEN_ID = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that must match for two engines to share KV chunks."""
+
+    model: str
+    """Model identity (name plus revision/quantization as the engine reports it)."""
+    layout: KVLayout
+    """Shape and dtype of the shard's cache; its fingerprint enters the root."""
+    tp_rank: int = 0
+    tp_size: int = 1
+    cache_salt: str = ""
+    """Per-tenant salt: tenants with different salts never see each other's KV."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidArgument("Namespace.model must be a non-empty string")
+        if not (0 <= self.tp_rank < self.tp_size):
+            raise InvalidArgument(
+                f"Namespace: tp_rank {self.tp_rank} out of range for tp_size {self.tp_size}"
+            )
+
+    def root(self) -> bytes:
+        """SHA-256 of the canonical, length-prefixed encoding of the namespace."""
+        h = hashlib.sha256(b"kvstore-namespace-v1\x00")
+        for field in (
+            self.model,
+            self.layout.fingerprint(),
+            str(self.tp_rank),
+            str(self.tp_size),
+            self.cache_salt,
+        ):
+            raw = field.encode("utf-8")
+            h.update(struct.pack("<I", len(raw)))
+            h.update(raw)
+        return h.digest()
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.layout.chunk_tokens
+
+
+def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise InvalidArgument(f"token ids must be a flat sequence, got shape {arr.shape}")
+    if arr.size == 0:
+        return b""
+    if arr.dtype.kind not in "iu":
+        raise InvalidArgument(f"token ids must be integers, got dtype {arr.dtype}")
+    if int(arr.min()) < 0 or int(arr.max()) > MAX_TOKEN_ID:
+        raise InvalidArgument(f"token ids must lie in [0, {MAX_TOKEN_ID}]")
+    return arr.astype("<u4", copy=False).tobytes()
+
+
+def chunk_keys(
+    namespace: Namespace,
+    tokens: Sequence[int] | np.ndarray,
+    *,
+    include_partial: bool = False,
+    parent: bytes | None = None,
+) -> list[bytes]:
+    """Keys of the chunks of ``tokens``.
+
+    Only full chunks get keys unless ``include_partial`` (a partial chunk's key
+    also commits to its length, so it never collides with a longer chunk).
+    ``parent`` continues a chain: pass the last key of the preceding chunks.
+    """
+    raw = _token_bytes(tokens)
+    step = namespace.chunk_tokens * 4
+    prev = namespace.root() if parent is None else _check_parent(parent)
+    keys: list[bytes] = []
+    full_end = len(raw) - len(raw) % step
+    for off in range(0, full_end, step):
+        prev = hashlib.sha256(prev + raw[off : off + step]).digest()
+        keys.append(prev)
+    if include_partial and full_end < len(raw):
+        tail = raw[full_end:]
+        prev = hashlib.sha256(prev + tail + struct.pack("<I", len(tail) // 4)).digest()
+        keys.append(prev)
+    return keys
+
+
+def key_hex(key: bytes) -> str:
+    """Short printable form of a key for logs and tables."""
+    return key.hex()[:16]
+
+
+def _check_parent(parent: bytes) -> bytes:
+    if not isinstance(parent, bytes) or len(parent) != KEY_BYTES:
+        raise InvalidArgument(f"parent key must be {KEY_BYTES} bytes")
+    return parent
+

@@ -1,0 +1,256 @@
+"""Page-aligned host arena with explicit, reference-counted ownership.
+
+One anonymous ``mmap`` per arena: page aligned, optionally backed by huge pages
+and faulted in up front, and page-locked through CUDA when CUDA is present so
+GPU copies from it run at full PCIe speed (plain memory otherwise, no error).
+
+Ownership: :meth:`Arena.alloc` returns an :class:`Allocation` holding one
+reference. :meth:`Allocation.retain` adds one, :meth:`Allocation.release` drops
+one; the bytes return to the arena when the count reaches zero. Releasing past
+zero raises (double free). :meth:`Arena.close` refuses to unmap while any
+allocation is live and names them (leak detection). Zero-copy views handed to
+callers hold a reference that is released when the view is garbage collected,
+so bytes under a reader are never reused. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from kvstore.errors import InvalidArgument, KVStoreError, NoSpace
+from kvstore.memory.allocator import ExtentAllocator, align_up
+from kvstore.units import format_size
+
+log = logging.getLogger(__name__)
+
+PAGE = mmap.PAGESIZE
+
+
+def aligned_buffer(nbytes: int, alignment: int = 4096) -> np.ndarray:
+    """A zeroed uint8 array whose data address is ``alignment``-aligned (for O_DIRECT)."""
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    shift = (-raw.ctypes.data) % alignment
+    out = raw[shift : shift + nbytes]
+    out[:] = 0
+    return out
+
+
+class Allocation:
+    """One live extent of an :class:`Arena`. Not constructed directly."""
+
+    __slots__ = ("arena", "offset", "size", "nbytes", "_refs", "__weakref__")
+
+    def __init__(self, arena: Arena, offset: int, size: int, nbytes: int) -> None:
+        self.arena = arena
+        self.offset = offset
+        self.size = size
+        """Bytes requested."""
+        self.nbytes = nbytes
+        """Bytes taken from the arena (size rounded up to the alignment)."""
+        self._refs = 1
+
+    @property
+    def refs(self) -> int:
+        return self._refs
+
+    def view(self, full: bool = False) -> memoryview:
+        """Writable view of the requested bytes (``full``: the whole rounded extent).
+
+        Valid while the caller holds a reference.
+        """
+        if self._refs <= 0:
+            raise InvalidArgument(f"use after free of allocation at {self.offset}")
+        n = self.nbytes if full else self.size
+        return self.arena._mv[self.offset : self.offset + n]
+
+    def address(self) -> int:
+        return self.arena.address + self.offset
+
+    def retain(self) -> Allocation:
+        with self.arena._lock:
+            if self._refs <= 0:
+                raise InvalidArgument(f"retain after free of allocation at {self.offset}")
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        """Drop one reference; frees the extent at zero. Raises on double free."""
+        self.arena._release(self)
+
+    def ndarray_view(self) -> np.ndarray:
+        """Read-only uint8 array over the bytes that holds its own reference.
+
+        The reference is released when the array (and every view of it) is
+        garbage collected, so the bytes stay valid for as long as anyone can see them.
+        """
+        self.retain()
+        arr = np.frombuffer(self.arena._mv, dtype=np.uint8, count=self.size, offset=self.offset)
+        arr.flags.writeable = False
+        weakref.finalize(arr, self.release)
+        return arr
+
+    def __repr__(self) -> str:
+        return f"Allocation(offset={self.offset}, size={self.size}, refs={self._refs})"
+
+
+class Arena:
+    """Fixed-size host memory pool. See the module docstring for the ownership rules."""
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        alignment: int = 4096,
+        pin: str = "auto",
+        prefault: bool = True,
+        name: str = "dram",
+    ) -> None:
+        if capacity <= 0:
+            raise InvalidArgument(f"arena {name}: capacity must be > 0, got {capacity}")
+        self.name = name
+        self.capacity = align_up(capacity, PAGE)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if prefault:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        try:
+            self._mmap = mmap.mmap(-1, self.capacity, flags=flags)
+        except OSError as e:
+            raise NoSpace(f"arena {name}: cannot map {format_size(self.capacity)}: {e}") from e
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                log.debug("arena %s: transparent huge pages unavailable", name)
+        self._np = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._mv = memoryview(self._np)
+        self.address = int(self._np.ctypes.data)
+        self._alloc = ExtentAllocator(capacity, alignment)
+        self._live: dict[int, Allocation] = {}
+        self._lock = threading.Lock()
+        self.pinned = _pin_host(self.address, self.capacity, pin, name)
+        self._closed = False
+
+    @property
+    def alignment(self) -> int:
+        return self._alloc.alignment
+
+    @property
+    def used(self) -> int:
+        return self._alloc.used
+
+    @property
+    def free_bytes(self) -> int:
+        return self._alloc.free_bytes
+
+    def rounded(self, nbytes: int) -> int:
+        return self._alloc.rounded(nbytes)
+
+    def alloc(self, nbytes: int) -> Allocation:
+        """Allocate ``nbytes``; raises :class:`NoSpace` if no free extent fits."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise InvalidArgument(f"arena {self.name}: bad allocation size {nbytes!r}")
+        if self._alloc.rounded(nbytes) > self._alloc.capacity:
+            raise InvalidArgument(
+                f"arena {self.name}: {format_size(nbytes)} exceeds its capacity "
+                f"{format_size(self._alloc.capacity)}"
+            )
+        a = self.try_alloc(nbytes)
+        if a is None:
+            raise NoSpace(
+                f"arena {self.name}: no free extent of {format_size(nbytes)} "
+                f"({format_size(self.free_bytes)} free in {self._alloc.fragments()} fragments)"
+            )
+        return a
+
+    def try_alloc(self, nbytes: int) -> Allocation | None:
+        """Like :meth:`alloc` but returns ``None`` when full."""
+        with self._lock:
+            if self._closed:
+                raise InvalidArgument(f"arena {self.name} is closed")
+            off = self._alloc.alloc(nbytes)
+            if off is None:
+                return None
+            a = Allocation(self, off, nbytes, self._alloc.rounded(nbytes))
+            self._live[off] = a
+            return a
+
+    def _release(self, a: Allocation) -> None:
+        with self._lock:
+            if a._refs <= 0 or self._live.get(a.offset) is not a:
+                raise InvalidArgument(f"arena {self.name}: double free of {a!r}")
+            a._refs -= 1
+            if a._refs == 0:
+                del self._live[a.offset]
+                self._alloc.free(a.offset, a.nbytes)
+
+    def live(self) -> list[Allocation]:
+        """Allocations not yet freed (for leak checks)."""
+        with self._lock:
+            return list(self._live.values())
+
+    def close(self, *, force: bool = False) -> None:
+        """Unmap the arena. Raises if allocations are live, unless ``force``."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._live and not force:
+                leaked = list(self._live.values())[:5]
+                raise KVStoreError(
+                    f"arena {self.name}: closing with {len(self._live)} live allocation(s) "
+                    f"(leak), e.g. {leaked}; release them or close(force=True)"
+                )
+            self._closed = True
+        if self.pinned:
+            _unpin_host(self.address)
+        self._mv.release()
+        del self._np
+        try:
+            self._mmap.close()
+        except BufferError:
+            # A zero-copy view outlives the arena; the mapping goes when it does.
+            log.warning("arena %s: views still exported at close; unmapping deferred", self.name)
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(force=exc[0] is not None)
+
+
+def _cuda_runtime() -> Any | None:
+    """CuPy's CUDA runtime if CuPy and a device are present (imported lazily)."""
+    try:
+        import cupy  # noqa: PLC0415
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy.cuda.runtime
+    except ImportError:
+        return None
+    except Exception as e:  # noqa: BLE001 - CUDA driver errors have no common base
+        log.info("CUDA not usable for pinning: %s", e)
+    return None
+
+
+def _pin_host(address: int, nbytes: int, mode: str, name: str) -> bool:
+    if mode == "off":
+        return False
+    rt = _cuda_runtime()
+    if rt is None:
+        if mode == "on":
+            raise InvalidArgument(f"arena {name}: pin_memory='on' but no CUDA device is usable")
+        return False
+    rt.hostRegister(address, nbytes, 0)
+    log.info("arena %s: %s pinned with cudaHostRegister", name, format_size(nbytes))
+    return True
+
+
+def _unpin_host(address: int) -> None:
+    rt = _cuda_runtime()
+    if rt is not None:
+        rt.hostUnregister(address)
