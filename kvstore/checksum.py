@@ -35,23 +35,34 @@ def verify(data: Buffer, expected: int, key: bytes = b"", what: str = "chunk") -
         raise Corruption(f"{what}: checksum mismatch (stored {expected:#018x}, read {got:#018x})")
 
 
-def copy_verified(src: memoryview, dst: memoryview, expected: int, key: bytes = b"") -> None:
-    """Copy ``src`` into ``dst`` (same length) and verify what landed in ``dst``.
+def copy_hashed(src: memoryview, dst: memoryview, key: bytes = b"") -> int:
+    """Copy ``src`` into ``dst`` (same length) and return the checksum of what landed.
 
     Hashing block by block right after copying it reads each block from cache,
-    so copy+verify runs close to a bare memcpy. Raises :class:`Corruption` on
-    mismatch; ``dst`` then holds unverified bytes the caller must not use.
+    so copy+hash runs close to a bare memcpy.
     """
     n = len(src)
+    if len(dst) != n:
+        raise ValueError(f"copy_hashed: destination holds {len(dst)} bytes, source {n}")
     if n <= VERIFY_BLOCK:
-        dst[:n] = src
-        verify(dst[:n], expected, key)
-        return
+        dst[:] = src
+        return checksum(dst, key)
     h = xxhash.xxh3_64(seed=key_seed(key))
     for off in range(0, n, VERIFY_BLOCK):
         end = min(off + VERIFY_BLOCK, n)
         dst[off:end] = src[off:end]
         h.update(dst[off:end])
-    got = h.intdigest()
+    return int(h.intdigest())
+
+
+def copy_verified(
+    src: memoryview, dst: memoryview, expected: int, key: bytes = b"", what: str = "chunk"
+) -> None:
+    """Copy ``src`` into ``dst`` and verify what landed against ``expected``.
+
+    Raises :class:`Corruption` on mismatch; ``dst`` then holds unverified bytes
+    the caller must not use.
+    """
+    got = copy_hashed(src, dst, key)
     if got != expected:
-        raise Corruption(f"chunk: checksum mismatch (stored {expected:#018x}, read {got:#018x})")
+        raise Corruption(f"{what}: checksum mismatch (stored {expected:#018x}, read {got:#018x})")

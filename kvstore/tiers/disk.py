@@ -1,0 +1,318 @@
+"""Disk (NVMe) tier: chunk data in one preallocated file, index in RocksDB.
+
+Layout under ``directory``::
+
+    chunks.dat   preallocated to ``capacity``; chunks live in aligned extents
+    index/       RocksDB (raw mode): key -> IndexRecord (offset, size, checksum)
+
+A put writes the data (``O_DIRECT`` where the filesystem allows it), makes it
+durable (``fdatasync``), and only then writes the index record (synced WAL):
+a chunk is never visible before its bytes are on disk. The record carries its
+own checksum and the data checksum is seeded by the key, so a torn index value,
+a reused extent or a flipped data byte is detected and served as a miss. Free
+space is not persisted: it is the complement of the index, rebuilt on open.
+
+Removal deletes the index record without syncing: if a crash resurrects it,
+its extent may since hold other bytes, which fail verification (a miss).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import xxhash
+from rocksdict import Options, Rdict, WriteOptions
+
+from kvstore._types import Buffer
+from kvstore.checksum import checksum as compute_checksum
+from kvstore.checksum import copy_hashed, copy_verified, verify
+from kvstore.errors import Corruption, InvalidArgument, NoSpace, NotFound, from_errno
+from kvstore.memory import ExtentAllocator, aligned_buffer
+from kvstore.tiers.base import Entry, Tier, TierCapabilities
+from kvstore.units import format_size
+
+log = logging.getLogger(__name__)
+
+_RECORD = struct.Struct("<4sIQQQ")
+_MAGIC = b"KVI1"
+
+
+def encode_record(offset: int, size: int, checksum: int) -> bytes:
+    body = _RECORD.pack(_MAGIC, 0, offset, size, checksum)
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def decode_record(raw: bytes) -> tuple[int, int, int]:
+    """``(offset, size, checksum)``; raises :class:`Corruption` on a damaged record."""
+    if len(raw) != _RECORD.size + 8:
+        raise Corruption(f"index record has {len(raw)} bytes, expected {_RECORD.size + 8}")
+    body, (crc,) = raw[: _RECORD.size], struct.unpack("<Q", raw[_RECORD.size :])
+    if xxhash.xxh3_64_intdigest(body) != crc:
+        raise Corruption("index record checksum mismatch")
+    magic, _flags, offset, size, checksum = _RECORD.unpack(body)
+    if magic != _MAGIC:
+        raise Corruption(f"index record has bad magic {magic!r}")
+    return offset, size, checksum
+
+
+class DiskTier(Tier):
+    capabilities = TierCapabilities(persistent=True, zero_copy=False, medium="disk")
+
+    def __init__(
+        self,
+        directory: str | Path,
+        capacity: int,
+        *,
+        alignment: int = 4096,
+        direct_io: str = "auto",
+        sync: bool = True,
+        name: str = "disk",
+    ) -> None:
+        self.name = name
+        self.directory = Path(directory)
+        self.sync = sync
+        self._lock = threading.Lock()
+        self._alloc = ExtentAllocator(capacity, alignment)
+        self._entries: dict[bytes, tuple[int, int, int]] = {}
+        self._local = threading.local()
+        self.corrupt_on_open = 0
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._path = self.directory / "chunks.dat"
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise from_errno(e, f"{name}: cannot open data file under {self.directory}") from e
+        try:
+            self._preallocate(self._alloc.capacity)
+            self._dfd, self.direct = self._open_direct(direct_io)
+            self._wopts = WriteOptions()
+            self._wopts.sync = sync
+            self._db = self._open_index()
+            self._load_index()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    # -- set-up ------------------------------------------------------------
+
+    def _preallocate(self, nbytes: int) -> None:
+        have = os.fstat(self._fd).st_size
+        if have >= nbytes:
+            return
+        try:
+            os.posix_fallocate(self._fd, have, nbytes - have)
+        except OSError as e:
+            free = shutil.disk_usage(self.directory).free
+            raise NoSpace(
+                f"{self.name}: cannot preallocate {format_size(nbytes)} under {self.directory} "
+                f"({format_size(free)} free): {e.strerror}; lower store.disk or free space"
+            ) from e
+
+    def _open_direct(self, mode: str) -> tuple[int, bool]:
+        if mode == "off" or not hasattr(os, "O_DIRECT"):
+            return self._fd, False
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_DIRECT)
+            probe = aligned_buffer(self._alloc.alignment, self._alloc.alignment)
+            os.preadv(fd, [memoryview(probe)], 0)
+            return fd, True
+        except OSError as e:
+            if "fd" in locals():
+                os.close(fd)
+            if mode == "on":
+                raise InvalidArgument(
+                    f"{self.name}: store.disk_direct_io='on' but O_DIRECT fails under "
+                    f"{self.directory}: {e.strerror}"
+                ) from e
+            log.warning("%s: O_DIRECT unavailable under %s (%s); using buffered I/O",
+                        self.name, self.directory, e.strerror)
+            return self._fd, False
+
+    def _open_index(self) -> Rdict:
+        path = str(self.directory / "index")
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        try:
+            return Rdict(path, opts)
+        except Exception as e:  # noqa: BLE001 - rocksdict raises bare Exception on corruption
+            # A damaged index cannot vouch for any chunk: keep it aside, start empty.
+            aside = f"{path}.corrupt-{int(time.time())}"
+            log.error("%s: index unreadable (%s); moved to %s, starting empty", self.name, e, aside)
+            os.rename(path, aside)
+            self.corrupt_on_open += 1
+            return Rdict(path, opts)
+
+    def _load_index(self) -> None:
+        bad: list[bytes] = []
+        for key, raw in self._db.items():
+            try:
+                offset, size, checksum = decode_record(raw)
+            except Corruption as e:
+                log.warning("%s: dropping index entry: %s", self.name, e)
+                bad.append(key)
+                continue
+            if not self._alloc.reserve(offset, size):
+                log.warning("%s: dropping index entry with invalid/overlapping extent", self.name)
+                bad.append(key)
+                continue
+            self._entries[key] = (offset, size, checksum)
+        for key in bad:
+            self._db.delete(key)
+        self.corrupt_on_open += len(bad)
+
+    # -- Tier --------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._alloc.capacity
+
+    @property
+    def used(self) -> int:
+        return self._alloc.used
+
+    def charge(self, nbytes: int) -> int:
+        return self._alloc.rounded(nbytes)
+
+    def fits(self, nbytes: int) -> bool:
+        return self._alloc.largest_free >= self._alloc.rounded(nbytes)
+
+    def put(self, key: bytes, data: Buffer, checksum: int | None = None) -> int:
+        src = memoryview(data).cast("B")
+        return self.put_padded(key, src, len(src), checksum)
+
+    def put_padded(self, key: bytes, data: memoryview, size: int, checksum: int | None) -> int:
+        """Store the first ``size`` bytes of ``data``.
+
+        When ``data`` is aligned and already padded to the allocation size (an
+        arena allocation's full view), it is written as is with no copy.
+        """
+        need = self._alloc.rounded(size)
+        with self._lock:
+            offset = self._alloc.alloc(size)
+        if offset is None:
+            raise NoSpace(f"{self.name}: no free extent of {format_size(size)}")
+        try:
+            if self.direct and not (len(data) >= need and _aligned(data, self._alloc.alignment)):
+                buf = self._bounce(need)
+                if checksum is None:
+                    checksum = copy_hashed(data[:size], buf[:size], key)
+                else:
+                    copy_verified(data[:size], buf[:size], checksum, key, what=self.name)
+                buf[size:need] = bytes(need - size)
+                self._pwrite(buf[:need], offset)
+            else:
+                if checksum is None:
+                    checksum = compute_checksum(data[:size], key)
+                self._pwrite(data[: need if self.direct else size], offset)
+            if self.sync:
+                os.fdatasync(self._fd)
+            self._db.put(key, encode_record(offset, size, checksum), self._wopts)
+        except BaseException as e:
+            with self._lock:
+                self._alloc.free(offset, size)
+            if isinstance(e, OSError):
+                raise from_errno(e, f"{self.name}: writing {format_size(size)}") from e
+            raise
+        with self._lock:
+            old = self._entries.get(key)
+            self._entries[key] = (offset, size, checksum)
+            if old is not None:
+                self._alloc.free(old[0], old[1])
+        return checksum
+
+    def read_into(self, key: bytes, dst: memoryview) -> None:
+        """Read and verify; ``dst`` may be longer than the chunk (only its head is used).
+
+        An aligned ``dst`` of at least the allocation size is read into directly.
+        """
+        e = self._entries.get(key)
+        if e is None:
+            raise NotFound(f"{self.name}: key not stored")
+        offset, size, checksum = e
+        need = self._alloc.rounded(size)
+        if len(dst) < size:
+            raise InvalidArgument(f"{self.name}: buffer of {len(dst)} bytes < chunk {size}")
+        try:
+            if self.direct and not (len(dst) >= need and _aligned(dst, self._alloc.alignment)):
+                buf = self._bounce(need)
+                self._pread(buf[:need], offset)
+                copy_verified(buf[:size], dst[:size], checksum, key, what=self.name)
+            else:
+                self._pread(dst[: need if self.direct else size], offset)
+                verify(dst[:size], checksum, key, what=self.name)
+        except Corruption:
+            self._drop(key, e)
+            raise
+        except OSError as err:
+            raise from_errno(err, f"{self.name}: reading {format_size(size)}") from err
+
+    def _drop(self, key: bytes, expect: tuple[int, int, int]) -> None:
+        with self._lock:
+            if self._entries.get(key) != expect:
+                return
+            del self._entries[key]
+            self._alloc.free(expect[0], expect[1])
+        self._db.delete(key)
+
+    def remove(self, key: bytes) -> bool:
+        with self._lock:
+            e = self._entries.pop(key, None)
+            if e is None:
+                return False
+            self._alloc.free(e[0], e[1])
+        self._db.delete(key)
+        return True
+
+    def entry(self, key: bytes) -> Entry | None:
+        e = self._entries.get(key)
+        return None if e is None else Entry(e[1], e[2])
+
+    def keys(self) -> Iterator[bytes]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        if self._db is None:
+            return
+        self._db.close()
+        self._db = None  # type: ignore[assignment]
+        if self._dfd != self._fd:
+            os.close(self._dfd)
+        os.close(self._fd)
+
+    # -- I/O helpers --------------------------------------------------------
+
+    def _bounce(self, nbytes: int) -> memoryview:
+        """Per-thread aligned scratch buffer, grown on demand."""
+        buf: np.ndarray | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = aligned_buffer(max(nbytes, 1 << 20), self._alloc.alignment)
+            self._local.buf = buf
+        return memoryview(buf)
+
+    def _pwrite(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(self._dfd, buf[done:], offset + done)
+
+    def _pread(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._dfd, [buf[done:]], offset + done)
+            if n == 0:
+                raise Corruption(f"{self.name}: data file ends before offset {offset + done}")
+            done += n
+
+
+def _aligned(buf: memoryview, alignment: int) -> bool:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) % alignment == 0

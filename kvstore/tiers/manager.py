@@ -1,0 +1,314 @@
+"""Tier manager: placement, watermark eviction (LRU), demotion, promotion, pins.
+
+Policy only; bytes move through the tiers' own methods. New chunks land in
+DRAM. When DRAM use passes the high watermark, least recently used unpinned
+chunks are demoted to disk (or dropped, without a disk tier) until use falls
+below the low watermark. A disk hit is promoted back to DRAM; the disk copy is
+kept (inclusive caching), so evicting a promoted chunk again costs no write.
+Pinned chunks are never evicted from any tier.
+
+Thread-safety: one lock guards all metadata and writes; DRAM reads copy
+outside it under a lease, so readers don't serialize on large copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, OrderedDict
+from typing import Any
+
+import numpy as np
+
+from kvstore._types import Buffer
+from kvstore.checksum import copy_verified, verify
+from kvstore.errors import Corruption, InvalidArgument, KVStoreError, NoSpace
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.dram import DramTier
+from kvstore.units import format_size
+
+log = logging.getLogger(__name__)
+
+
+class TierManager:
+    def __init__(
+        self,
+        dram: DramTier,
+        disk: DiskTier | None,
+        *,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.85,
+        promote_on_hit: bool = True,
+    ) -> None:
+        self.dram = dram
+        self.disk = disk
+        self.high = high_watermark
+        self.low = low_watermark
+        self.promote_on_hit = promote_on_hit
+        self._lock = threading.RLock()
+        self._lru: dict[str, OrderedDict[bytes, None]] = {"dram": OrderedDict(), "disk": OrderedDict()}
+        self.pins: set[bytes] = set()
+        self.counters: Counter[str] = Counter()
+        if disk is not None:
+            for key in disk.keys():
+                self._lru["disk"][key] = None
+            self.counters["corrupt.disk.index"] += disk.corrupt_on_open
+
+    # -- writes --------------------------------------------------------------
+
+    @property
+    def max_value(self) -> int:
+        return max(self.dram.capacity, self.disk.capacity if self.disk is not None else 0)
+
+    def put(self, key: bytes, data: memoryview, pin: bool = False) -> None:
+        n = len(data)
+        with self._lock:
+            self._remove_locked(key, unpin=False)
+            if self._make_room_dram(n):
+                self.dram.put(key, data)
+                self._lru["dram"][key] = None
+                self.counters["puts.dram"] += 1
+            elif self.disk is not None and self._make_room_disk(n):
+                self.disk.put(key, data)
+                self._lru["disk"][key] = None
+                self.counters["puts.disk"] += 1
+            else:
+                raise NoSpace(
+                    f"no room for {format_size(n)}: DRAM has {format_size(self.dram.capacity - self.dram.used)} "
+                    f"free and {len(self.pins)} pinned chunk(s)"
+                    + ("" if self.disk is not None else "; configure a disk tier (store.disk_dir) for more room")
+                )
+            if pin:
+                self.pins.add(key)
+            self._enforce_watermark()
+
+    def _make_room_dram(self, n: int) -> bool:
+        """Make ``n`` bytes fit; crossing the high watermark demotes down to the low one."""
+        need = self.dram.charge(n)
+        if need > self.dram.capacity:
+            return False
+        if self.dram.fits(n) and self.dram.used + need <= self.high * self.dram.capacity:
+            return True
+        target = max(self.low * self.dram.capacity - need, 0)
+        for key in list(self._lru["dram"]):
+            if self.dram.fits(n) and self.dram.used <= target:
+                break
+            if key not in self.pins:
+                self._evict_dram(key)
+        return self.dram.fits(n)
+
+    def _enforce_watermark(self) -> None:
+        if self.dram.used <= self.high * self.dram.capacity:
+            return
+        target = self.low * self.dram.capacity
+        for key in list(self._lru["dram"]):
+            if self.dram.used <= target:
+                break
+            if key not in self.pins:
+                self._evict_dram(key)
+
+    def _evict_dram(self, key: bytes) -> None:
+        """Demote ``key`` from DRAM to disk (or drop it without a disk tier)."""
+        lease = self.dram.lease(key)
+        del self._lru["dram"][key]
+        if lease is None:
+            return
+        try:
+            if self.disk is not None and key not in self._lru["disk"]:
+                try:
+                    verify(lease.view, lease.checksum, key, what="dram")
+                    if self._make_room_disk(lease.alloc.size):
+                        self.disk.put_padded(key, lease.alloc.view(full=True), lease.alloc.size, lease.checksum)
+                        self._lru["disk"][key] = None
+                        self.counters["demotions"] += 1
+                    else:
+                        self.counters["evictions.dropped"] += 1
+                except Corruption as e:
+                    log.warning("dram: dropping corrupt chunk on demotion: %s", e)
+                    self.counters["corrupt.dram"] += 1
+                except KVStoreError as e:
+                    log.warning("disk: demotion failed, chunk dropped: %s", e)
+                    self.counters["evictions.dropped"] += 1
+            elif self.disk is None:
+                self.counters["evictions.dropped"] += 1
+            self.counters["evictions.dram"] += 1
+        finally:
+            lease.release()
+            self.dram.remove(key)
+
+    def _make_room_disk(self, n: int) -> bool:
+        assert self.disk is not None
+        if self.disk.charge(n) > self.disk.capacity:
+            return False
+        for key in list(self._lru["disk"]):
+            if self.disk.fits(n):
+                break
+            if key not in self.pins:
+                self.disk.remove(key)
+                del self._lru["disk"][key]
+                self.counters["evictions.disk"] += 1
+        return self.disk.fits(n)
+
+    # -- reads ---------------------------------------------------------------
+
+    def size_of(self, key: bytes) -> int | None:
+        with self._lock:
+            for tier in self._tiers():
+                e = tier.entry(key)
+                if e is not None:
+                    return e.size
+        return None
+
+    def get_into(self, key: bytes, dst: memoryview) -> int | None:
+        """Copy the chunk into ``dst``; returns its size or ``None`` on a miss."""
+        with self._lock:
+            lease = self.dram.lease(key)
+            if lease is None:
+                return self._get_disk_locked(key, dst)
+            self._lru["dram"].move_to_end(key)
+        size = lease.alloc.size
+        if len(dst) < size:
+            lease.release()
+            raise InvalidArgument(f"buffer of {len(dst)} bytes is smaller than the chunk ({size} bytes)")
+        try:
+            copy_verified(lease.view, dst[:size], lease.checksum, key, what="dram")
+        except Corruption as e:
+            self._on_dram_corrupt(key, lease.alloc, e)
+            return None
+        finally:
+            lease.release()
+        with self._lock:
+            self.counters["hits.dram"] += 1
+        return size
+
+    def view(self, key: bytes) -> np.ndarray | None:
+        """Zero-copy read-only array (DRAM) or a fresh array (disk); ``None`` on a miss."""
+        with self._lock:
+            lease = self.dram.lease(key)
+            if lease is not None:
+                self._lru["dram"].move_to_end(key)
+        if lease is None:
+            size = self.size_of(key)
+            if size is None:
+                with self._lock:
+                    self.counters["misses.not_found"] += 1
+                return None
+            out = np.empty(size, dtype=np.uint8)
+            got = self.get_into(key, memoryview(out))
+            return None if got is None else out
+        try:
+            verify(lease.view, lease.checksum, key, what="dram")
+            arr = lease.alloc.ndarray_view()
+        except Corruption as e:
+            self._on_dram_corrupt(key, lease.alloc, e)
+            return None
+        finally:
+            lease.release()
+        with self._lock:
+            self.counters["hits.dram"] += 1
+        return arr
+
+    def _get_disk_locked(self, key: bytes, dst: memoryview) -> int | None:
+        e = self.disk.entry(key) if self.disk is not None else None
+        if self.disk is None or e is None:
+            self.counters["misses.not_found"] += 1
+            return None
+        if len(dst) < e.size:
+            raise InvalidArgument(f"buffer of {len(dst)} bytes is smaller than the chunk ({e.size} bytes)")
+        self._lru["disk"].move_to_end(key)
+        alloc = None
+        if self.promote_on_hit and self._make_room_dram(e.size):
+            alloc = self.dram.arena.try_alloc(e.size)
+        try:
+            target = dst if alloc is None else alloc.view(full=True)
+            self.disk.read_into(key, target)
+        except Corruption as err:
+            if alloc is not None:
+                alloc.release()
+            log.warning("disk: dropping corrupt chunk: %s", err)
+            self._lru["disk"].pop(key, None)
+            self.pins.discard(key)
+            self.counters["corrupt.disk"] += 1
+            self.counters["misses.corrupt"] += 1
+            return None
+        except BaseException:
+            if alloc is not None:
+                alloc.release()
+            raise
+        if alloc is not None:
+            dst[: e.size] = alloc.view()
+            self.dram.put_allocation(key, alloc, e.checksum)
+            self._lru["dram"][key] = None
+            self.counters["promotions"] += 1
+            self._enforce_watermark()
+        self.counters["hits.disk"] += 1
+        return e.size
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    def _on_dram_corrupt(self, key: bytes, alloc: Any, err: Corruption) -> None:
+        log.warning("dram: dropping corrupt chunk: %s", err)
+        with self._lock:
+            if self.dram.drop_if(key, alloc):
+                self._lru["dram"].pop(key, None)
+            self.counters["corrupt.dram"] += 1
+            self.counters["misses.corrupt"] += 1
+
+    # -- metadata --------------------------------------------------------------
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            return any(t.contains(key) for t in self._tiers())
+
+    def remove(self, key: bytes) -> bool:
+        with self._lock:
+            return self._remove_locked(key, unpin=True)
+
+    def _remove_locked(self, key: bytes, unpin: bool) -> bool:
+        found = False
+        for tier in self._tiers():
+            if tier.remove(key):
+                self._lru[tier.capabilities.medium].pop(key, None)
+                found = True
+        if unpin:
+            self.pins.discard(key)
+        return found
+
+    def pin(self, key: bytes) -> bool:
+        with self._lock:
+            if not self.contains(key):
+                return False
+            self.pins.add(key)
+            return True
+
+    def unpin(self, key: bytes) -> bool:
+        with self._lock:
+            if key not in self.pins:
+                return False
+            self.pins.discard(key)
+            self._enforce_watermark()
+            return True
+
+    def _tiers(self) -> list[Any]:
+        return [self.dram] if self.disk is None else [self.dram, self.disk]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            tiers = {
+                t.name: {
+                    "medium": t.capabilities.medium,
+                    "capacity": t.capacity,
+                    "used": t.used,
+                    "chunks": len(t),
+                }
+                for t in self._tiers()
+            }
+            return {"tiers": tiers, "pinned": len(self.pins), "counters": dict(self.counters)}
+
+    def close(self) -> None:
+        with self._lock:
+            self.dram.close()
+            if self.disk is not None:
+                self.disk.close()
