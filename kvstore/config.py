@@ -53,6 +53,10 @@ class StoreConfig:
     disk_sync: bool = field(
         default=True, metadata={"doc": "fdatasync data and sync the index before a put returns."}
     )
+    write_through: bool = field(
+        default=False,
+        metadata={"doc": "Also write every put to the disk tier before returning (survives restarts)."},
+    )
     promote_on_hit: bool = field(
         default=True, metadata={"doc": "Copy chunks read from disk back into DRAM."}
     )

@@ -85,6 +85,7 @@ class LocalStore:
             high_watermark=c.high_watermark,
             low_watermark=c.low_watermark,
             promote_on_hit=c.promote_on_hit,
+            write_through=c.write_through,
         )
         self._closed = False
 

@@ -34,7 +34,7 @@ from rocksdict import Options, Rdict, WriteOptions
 from kvstore._types import Buffer
 from kvstore.checksum import checksum as compute_checksum
 from kvstore.checksum import copy_hashed, copy_verified, verify
-from kvstore.errors import Corruption, InvalidArgument, NoSpace, NotFound, from_errno
+from kvstore.errors import Corruption, InvalidArgument, KVStoreError, NoSpace, NotFound, from_errno
 from kvstore.memory import ExtentAllocator, aligned_buffer
 from kvstore.tiers.base import Entry, Tier, TierCapabilities
 from kvstore.units import format_size
@@ -214,7 +214,7 @@ class DiskTier(Tier):
                 self._pwrite(data[: need if self.direct else size], offset)
             if self.sync:
                 os.fdatasync(self._fd)
-            self._db.put(key, encode_record(offset, size, checksum), self._wopts)
+            self._index_put(key, encode_record(offset, size, checksum))
         except BaseException as e:
             with self._lock:
                 self._alloc.free(offset, size)
@@ -227,6 +227,15 @@ class DiskTier(Tier):
             if old is not None:
                 self._alloc.free(old[0], old[1])
         return checksum
+
+    def _index_put(self, key: bytes, record: bytes) -> None:
+        try:
+            self._db.put(key, record, self._wopts)
+        except Exception as e:  # noqa: BLE001 - rocksdict raises bare Exception for I/O errors
+            msg = f"{self.name}: index write failed under {self.directory}: {e}"
+            if "space" in str(e).lower():
+                raise NoSpace(msg + "; free disk space") from e
+            raise KVStoreError(msg) from e
 
     def read_into(self, key: bytes, dst: memoryview) -> None:
         """Read and verify; ``dst`` may be longer than the chunk (only its head is used).
@@ -284,7 +293,11 @@ class DiskTier(Tier):
     def close(self) -> None:
         if self._db is None:
             return
-        self._db.close()
+        try:
+            self._db.close()
+        except Exception as e:  # noqa: BLE001 - rocksdict raises bare Exception
+            # The WAL already holds every acknowledged record; only the flush failed.
+            log.error("%s: index flush at close failed (%s); the WAL will be replayed", self.name, e)
         self._db = None  # type: ignore[assignment]
         if self._dfd != self._fd:
             os.close(self._dfd)

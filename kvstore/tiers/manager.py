@@ -39,12 +39,14 @@ class TierManager:
         high_watermark: float = 0.95,
         low_watermark: float = 0.85,
         promote_on_hit: bool = True,
+        write_through: bool = False,
     ) -> None:
         self.dram = dram
         self.disk = disk
         self.high = high_watermark
         self.low = low_watermark
         self.promote_on_hit = promote_on_hit
+        self.write_through = write_through and disk is not None
         self._lock = threading.RLock()
         self._lru: dict[str, OrderedDict[bytes, None]] = {"dram": OrderedDict(), "disk": OrderedDict()}
         self.pins: set[bytes] = set()
@@ -65,9 +67,11 @@ class TierManager:
         with self._lock:
             self._remove_locked(key, unpin=False)
             if self._make_room_dram(n):
-                self.dram.put(key, data)
+                checksum = self.dram.put(key, data)
                 self._lru["dram"][key] = None
                 self.counters["puts.dram"] += 1
+                if self.write_through:
+                    self._write_through(key, data, checksum)
             elif self.disk is not None and self._make_room_disk(n):
                 self.disk.put(key, data)
                 self._lru["disk"][key] = None
@@ -81,6 +85,20 @@ class TierManager:
             if pin:
                 self.pins.add(key)
             self._enforce_watermark()
+
+    def _write_through(self, key: bytes, data: memoryview, checksum: int) -> None:
+        assert self.disk is not None
+        if not self._make_room_disk(len(data)):
+            self.dram.remove(key)
+            del self._lru["dram"][key]
+            raise NoSpace(f"write-through: no room for {format_size(len(data))} on disk (pinned)")
+        try:
+            self.disk.put(key, data, checksum)
+        except BaseException:
+            self.dram.remove(key)
+            del self._lru["dram"][key]
+            raise
+        self._lru["disk"][key] = None
 
     def _make_room_dram(self, n: int) -> bool:
         """Make ``n`` bytes fit; crossing the high watermark demotes down to the low one."""

@@ -1,0 +1,56 @@
+"""A real full filesystem (a tiny tmpfs): clear NoSpace errors, store stays consistent."""
+
+import os
+import subprocess
+
+import pytest
+
+from kvstore import KVStoreError, LocalStore, NoSpace
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.mark.root
+def test_preallocation_larger_than_fs_is_no_space(tiny_fs):
+    with pytest.raises(NoSpace, match="cannot preallocate"):
+        LocalStore(dram="1MiB", disk_dir=tiny_fs / "kv", disk="8MiB", prefault=False)
+
+
+@pytest.mark.root
+def test_fs_full_during_puts(tiny_fs):
+    s = LocalStore(dram="1MiB", disk_dir=tiny_fs / "kv", disk="1MiB", write_through=True,
+                   prefault=False)
+    try:
+        s.put(b"early", b"e" * 100_000)
+        # Eat the rest of the filesystem so the index (RocksDB WAL) cannot grow.
+        with open(tiny_fs / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        failures = 0
+        for i in range(50):
+            try:
+                s.put(b"k%d" % i, os.urandom(20_000))
+            except KVStoreError as e:  # NoSpace expected; any error must be ours
+                failures += 1
+                assert isinstance(e, NoSpace), repr(e)
+                assert not s._m.disk.contains(b"k%d" % i)
+        assert failures > 0
+        assert s.get(b"early") == b"e" * 100_000
+    finally:
+        s.close()
