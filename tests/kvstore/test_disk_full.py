@@ -33,7 +33,7 @@ def test_fs_full_during_puts(tiny_fs):
     s = LocalStore(dram="1MiB", disk_dir=tiny_fs / "kv", disk="1MiB", write_through=True,
                    prefault=False)
     try:
-        s.put(b"early", b"e" * 100_000)
+        s.put(b"early", b"e" * 100_000, pin=True)
         # Eat the rest of the filesystem so the index (RocksDB WAL) cannot grow.
         with open(tiny_fs / "filler", "wb") as f:
             try:
