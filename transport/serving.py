@@ -1,0 +1,171 @@
+"""Serving side of the socket backends: one thread per connection, frames in, replies out.
+
+:class:`FrameServer` accepts connections on a listening socket and runs
+:func:`serve_connection` for each. A malformed or oversize frame, an unknown
+op or a descriptor that fails its bounds check is answered with an error
+reply; the connection is then closed when its stream can no longer be trusted
+(a WRITE's payload would follow). Other connections and new ones are served
+as before. Descriptors are checked against the registration *before* any byte
+of the target region is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+from kvstore.errors import InvalidArgument, KVStoreError
+from transport.base import Transport
+from transport.regions import Region
+from transport.wire import (
+    E_INVALID,
+    E_MALFORMED,
+    HEADER,
+    REPLY,
+    Header,
+    Malformed,
+    WireDesc,
+    pack_header,
+    parse_descs,
+    parse_header,
+    recv_bytes,
+    recv_exact,
+)
+
+log = logging.getLogger(__name__)
+
+# handler(conn, header, descs, aux) -> keep the connection open?
+Handler = Callable[[socket.socket, Header, list[WireDesc], bytes], bool]
+_U64 = struct.Struct("<Q")
+
+
+def send_reply(
+    conn: socket.socket, status: int, req_id: int, msg: str = "", checksums: list[int] | None = None
+) -> None:
+    text = msg.encode()[:4096]
+    sums = checksums or []
+    conn.sendall(
+        pack_header(REPLY, status, req_id, len(sums), len(text))
+        + b"".join(_U64.pack(c) for c in sums)
+        + text
+    )
+
+
+def acquire_ranges(t: Transport, descs: list[WireDesc]) -> list[tuple[Region, WireDesc]]:
+    """Pin each descriptor's region and bounds-check it; raises InvalidArgument (nothing pinned)."""
+    got: list[tuple[Region, WireDesc]] = []
+    try:
+        for i, d in enumerate(descs):
+            r = t._acquire(d.region)
+            if r is None:
+                raise InvalidArgument(f"descriptor {i}: region {d.region} is not registered")
+            got.append((r, d))
+            if r.view is None:
+                raise InvalidArgument(f"descriptor {i}: region {d.region} is not host memory")
+            if d.length == 0 or d.offset + d.length > r.nbytes:
+                raise InvalidArgument(
+                    f"descriptor {i}: range {d.offset}+{d.length} outside region {d.region} "
+                    f"of {r.nbytes} B"
+                )
+    except InvalidArgument:
+        release_ranges(t, got)
+        raise
+    return got
+
+
+def release_ranges(t: Transport, got: list[tuple[Region, WireDesc]]) -> None:
+    for r, _ in got:
+        t._release(r.id)
+
+
+def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str) -> None:
+    """Serve frames on ``conn`` until EOF, an error, or a handler asks to close."""
+    hdr = bytearray(HEADER.size)
+    try:
+        while True:
+            try:
+                got = conn.recv_into(hdr, HEADER.size)
+            except OSError:
+                return
+            if got == 0:
+                return
+            if got < HEADER.size:
+                recv_exact(conn, memoryview(hdr)[got:])
+            try:
+                h = parse_header(bytes(hdr))
+            except Malformed as e:
+                log.warning("%s: rejecting malformed frame: %s", who, e)
+                send_reply(conn, E_MALFORMED, 0, str(e))
+                return
+            descs = parse_descs(recv_bytes(conn, h.n * 28), h.n)
+            aux = recv_bytes(conn, h.aux_len)
+            handler = handlers.get(h.op)
+            if handler is None:
+                send_reply(conn, E_MALFORMED, h.req_id, f"op {h.op} not served here")
+                return
+            try:
+                keep = handler(conn, h, descs, aux)
+            except InvalidArgument as e:
+                log.info("%s: rejected request %d: %s", who, h.req_id, e)
+                send_reply(conn, E_INVALID, h.req_id, str(e))
+                keep = False
+            if not keep:
+                return
+    except (OSError, KVStoreError) as e:
+        log.debug("%s: connection ended: %s", who, e)
+    finally:
+        conn.close()
+
+
+class FrameServer:
+    """Accept loop over a bound, listening socket; a daemon thread per connection."""
+
+    def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str) -> None:
+        self._listener = listener
+        self._handlers = handlers
+        self._who = who
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name=f"{who}-accept", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), name=f"{self._who}-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            serve_connection(conn, self._handlers, self._who)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            log.debug("%s: listener already shut", self._who)
+        self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                log.debug("%s: connection already shut", self._who)

@@ -1,0 +1,1 @@
+"""``shm://name``: same-host zero-copy transport (see transport.shm.transport)."""

@@ -1,0 +1,1 @@
+"""``tcp://host:port``: pure-Python transport over parallel TCP connections (see transport.tcp.transport)."""

@@ -1,0 +1,126 @@
+"""The data-plane wire format: fixed, versioned little-endian binary frames (no pickle).
+
+Every message starts with a 24-byte :data:`HEADER`::
+
+    magic  "KVTP"     4 B
+    version           u8   (VERSION; other versions are rejected)
+    op                u8   (WRITE, READ, NOTIFY, REGION, PING, REPLY)
+    flags             u16  (F_CHECKSUM on requests; the status code on REPLY)
+    req_id            u64  (echoed in the reply)
+    count             u32  descriptors that follow (REPLY: u64 checksums that follow)
+    aux_len           u32  bytes of aux data after the descriptors (notify text, error text)
+
+then ``count`` 28-byte :data:`DESC` records ``(region u32, offset u64, length u64,
+checksum u64)``, then ``aux_len`` bytes, then (WRITE requests, READ replies) the
+ranges' bytes in descriptor order. Servers parse and bounds-check the whole
+header and every descriptor against their registrations *before* touching
+memory; anything malformed or oversize ends that connection only.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import NamedTuple
+
+from kvstore.errors import Corruption, InvalidArgument, KVStoreError, Timeout, TransportError
+
+MAGIC = b"KVTP"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQII")
+DESC = struct.Struct("<IQQQ")
+
+WRITE, READ, NOTIFY, REGION, PING, REPLY = 1, 2, 3, 4, 5, 0x81
+OPS = frozenset({WRITE, READ, NOTIFY, REGION, PING, REPLY})
+F_CHECKSUM = 1
+
+OK, E_INVALID, E_CORRUPT, E_MALFORMED, E_INTERNAL = 0, 1, 2, 3, 4
+MAX_COUNT = 65536
+MAX_AUX = 64 * 1024
+
+
+class Malformed(InvalidArgument):
+    """A frame failed to parse (bad magic, version, op or sizes)."""
+
+
+class Header(NamedTuple):
+    op: int
+    flags: int
+    req_id: int
+    n: int
+    aux_len: int
+
+
+class WireDesc(NamedTuple):
+    region: int
+    offset: int
+    length: int
+    checksum: int
+
+
+def pack_header(op: int, flags: int, req_id: int, count: int, aux_len: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, flags, req_id, count, aux_len)
+
+
+def parse_header(data: bytes | memoryview) -> Header:
+    """Parse and size-check a header; raises :class:`Malformed`."""
+    if len(data) != HEADER.size:
+        raise Malformed(f"header is {len(data)} B, expected {HEADER.size}")
+    magic, ver, op, flags, req_id, count, aux_len = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise Malformed(f"bad magic {bytes(magic)!r}")
+    if ver != VERSION:
+        raise Malformed(f"unsupported wire version {ver} (this side speaks {VERSION})")
+    if op not in OPS:
+        raise Malformed(f"unknown op {op}")
+    if count > MAX_COUNT:
+        raise Malformed(f"{count} descriptors exceed the limit of {MAX_COUNT}")
+    if aux_len > MAX_AUX:
+        raise Malformed(f"aux data of {aux_len} B exceeds the limit of {MAX_AUX}")
+    return Header(op, flags, req_id, count, aux_len)
+
+
+def pack_descs(descs: list[WireDesc]) -> bytes:
+    return b"".join(DESC.pack(*d) for d in descs)
+
+
+def parse_descs(data: bytes | memoryview, count: int) -> list[WireDesc]:
+    return [WireDesc(*DESC.unpack_from(data, i * DESC.size)) for i in range(count)]
+
+
+def status_error(status: int, msg: str) -> KVStoreError:
+    """Map a REPLY status to the error tree."""
+    if status == E_CORRUPT:
+        return Corruption(msg)
+    if status in (E_INVALID, E_MALFORMED):
+        return InvalidArgument(msg)
+    return TransportError(msg)
+
+
+def settimeout(sock: socket.socket, deadline: float | None) -> None:
+    """Bound the next socket calls by ``deadline`` (monotonic); Timeout if already past."""
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise Timeout("deadline expired")
+    sock.settimeout(left)
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock`` (straight into it, no copy). EOF -> TransportError."""
+    pos, n = 0, len(view)
+    while pos < n:
+        got = sock.recv_into(view[pos:], n - pos)
+        if got == 0:
+            raise TransportError(f"peer closed the connection after {pos} of {n} B")
+        pos += got
+
+
+def recv_bytes(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    if n:
+        recv_exact(sock, memoryview(buf))
+    return bytes(buf)
