@@ -1,0 +1,32 @@
+"""The ``kvstore`` command line. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from kvstore import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kvstore")
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Logging verbosity.")
+def cli(log_level: str) -> None:
+    """kvstore: KV-cache storage and transfer for LLM serving."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from kvstore.cli.local_demo import local_demo
+
+    cli.add_command(local_demo)
+
+
+_register()
+
+
+def main() -> None:
+    cli()
