@@ -8,10 +8,9 @@ speed, so checking on every read costs little.
 
 from __future__ import annotations
 
-from kvstore._types import Buffer
-
 import xxhash
 
+from kvstore._types import Buffer
 from kvstore.errors import Corruption
 
 # Verify large copies block by block so each block is hashed while still in cache.

@@ -122,7 +122,7 @@ def _flip_byte(data_dir: Path, key: bytes) -> None:
 
     db = Rdict(str(data_dir / "index"), Options(raw_mode=True))
     try:
-        offset, size, _ = decode_record(db[key])
+        offset, size, _ = decode_record(db[key])  # type: ignore[arg-type]
     finally:
         db.close()
     with open(data_dir / "chunks.dat", "r+b") as f:

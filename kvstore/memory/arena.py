@@ -128,7 +128,7 @@ class Arena:
             except OSError:
                 log.debug("arena %s: transparent huge pages unavailable", name)
         self._np = np.frombuffer(self._mmap, dtype=np.uint8)
-        self._mv = memoryview(self._np)
+        self._mv = self._np.data
         self.address = int(self._np.ctypes.data)
         self._alloc = ExtentAllocator(capacity, alignment)
         self._live: dict[int, Allocation] = {}

@@ -80,7 +80,8 @@ class Tier(ABC):
     def fits(self, nbytes: int) -> bool: ...
 
     @abstractmethod
-    def put(self, key: bytes, data: Buffer, checksum: int) -> None: ...
+    def put(self, key: bytes, data: Buffer, checksum: int | None = None) -> int:
+        """Store ``data``; returns its checksum (computed while copying when not given)."""
 
     @abstractmethod
     def read_into(self, key: bytes, dst: memoryview) -> None: ...

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import xxhash
@@ -122,7 +123,7 @@ class DiskTier(Tier):
         try:
             fd = os.open(self._path, os.O_RDWR | os.O_DIRECT)
             probe = aligned_buffer(self._alloc.alignment, self._alloc.alignment)
-            os.preadv(fd, [memoryview(probe)], 0)
+            os.preadv(fd, [probe.data], 0)
             return fd, True
         except OSError as e:
             if "fd" in locals():
@@ -152,7 +153,8 @@ class DiskTier(Tier):
 
     def _load_index(self) -> None:
         bad: list[bytes] = []
-        for key, raw in self._db.items():
+        for k, v in self._db.items():
+            key, raw = cast(bytes, k), cast(bytes, v)
             try:
                 offset, size, checksum = decode_record(raw)
             except Corruption as e:
@@ -311,7 +313,7 @@ class DiskTier(Tier):
         if buf is None or len(buf) < nbytes:
             buf = aligned_buffer(max(nbytes, 1 << 20), self._alloc.alignment)
             self._local.buf = buf
-        return memoryview(buf)
+        return buf.data
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
         done = 0

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from kvstore._types import Buffer
 from kvstore.checksum import copy_verified, verify
 from kvstore.errors import Corruption, InvalidArgument, KVStoreError, NoSpace
+from kvstore.tiers.base import Tier
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.dram import DramTier
 from kvstore.units import format_size
@@ -212,7 +212,7 @@ class TierManager:
                     self.counters["misses.not_found"] += 1
                 return None
             out = np.empty(size, dtype=np.uint8)
-            got = self.get_into(key, memoryview(out))
+            got = self.get_into(key, out.data)
             return None if got is None else out
         try:
             verify(lease.view, lease.checksum, key, what="dram")
@@ -309,7 +309,7 @@ class TierManager:
             self._enforce_watermark()
             return True
 
-    def _tiers(self) -> list[Any]:
+    def _tiers(self) -> list[Tier]:
         return [self.dram] if self.disk is None else [self.dram, self.disk]
 
     def stats(self) -> dict[str, Any]:
