@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
 from kvstore import __version__
+from kvstore.errors import KVStoreError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -29,4 +31,9 @@ _register()
 
 
 def main() -> None:
-    cli()
+    """Console-script entry: kvstore errors become one clear line and exit status 2."""
+    try:
+        cli()
+    except KVStoreError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
