@@ -157,7 +157,7 @@ class Transport(ABC):
         return region
 
     def allocate(self, nbytes: int, *, name: str = "") -> Region:
-        """Allocate and register ``nbytes`` of memory owned by this transport."""
+        """Allocate (zeroed) and register ``nbytes`` of memory owned by this transport."""
         if nbytes <= 0:
             raise InvalidArgument(f"allocate {name}: size must be > 0, got {nbytes}")
         return self.register(_aligned(nbytes), name=name)
@@ -328,6 +328,6 @@ def _check_desc(t: Transport, op: str, i: int, d: Desc) -> None:
 
 
 def _aligned(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + 4096, dtype=np.uint8)
+    raw = np.zeros(nbytes + 4096, dtype=np.uint8)
     shift = (-raw.ctypes.data) % 4096
     return raw[shift : shift + nbytes]

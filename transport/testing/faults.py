@@ -44,21 +44,17 @@ class FaultyTransport(Transport):
         self.inner = inner
         self.plan = plan
         self.notifications = inner.notifications
+        self._regions = inner._regions  # one registration table: regions work through both
         self._budget_lock = threading.Lock()
         self._sent = 0
 
     def register(self, buf: Any, *, name: str = "") -> Region:
-        r = self.inner.register(buf, name=name)
-        self._regions[r.id] = r
-        return r
+        return self.inner.register(buf, name=name)
 
     def allocate(self, nbytes: int, *, name: str = "") -> Region:
-        r = self.inner.allocate(nbytes, name=name)
-        self._regions[r.id] = r
-        return r
+        return self.inner.allocate(nbytes, name=name)
 
     def deregister(self, region: Region, timeout: float = 30.0) -> None:
-        self._regions.pop(region.id, None)
         self.inner.deregister(region, timeout)
 
     def _metadata(self) -> bytes:
