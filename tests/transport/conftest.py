@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from transport.base import Peer, Transport
-from transport.registry import create
 from transport.regions import RemoteRegion
+from transport.registry import create
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER_BYTES = 260 << 20

@@ -13,8 +13,8 @@ from conftest import PeerProcess, pattern
 from kvstore.checksum import checksum
 from kvstore.errors import InvalidArgument, Timeout, TransportError
 from transport.handle import Cancelled
-from transport.registry import create
 from transport.regions import Desc
+from transport.registry import create
 from transport.wire import DESC, E_INVALID, E_MALFORMED, HEADER, READ, WRITE, pack_header
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,8 +14,8 @@ from kvstore.errors import InvalidArgument, Timeout, TransportError
 from transport.base import Transport
 from transport.handle import Cancelled, Handle
 from transport.layerwise import LayerReceiver, LayerSender
-from transport.registry import create, register_backend, schemes
 from transport.regions import Desc, RemoteRegion
+from transport.registry import create, register_backend, schemes
 from transport.testing.faults import FaultPlan, FaultyTransport
 from transport.testing.inproc import InprocTransport
 from transport.wire import Malformed, pack_header, parse_header
