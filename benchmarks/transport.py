@@ -253,7 +253,7 @@ def nixl_initiator(sizes: list[int], quick: bool) -> None:
             except Exception:  # noqa: BLE001 - nixl raises its own status types
                 time.sleep(0.01)
 
-        def once() -> float:
+        def once(h: Any = h) -> float:
             st = time.perf_counter()
             state = agent.transfer(h)
             while state not in ("DONE", "ERR"):
@@ -302,6 +302,7 @@ def main() -> None:
         if name == "ucx":
             try:
                 import ucxx  # noqa: F401, PLC0415
+
                 from transport.ucx import transport as _  # noqa: F401, PLC0415
             except ImportError as e:
                 print(f"skipping ucx: {e}", file=sys.stderr)
