@@ -23,9 +23,10 @@ import numpy as np
 
 from kvstore._types import Buffer
 from kvstore.config import StoreConfig
-from kvstore.errors import InvalidArgument
-from kvstore.memory import Arena
+from kvstore.errors import InvalidArgument, NoSpace
+from kvstore.memory import Allocation, Arena
 from kvstore.tiers import DiskTier, DramTier, TierManager
+from kvstore.tiers.dram import Lease
 from kvstore.units import format_size
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,15 @@ def _as_bytes_view(value: Any, what: str = "value") -> memoryview:
 class LocalStore:
     """Embedded tiered store. Build from a :class:`StoreConfig` or keyword arguments."""
 
-    def __init__(self, config: StoreConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: StoreConfig | None = None, *, arena_buffer: Any = None,
+                 **kwargs: Any) -> None:
         if config is not None and kwargs:
             raise InvalidArgument("pass either a StoreConfig or keyword arguments, not both")
         self.config = config if config is not None else StoreConfig(**kwargs)
         c = self.config
-        arena = Arena(c.dram, alignment=c.alignment, pin=c.pin_memory, prefault=c.prefault)
+        # ``arena_buffer``: memory to build the DRAM arena on (e.g. a shared segment).
+        arena = Arena(c.dram, alignment=c.alignment, pin=c.pin_memory, prefault=c.prefault,
+                      buffer=arena_buffer)
         disk = None
         if c.disk_dir is not None:
             try:
@@ -168,6 +172,50 @@ class LocalStore:
                 break
             n += 1
         return n
+
+    # -- two-phase API (a node daemon serving remote clients uses these) -----------
+
+    @property
+    def arena(self) -> Arena:
+        """The DRAM arena (offsets of reservations and leases are relative to it)."""
+        return self._m.dram.arena
+
+    def reserve(self, size: int) -> Allocation:
+        """Arena space for a value of ``size`` bytes that the caller fills in place.
+
+        Pass the allocation to :meth:`commit`, or ``release()`` it to abort.
+        Raises :class:`InvalidArgument` for bad sizes, :class:`NoSpace` when full.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidArgument(f"size must be a positive int, got {size!r}")
+        if self._m.dram.charge(size) > self._m.dram.capacity:
+            raise InvalidArgument(
+                f"value of {format_size(size)} exceeds the DRAM tier ({format_size(self._m.dram.capacity)})"
+            )
+        alloc = self._m.reserve(size)
+        if alloc is None:
+            raise NoSpace(f"no DRAM room for {format_size(size)} (everything pinned or held)")
+        return alloc
+
+    def commit(self, key: Key, alloc: Allocation, checksum: int, *, pin: bool = False) -> None:
+        """Verify ``alloc``'s bytes against ``checksum`` and store them as ``key``.
+
+        Takes over the caller's reference. Raises :class:`Corruption` on mismatch
+        (nothing is stored).
+        """
+        self._m.commit(check_key(key), alloc, checksum, pin=pin)
+
+    def acquire(self, key: Key) -> Lease | None:
+        """Hold the value in the arena for an in-place read; ``None`` on a miss.
+
+        The bytes are not verified here: whoever reads them checks ``lease.checksum``.
+        Call ``lease.release()`` when done.
+        """
+        return self._m.acquire(check_key(key))
+
+    def take_lost(self) -> list[bytes]:
+        """Keys that left the store without ``remove`` since the last call."""
+        return self._m.take_lost()
 
     # -- batch API -----------------------------------------------------------------
 

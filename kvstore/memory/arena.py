@@ -110,24 +110,33 @@ class Arena:
         pin: str = "auto",
         prefault: bool = True,
         name: str = "dram",
+        buffer: Any = None,
     ) -> None:
         if capacity <= 0:
             raise InvalidArgument(f"arena {name}: capacity must be > 0, got {capacity}")
         self.name = name
         self.capacity = align_up(capacity, PAGE)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        if prefault:
-            flags |= getattr(mmap, "MAP_POPULATE", 0)
-        try:
-            self._mmap = mmap.mmap(-1, self.capacity, flags=flags)
-        except OSError as e:
-            raise NoSpace(f"arena {name}: cannot map {format_size(self.capacity)}: {e}") from e
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        self._owns_map = buffer is None
+        if buffer is not None:
+            # Memory someone else mapped (e.g. a shared segment peers can map too).
+            self._mmap = buffer
+            if len(memoryview(buffer)) < capacity:
+                raise InvalidArgument(f"arena {name}: buffer smaller than capacity {capacity}")
+            self.capacity = capacity
+        else:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            if prefault:
+                flags |= getattr(mmap, "MAP_POPULATE", 0)
+            try:
+                self._mmap = mmap.mmap(-1, self.capacity, flags=flags)
+            except OSError as e:
+                raise NoSpace(f"arena {name}: cannot map {format_size(self.capacity)}: {e}") from e
+        if self._owns_map and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self._mmap.madvise(mmap.MADV_HUGEPAGE)
             except OSError:
                 log.debug("arena %s: transparent huge pages unavailable", name)
-        self._np = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._np = np.frombuffer(self._mmap, dtype=np.uint8, count=self.capacity)
         self._mv = self._np.data
         self.address = int(self._np.ctypes.data)
         self._alloc = ExtentAllocator(capacity, alignment)
@@ -208,8 +217,14 @@ class Arena:
             self._closed = True
         if self.pinned:
             _unpin_host(self.address)
-        self._mv.release()
+        try:
+            self._mv.release()
+        except BufferError:
+            log.warning("arena %s: views still exported at close; unmapping deferred", self.name)
+            return
         del self._np
+        if not self._owns_map:
+            return
         try:
             self._mmap.close()
         except BufferError:

@@ -24,7 +24,8 @@ from kvstore.checksum import copy_verified, verify
 from kvstore.errors import Corruption, InvalidArgument, KVStoreError, NoSpace
 from kvstore.tiers.base import Tier
 from kvstore.tiers.disk import DiskTier
-from kvstore.tiers.dram import DramTier
+from kvstore.memory import Allocation
+from kvstore.tiers.dram import DramTier, Lease
 from kvstore.units import format_size
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TierManager:
         self._lock = threading.RLock()
         self._lru: dict[str, OrderedDict[bytes, None]] = {"dram": OrderedDict(), "disk": OrderedDict()}
         self.pins: set[bytes] = set()
+        self.lost: list[bytes] = []
         self.counters: Counter[str] = Counter()
         if disk is not None:
             for key in disk.keys():
@@ -153,6 +155,7 @@ class TierManager:
         finally:
             lease.release()
             self.dram.remove(key)
+            self._note_lost(key)
 
     def _make_room_disk(self, n: int) -> bool:
         assert self.disk is not None
@@ -165,7 +168,107 @@ class TierManager:
                 self.disk.remove(key)
                 del self._lru["disk"][key]
                 self.counters["evictions.disk"] += 1
+                self._note_lost(key)
         return self.disk.fits(n)
+
+    # -- two-phase writes and held reads (for a node serving remote clients) -----
+
+    def reserve(self, n: int) -> Allocation | None:
+        """DRAM space for a chunk of ``n`` bytes that the caller fills; ``None`` if no room.
+
+        The caller owns the returned reference: pass it to :meth:`commit` or release it.
+        """
+        with self._lock:
+            if not self._make_room_dram(n):
+                return None
+            return self.dram.arena.try_alloc(n)
+
+    def commit(self, key: bytes, alloc: Allocation, checksum: int, pin: bool = False) -> None:
+        """Verify the bytes the caller put in ``alloc`` and make them readable as ``key``.
+
+        Ownership of the caller's reference moves to the store, also on failure
+        (a :class:`Corruption` releases it).
+        """
+        try:
+            verify(alloc.view(), checksum, key, what="commit")
+        except Corruption:
+            alloc.release()
+            raise
+        with self._lock:
+            self._remove_locked(key, unpin=False)
+            self.dram.put_allocation(key, alloc, checksum)
+            self._lru["dram"][key] = None
+            self.counters["puts.dram"] += 1
+            if pin:
+                self.pins.add(key)
+            if self.write_through:
+                self._write_through(key, alloc.view(), checksum)
+            self._enforce_watermark()
+
+    def acquire(self, key: bytes) -> Lease | None:
+        """Hold ``key``'s bytes in DRAM (promoting from disk) for a reader; ``None`` on a miss.
+
+        Not verified here: the reader verifies what it copies. Release the lease.
+        """
+        with self._lock:
+            lease = self.dram.lease(key)
+            if lease is not None:
+                self._lru["dram"].move_to_end(key)
+                self.counters["hits.dram"] += 1
+                return lease
+            e = self.disk.entry(key) if self.disk is not None else None
+            if self.disk is None or e is None:
+                self.counters["misses.not_found"] += 1
+                return None
+            if not self._make_room_for_promotion(key, e.size):
+                self.counters["misses.no_room"] += 1
+                return None
+            alloc = self.dram.arena.try_alloc(e.size)
+            if alloc is None:
+                self.counters["misses.no_room"] += 1
+                return None
+            try:
+                self.disk.read_into(key, alloc.view(full=True))
+            except Corruption as err:
+                alloc.release()
+                log.warning("disk: dropping corrupt chunk: %s", err)
+                self._lru["disk"].pop(key, None)
+                self.pins.discard(key)
+                self.counters["corrupt.disk"] += 1
+                self.counters["misses.corrupt"] += 1
+                self._note_lost(key)
+                return None
+            except BaseException:
+                alloc.release()
+                raise
+            self.dram.put_allocation(key, alloc, e.checksum)
+            self._lru["dram"][key] = None
+            self._lru["disk"].move_to_end(key)
+            self.counters["promotions"] += 1
+            self.counters["hits.disk"] += 1
+            lease = self.dram.lease(key)
+            self._enforce_watermark()
+            return lease
+
+    def _make_room_for_promotion(self, key: bytes, n: int) -> bool:
+        """Like :meth:`_make_room_dram`, but demotions never push ``key`` itself off disk."""
+        pinned = key in self.pins
+        self.pins.add(key)
+        try:
+            return self._make_room_dram(n)
+        finally:
+            if not pinned:
+                self.pins.discard(key)
+
+    def _note_lost(self, key: bytes) -> None:
+        """Record a chunk that left every tier without being removed (for the master)."""
+        if not any(t.contains(key) for t in self._tiers()):
+            self.lost.append(key)
+
+    def take_lost(self) -> list[bytes]:
+        with self._lock:
+            out, self.lost = self.lost, []
+            return out
 
     # -- reads ---------------------------------------------------------------
 
@@ -235,7 +338,7 @@ class TierManager:
             raise InvalidArgument(f"buffer of {len(dst)} bytes is smaller than the chunk ({e.size} bytes)")
         self._lru["disk"].move_to_end(key)
         alloc = None
-        if self.promote_on_hit and self._make_room_dram(e.size):
+        if self.promote_on_hit and self._make_room_for_promotion(key, e.size):
             alloc = self.dram.arena.try_alloc(e.size)
         try:
             target = dst if alloc is None else alloc.view(full=True)
@@ -248,6 +351,7 @@ class TierManager:
             self.pins.discard(key)
             self.counters["corrupt.disk"] += 1
             self.counters["misses.corrupt"] += 1
+            self._note_lost(key)
             return None
         except BaseException:
             if alloc is not None:
@@ -271,6 +375,7 @@ class TierManager:
         with self._lock:
             if self.dram.drop_if(key, alloc):
                 self._lru["dram"].pop(key, None)
+                self._note_lost(key)
             self.counters["corrupt.dram"] += 1
             self.counters["misses.corrupt"] += 1
 

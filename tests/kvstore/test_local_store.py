@@ -192,3 +192,43 @@ def test_from_config_object(disk_dir):
         assert s.get(b"a") == b"b"
     with pytest.raises(InvalidArgument):
         LocalStore(cfg.store, dram="1MiB")
+
+
+def test_two_phase_put_and_held_reads(store):
+    from kvstore.checksum import checksum
+    from kvstore.errors import Corruption
+
+    data = os.urandom(300_000)
+    alloc = store.reserve(len(data))
+    alloc.view()[:] = data
+    store.commit(b"k", alloc, checksum(data, b"k"))
+    lease = store.acquire(b"k")
+    assert bytes(lease.view) == data and lease.checksum == checksum(data, b"k")
+    off = lease.alloc.offset
+    assert bytes(store.arena._mv[off : off + len(data)]) == data
+    lease.release()
+    # A commit whose bytes do not match is refused and stores nothing.
+    bad = store.reserve(10)
+    bad.view()[:] = b"0123456789"
+    with pytest.raises(Corruption):
+        store.commit(b"bad", bad, 12345)
+    assert not store.exists(b"bad")
+    with pytest.raises(InvalidArgument):
+        store.reserve(0)
+
+
+def test_acquire_promotes_from_disk_and_lost_keys_are_reported(disk_dir):
+    with LocalStore(dram="2MiB", disk_dir=disk_dir, disk="2MiB", prefault=False) as s:
+        vals = {b"k%d" % i: os.urandom(MiB // 2) for i in range(8)}
+        for k, v in vals.items():
+            s.put(k, v)
+        lost = s.take_lost()
+        assert lost and all(not s.exists(k) for k in lost)  # disk LRU dropped them
+        assert s.take_lost() == []
+        survivor = next(k for k in vals if s.exists(k) and not s._m.dram.contains(k))
+        lease = s.acquire(survivor)
+        assert bytes(lease.view) == vals[survivor]
+        lease.release()
+        assert s.stats()["counters"]["promotions"] == 1
+        s.remove(survivor)
+        assert survivor not in s.take_lost()  # removal is not a loss
