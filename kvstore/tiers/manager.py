@@ -22,9 +22,9 @@ import numpy as np
 
 from kvstore.checksum import copy_verified, verify
 from kvstore.errors import Corruption, InvalidArgument, KVStoreError, NoSpace
+from kvstore.memory import Allocation
 from kvstore.tiers.base import Tier
 from kvstore.tiers.disk import DiskTier
-from kvstore.memory import Allocation
 from kvstore.tiers.dram import DramTier, Lease
 from kvstore.units import format_size
 
