@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := test,dev
+EXTRAS := test,dev,ucx
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast bench lint clean
@@ -33,6 +33,8 @@ bench: install
 	command -v fio >/dev/null || (apt-get update -qq && apt-get install -y -qq fio)
 	mkdir -p bench-results
 	$(BIN)/python benchmarks/tiers.py --quick --json bench-results/tiers.json
+	$(BIN)/pip install -q --no-deps nixl nixl-cu12  # NIXL baseline; --no-deps: it pulls torch it does not need here
+	$(BIN)/python benchmarks/transport.py --quick --json bench-results/transport.json
 
 lint: install
 	$(BIN)/ruff check kvstore transport connectors tests benchmarks

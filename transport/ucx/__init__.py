@@ -1,0 +1,1 @@
+"""``ucx://``: transfers over UCX through ucxx (optional extra ``kvstore[ucx]``)."""
