@@ -81,11 +81,83 @@ class StoreConfig:
                 raise ConfigError(f"store.disk must be at least {self.alignment} bytes, got {self.disk}")
 
 
+def _duration(default: str | float, doc: str) -> Any:
+    return field(default=default, metadata={"unit": "duration", "doc": doc})
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """The metadata master (``kvstore master``): address, limits, timing, persistence."""
+
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"doc": "Address the gRPC service binds; 0.0.0.0 exposes it (set master.token_file)."},
+    )
+    port: int = field(default=5555, metadata={"doc": "gRPC port; 0 picks a free port (printed at start)."})
+    metrics_port: int = field(
+        default=0,
+        metadata={"doc": "Prometheus /metrics HTTP port on master.host; 0 picks a free port, -1 disables."},
+    )
+    data_dir: Path | None = field(
+        default=None,
+        metadata={"doc": "RocksDB directory for objects and nodes; unset keeps state in memory only."},
+    )
+    node_ttl: float = _duration("10s", "A node silent this long is dead: its replicas vanish.")
+    heartbeat_interval: float = _duration("2s", "How often nodes heartbeat (told at registration).")
+    put_ttl: float = _duration("30s", "A PutStart reservation not ended within this lapses.")
+    lease_ttl: float = _duration("5s", "How long a Lookup read lease holds keys against removal.")
+    max_message: int = _size("64MiB", "Largest gRPC message accepted or sent.")
+    max_batch: int = field(default=65536, metadata={"doc": "Most items (keys) in one request."})
+    max_replicas: int = field(default=8, metadata={"doc": "Most replicas one PutStart may ask for."})
+    token_file: Path | None = field(
+        default=None,
+        metadata={"doc": "File holding a shared token; RPCs must send 'authorization: Bearer <token>'."},
+    )
+    sync_writes: bool = field(
+        default=False,
+        metadata={"doc": "fsync the RocksDB WAL on every change (power-loss safe, slower)."},
+    )
+
+    def __post_init__(self) -> None:
+        _coerce_units(self, "master")
+        for name in ("port", "max_batch", "max_replicas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"master.{name} must be an integer, got {value!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"master.port must be in 0..65535, got {self.port}")
+        if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or not (
+            -1 <= self.metrics_port <= 65535
+        ):
+            raise ConfigError(f"master.metrics_port must be -1 (off) or 0..65535, got {self.metrics_port!r}")
+        if self.node_ttl < 0.1:
+            raise ConfigError(f"master.node_ttl must be >= 100ms, got {self.node_ttl}s")
+        if not 0 < self.heartbeat_interval <= self.node_ttl / 2:
+            raise ConfigError(
+                f"master.heartbeat_interval must be > 0 and <= master.node_ttl / 2 "
+                f"(so one lost heartbeat does not kill a node), got {self.heartbeat_interval}s "
+                f"with node_ttl {self.node_ttl}s"
+            )
+        for name in ("put_ttl", "lease_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"master.{name} must be > 0")
+        if self.max_message < 1 << 20:
+            raise ConfigError(f"master.max_message must be at least 1MiB, got {self.max_message}")
+        if self.max_batch < 1:
+            raise ConfigError(f"master.max_batch must be >= 1, got {self.max_batch}")
+        if self.max_replicas < 1:
+            raise ConfigError(f"master.max_replicas must be >= 1, got {self.max_replicas}")
+        for name in ("data_dir", "token_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+
+
 @dataclass(frozen=True)
 class Config:
     """Top-level kvstore configuration; one section per component."""
 
     store: StoreConfig = field(default_factory=StoreConfig)
+    master: MasterConfig = field(default_factory=MasterConfig)
 
 
 C = TypeVar("C")
