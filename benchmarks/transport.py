@@ -15,6 +15,7 @@ consumer vs. the whole chunk. ``--json`` writes every number plus ``ratios``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -72,6 +73,16 @@ def serve(uri: str, nbytes: int) -> None:
     t.close()
 
 
+def _line(proc: subprocess.Popen[str]) -> str:
+    """Next protocol line of a child (UCX and NIXL log to stdout; skip their lines)."""
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line or not ("UCX " in line or "NIXL" in line or line.startswith("[")):
+            if line.strip() or not line:
+                return line
+
+
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -82,7 +93,7 @@ def bench_backend(name: str, sizes: list[int], quick: bool) -> dict[str, Any]:
     biggest = max(sizes)
     proc = _spawn("--serve", URIS[name], str(4 * biggest))
     assert proc.stdout is not None and proc.stdin is not None
-    meta_hex, region_hex = proc.stdout.readline().split()
+    meta_hex, region_hex = _line(proc).split()
     remote = RemoteRegion.from_bytes(bytes.fromhex(region_hex))
     t = create(URIS[name])
     out: dict[str, Any] = {}
@@ -131,7 +142,7 @@ def bench_layers(t: Any, peer: Any, local: Any, remote: RemoteRegion, proc: Any)
         for c in range(chunks):
             tx.publish(c, layer)
     tx.finish(30)
-    first, whole = (float(x) - t0 for x in proc.stdout.readline().split())
+    first, whole = (float(x) - t0 for x in _line(proc).split())
     return {"first_layer_ms": first * 1e3, "all_layers_ms": whole * 1e3,
             "bytes": chunks * layers * per}
 
@@ -199,18 +210,13 @@ def bench_socket(sizes: list[int], quick: bool) -> dict[str, Any]:
 
 def bench_nixl(sizes: list[int], quick: bool) -> dict[str, Any] | None:
     """NIXL (UCX backend) reads DRAM->DRAM between two processes, or None if not installed."""
-    try:
-        import nixl  # noqa: F401, PLC0415
-    except ImportError:
+    if importlib.util.find_spec("nixl") is None:
         print("nixl not installed: skipping the NIXL baseline", file=sys.stderr)
         return None
     arg = ",".join(str(s) for s in sizes)
     target = _spawn("--nixl-target", str(max(sizes)))
     assert target.stdout is not None and target.stdin is not None
-    line = target.stdout.readline()
-    while len(line.split()) != 2 or "NIXL" in line:  # skip NIXL's log lines
-        line = target.stdout.readline()
-    meta_hex, addr = line.split()
+    meta_hex, addr = _line(target).split()
     res = subprocess.run([sys.executable, __file__, "--nixl-initiator", arg, "1" if quick else "0"],
                          input=f"{meta_hex} {addr}\n", capture_output=True, text=True, timeout=300)
     target.stdin.close()

@@ -50,8 +50,7 @@ class PeerProcess:
             [sys.executable, str(ROOT / "tests" / "transport" / "peer.py"), uri, str(nbytes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().split()
+        line = self._line().split()
         if not line:
             raise RuntimeError(f"peer for {uri} failed to start (rc={self.proc.poll()})")
         self.metadata = bytes.fromhex(line[0])
@@ -62,7 +61,15 @@ class PeerProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(" ".join(str(a) for a in args) + "\n")
         self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
+        return self._line().strip()
+
+    def _line(self) -> str:
+        """Next reply line; UCX prints its warnings to stdout, skip them."""
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line or not (line.startswith("[") and "UCX" in line):
+                return line
 
     def sum(self, off: int, n: int) -> int:
         return int(self.cmd("sum", off, n))

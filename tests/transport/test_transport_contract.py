@@ -141,8 +141,7 @@ def test_layerwise_out_of_order(pair: Pair) -> None:
     with pytest.raises(InvalidArgument):
         tx.publish(*order[0])
     tx.finish(30)
-    assert proc.proc.stdout is not None
-    assert proc.proc.stdout.readline().strip() == "ok"
+    assert proc._line().strip() == "ok"
     assert proc.sum(0, arr.size) == checksum(arr)
     t.deregister(r)
     assert proc.cmd("fill") == "ok"

@@ -106,7 +106,9 @@ class UcxServer:
         try:
             if h.op == PING:
                 addr = self.ucxx.get_ucx_address_from_buffer(aux)
-                self.eps[client] = await self.ucxx.create_endpoint_from_worker_address(addr)
+                self.eps[client] = await self.ucxx.create_endpoint_from_worker_address(
+                    addr, endpoint_error_handling=not h.flags & 2
+                )
             ep = self.eps.get(client)
             if ep is None:
                 log.warning("ucx server: request from unknown client %#x dropped", client)

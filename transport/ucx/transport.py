@@ -51,6 +51,7 @@ from transport.wire import (
 _META = struct.Struct("<4sI")
 _MAGIC = b"KVU1"
 _U64 = struct.Struct("<Q")
+F_NO_ERRH = 2  # PING flag: create the reverse endpoint without peer error handling
 
 
 class UcxPeer(Peer):
@@ -80,6 +81,10 @@ class UcxTransport(Transport):
         super().__init__(uri, options)
         self.ucxx = ucxx_module()
         self.loop = ensure()
+        self.error_handling = self.options.params.get("error_handling", "1") != "0"
+        """False (``?error_handling=0``) lets UCX use shared memory between same-host
+        peers, which UCX's peer-failure mode excludes; a killed peer is then only
+        noticed through deadlines."""
         self._server = UcxServer(self, self.loop)
         self._addr: bytes = self._run(self._address())
         self._peers: list[UcxPeer] = []
@@ -101,11 +106,11 @@ class UcxTransport(Transport):
 
         async def go() -> UcxPeer:
             ep = await self.ucxx.create_endpoint_from_worker_address(
-                self.ucxx.get_ucx_address_from_buffer(addr)
+                self.ucxx.get_ucx_address_from_buffer(addr), endpoint_error_handling=self.error_handling
             )
             peer = UcxPeer(f"ucx://pid-{pid}", metadata, ep, int.from_bytes(os.urandom(2), "little") | 1)
             ep.set_close_callback(peer.on_close)
-            await self._request(peer, PING, [], self._addr, 0, None)
+            await self._request(peer, PING, [], self._addr, 0 if self.error_handling else F_NO_ERRH, None)
             return peer
 
         try:
