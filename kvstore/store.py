@@ -213,9 +213,17 @@ class LocalStore:
         """
         return self._m.acquire(check_key(key))
 
+    def entries(self) -> list[tuple[bytes, int, int]]:
+        """``(key, size, checksum)`` of every stored chunk (each key once)."""
+        return self._m.entries()
+
     def take_lost(self) -> list[bytes]:
         """Keys that left the store without ``remove`` since the last call."""
         return self._m.take_lost()
+
+    def return_lost(self, keys: list[bytes]) -> None:
+        """Put keys from :meth:`take_lost` back (their report did not get through)."""
+        self._m.return_lost(keys)
 
     # -- batch API -----------------------------------------------------------------
 

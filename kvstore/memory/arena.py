@@ -146,6 +146,11 @@ class Arena:
         self._closed = False
 
     @property
+    def buffer(self) -> np.ndarray:
+        """The whole arena as a writable uint8 array (for registering with transports)."""
+        return self._np
+
+    @property
     def alignment(self) -> int:
         return self._alloc.alignment
 

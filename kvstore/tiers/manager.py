@@ -265,10 +265,24 @@ class TierManager:
         if not any(t.contains(key) for t in self._tiers()):
             self.lost.append(key)
 
+    def entries(self) -> list[tuple[bytes, int, int]]:
+        with self._lock:
+            out: dict[bytes, tuple[bytes, int, int]] = {}
+            for tier in self._tiers():
+                for key in tier.keys():
+                    e = tier.entry(key)
+                    if e is not None and key not in out:
+                        out[key] = (key, e.size, e.checksum)
+            return list(out.values())
+
     def take_lost(self) -> list[bytes]:
         with self._lock:
             out, self.lost = self.lost, []
             return out
+
+    def return_lost(self, keys: list[bytes]) -> None:
+        with self._lock:
+            self.lost[:0] = keys
 
     # -- reads ---------------------------------------------------------------
 
