@@ -17,7 +17,8 @@ def test_every_config_key_documented_with_its_default():
 
 
 def test_every_cli_option_documented():
-    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "store.md").read_text()
+    text = (ROOT / "README.md").read_text() + "".join(
+        p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")))
     for name, cmd in cli.commands.items():
         assert f"kvstore {name}" in text, f"command {name} undocumented"
         for p in cmd.params:
