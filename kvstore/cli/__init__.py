@@ -25,6 +25,7 @@ def _register() -> None:
     from kvstore.cli.local_demo import local_demo
 
     cli.add_command(local_demo)
+    from kvstore.cli.master import master; cli.add_command(master)  # noqa: E702, I001
 
 
 _register()
