@@ -153,11 +153,47 @@ class MasterConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """A store node: identity, listen addresses, transports, timers."""
+
+    node_id: str = field(default="", metadata={"doc": "Stable node name; default: hostname-port."})
+    master: str = field(default="127.0.0.1:5555", metadata={"doc": "Master address host:port."})
+    host: str = field(default="127.0.0.1", metadata={"doc": "Address the node's services bind."})
+    control_port: int = field(default=0, metadata={"doc": "Port of the node control service (0: any)."})
+    transports: tuple[str, ...] = field(
+        default=("shm://", "tcp://"),
+        metadata={"doc": "Transports served, by URI scheme (tcp:// binds node.host)."},
+    )
+    host_id: str = field(
+        default="", metadata={"doc": "Same-host identity override (default: hostname/boot id)."}
+    )
+    hold_ttl: float = field(
+        default=60.0,
+        metadata={"unit": "duration", "doc": "Reclaim allocations/leases a client holds longer than this."},
+    )
+    metrics_port: int = field(
+        default=0, metadata={"doc": "Prometheus /metrics HTTP port on node.host; 0 picks one, -1 disables."}
+    )
+
+    def __post_init__(self) -> None:
+        _coerce_units(self, "node")
+        object.__setattr__(self, "transports", tuple(self.transports))
+        if not self.transports:
+            raise ConfigError("node.transports must name at least one transport")
+        for uri in self.transports:
+            if "://" not in uri:
+                raise ConfigError(f"node.transports: {uri!r} is not a URI like 'tcp://'")
+        if self.hold_ttl <= 0:
+            raise ConfigError("node.hold_ttl must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     """Top-level kvstore configuration; one section per component."""
 
     store: StoreConfig = field(default_factory=StoreConfig)
     master: MasterConfig = field(default_factory=MasterConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
 
 
 C = TypeVar("C")

@@ -22,10 +22,15 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
+    from kvstore.cli.demo import demo
     from kvstore.cli.local_demo import local_demo
+    from kvstore.cli.master import master
+    from kvstore.cli.node import node
+    from kvstore.cli.status import status
+    from kvstore.cli.up import up
 
-    cli.add_command(local_demo)
-    from kvstore.cli.master import master; cli.add_command(master)  # noqa: E702, I001
+    for command in (up, master, node, status, demo, local_demo):
+        cli.add_command(command)
 
 
 _register()

@@ -1,0 +1,55 @@
+"""``kvstore demo``: put and get a few hundred chunks through a running pool, with throughput."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from kvstore.cli.node import read_token
+from kvstore.units import format_size, parse_size
+
+
+@click.command("demo")
+@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port.")
+@click.option("--chunks", default=256, show_default=True, help="How many chunks to put and get.")
+@click.option("--size", default="1MiB", show_default=True, help="Bytes per chunk.")
+@click.option("--batch", default=16, show_default=True, help="Chunks per batched call.")
+@click.option("--tcp", is_flag=True, help="Disable the same-host shared-memory path (use TCP).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File with the master's shared token.")
+def demo(master: str, chunks: int, size: str, batch: int, tcp: bool, token_file: Path | None) -> None:
+    """Put CHUNKS chunks, read them back verified, print throughput, remove them."""
+    from kvstore.client import Client
+
+    n = parse_size(size, name="--size")
+    rng = np.random.default_rng()
+    run = int(rng.integers(0, 2**63))
+    keys = [b"demo-%x-%06d" % (run, i) for i in range(chunks)]
+    values = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(min(chunks, 16))]
+    with Client(master, same_host=not tcp, token=read_token(token_file)) as c:
+        t = time.perf_counter()
+        for i in range(0, chunks, batch):
+            c.put_batch([(k, values[j % len(values)]) for j, k in enumerate(keys[i:i + batch], i)])
+        put_s = time.perf_counter() - t
+        bufs = [np.empty(n, dtype=np.uint8) for _ in range(batch)]
+        ok = 0
+        t = time.perf_counter()
+        for i in range(0, chunks, batch):
+            part = keys[i:i + batch]
+            got = c.get_into_batch(part, bufs[: len(part)])
+            ok += sum(1 for j, g in enumerate(got)
+                      if g == n and np.array_equal(bufs[j], values[(i + j) % len(values)]))
+        get_s = time.perf_counter() - t
+        hit = c.longest_prefix(keys)
+        c.remove_batch(keys, force=True)
+        path = next(iter(c._conns._conns.values())).scheme if c._conns._conns else "?"
+    total = n * chunks
+    click.echo(f"put {chunks} x {format_size(n)}: {put_s * 1e3:.0f} ms, {total / put_s / 1e9:.2f} GB/s")
+    click.echo(f"get {chunks} x {format_size(n)}: {get_s * 1e3:.0f} ms, {total / get_s / 1e9:.2f} GB/s, "
+               f"{ok}/{chunks} byte-identical (path: {path})")
+    click.echo(f"longest_prefix before removal: {hit}/{chunks}")
+    if ok != chunks:
+        raise click.ClickException(f"{chunks - ok} chunk(s) missing or wrong")

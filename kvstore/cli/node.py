@@ -1,0 +1,66 @@
+"""``kvstore node``: a store node daemon contributing DRAM (and disk) to the pool."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kvstore.config import load_config
+from kvstore.node.config import NodeConfig
+
+
+def read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise click.BadParameter(f"token file {path} is empty")
+    return token
+
+
+def serve_until_signal(stop: Any) -> None:
+    """Block until SIGINT/SIGTERM, then call ``stop()``."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    stop()
+
+
+@click.command("node")
+@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port.")
+@click.option("--node-id", default="", help="Stable node name (default: hostname-port).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the node's services bind.")
+@click.option("--control-port", default=0, show_default=True, help="Node control service port (0: any).")
+@click.option("--transport", "transports", multiple=True, default=("shm://", "tcp://"), show_default=True,
+              help="Transport to serve (repeatable): shm://, tcp://, ucx://.")
+@click.option("--dram", default="1GiB", show_default=True, help="DRAM tier capacity.")
+@click.option("--disk-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Disk tier directory (no disk tier when unset).")
+@click.option("--disk", default="4GiB", show_default=True, help="Disk tier capacity.")
+@click.option("--metrics-port", default=0, show_default=True, help="Prometheus port (0: any, -1: off).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File with the master's shared token.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML config file ([store] section; flags win).")
+def node(master: str, node_id: str, host: str, control_port: int, transports: tuple[str, ...], dram: str,
+         disk_dir: Path | None, disk: str, metrics_port: int, token_file: Path | None,
+         config_file: Path | None) -> None:
+    """Run a store node: serve DRAM/disk to clients and register with the master."""
+    from kvstore.node.daemon import StoreNode
+
+    overrides: dict[str, Any] = {"store.dram": dram, "store.disk": disk}
+    if disk_dir is not None:
+        overrides["store.disk_dir"] = str(disk_dir)
+    cfg = load_config(config_file, overrides)
+    ncfg = NodeConfig(node_id=node_id, master=master, host=host, control_port=control_port,
+                      transports=transports, metrics_port=metrics_port)
+    n = StoreNode(ncfg, cfg.store, token=read_token(token_file)).start()
+    click.echo(f"kvstore node {n.node_id} serving on {n.control_address} "
+               f"({', '.join(t.scheme for t in n.transports)}), master {master}"
+               + (f", metrics on :{n.metrics_port}" if n.metrics_port else ""), err=False)
+    serve_until_signal(n.stop)

@@ -1,0 +1,417 @@
+"""``kvstore.Client``: the SDK for the pooled store.
+
+The client asks the master where chunks are (or should go) and moves bytes
+directly between its own buffers and the nodes' arenas through the transfer
+engine; the master never touches data. A node on the same host is reached
+through shared memory (one copy, straight into the destination); others over
+TCP (or UCX when preferred and installed).
+
+Every value is checksummed by the client (XXH3-64 seeded by its key): the node
+verifies it before making a put visible, and the client verifies every get, so
+bytes are checked end to end. A chunk that fails verification is a miss.
+
+Keys are immutable once written (as in Mooncake Store): ``put`` of a key that
+already exists returns ``False`` and changes nothing; ``remove`` it first to
+replace it. Every call takes a deadline (``timeout``, default the client's);
+retryable failures (a busy key, a master or node restarting) are retried with
+backoff until the deadline or ``retries``. Thread-safe; one client per process
+is enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from kvstore.checksum import checksum
+from kvstore.client.connections import GRPC_OPTIONS, Connections, NodeConn
+from kvstore.errors import (
+    Corruption,
+    InvalidArgument,
+    KVStoreError,
+    NoSpace,
+    Timeout,
+    TransportError,
+    TryAgain,
+)
+from kvstore.hostid import host_id
+from kvstore.master.errors import error_from_rpc
+from kvstore.store import _as_bytes_view, check_key
+from kvstore.v1 import master_pb2 as mpb
+from kvstore.v1 import master_pb2_grpc
+from kvstore.v1 import node_pb2 as npb
+from transport.regions import Desc, Region
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Client:
+    """Synchronous client. See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        master: str = "127.0.0.1:5555",
+        *,
+        timeout: float = 10.0,
+        retries: int = 5,
+        replicas: int = 1,
+        same_host: bool = True,
+        prefer: Sequence[str] = ("tcp",),
+        token: str | None = None,
+        host: str | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise InvalidArgument(f"timeout must be > 0, got {timeout}")
+        self.master = master
+        self.timeout = timeout
+        self.retries = retries
+        self.replicas = replicas
+        self.host_id = host or host_id()
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._channel = grpc.insecure_channel(master, options=GRPC_OPTIONS)
+        self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
+        self._conns = Connections(self.host_id, same_host=same_host, prefer=tuple(prefer), timeout=timeout)
+        self.counters: Counter[str] = Counter()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _rpc(self, method: Callable[..., T], request: Any, deadline: float) -> T:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"deadline expired before {getattr(method, '_method', method)!r}")
+        try:
+            return method(request, timeout=remaining, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+
+    def _retrying(self, op: Callable[[float], T], timeout: float | None) -> T:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delay = 0.02
+        for attempt in range(self.retries + 1):
+            try:
+                return op(deadline)
+            except KVStoreError as e:
+                if not e.retryable or attempt == self.retries:
+                    raise
+                wait = min(delay * (1 + random.random()), deadline - time.monotonic())
+                if wait <= 0:
+                    raise
+                log.debug("retrying after %s (attempt %d)", e, attempt + 1)
+                time.sleep(wait)
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    # -- writes ------------------------------------------------------------------------
+
+    def put(self, key: bytes | str, value: Any, *, timeout: float | None = None) -> bool:
+        """Store ``value`` (any buffer) under ``key``; ``False`` if the key already exists."""
+        return self.put_batch([(key, value)], timeout=timeout)[0]
+
+    def put_from(self, key: bytes | str, buffer: Any, *, timeout: float | None = None) -> bool:
+        """Like :meth:`put`, sending straight from a writable ``buffer`` (no staging copy)."""
+        return self.put(key, buffer, timeout=timeout)
+
+    def put_batch(self, items: Sequence[tuple[bytes | str, Any]], *,
+                  timeout: float | None = None) -> list[bool]:
+        """Store every ``(key, value)``; all are validated before anything is sent."""
+        keys = [check_key(k) for k, _ in items]
+        views = [_as_bytes_view(v) for _, v in items]
+        for k, v in zip(keys, views, strict=True):
+            if len(v) == 0:
+                raise InvalidArgument(f"value for key {k[:16]!r} is empty")
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument("put_batch: duplicate keys in one batch")
+        sums = [checksum(v, k) for k, v in zip(keys, views, strict=True)]
+        return self._retrying(lambda d: self._put(keys, views, sums, d), timeout)
+
+    def _put(self, keys: list[bytes], views: list[memoryview], sums: list[int], deadline: float) -> list[bool]:
+        req = mpb.PutStartRequest(
+            items=[mpb.PutItem(key=k, size=len(v), checksum=c) for k, v, c in zip(keys, views, sums, strict=True)],
+            replicas=self.replicas, client_host=self.host_id)
+        resp = self._rpc(self._stub.PutStart, req, deadline)
+        result = [False] * len(keys)
+        todo: dict[str, list[int]] = defaultdict(list)
+        nodes: dict[str, mpb.NodeInfo] = {}
+        busy = []
+        for i, p in enumerate(resp.placements):
+            if p.status == mpb.OK:
+                for n in p.nodes:
+                    todo[n.node_id].append(i)
+                    nodes[n.node_id] = n
+            elif p.status == mpb.ALREADY_EXISTS:
+                self.counters["puts.existing"] += 1
+            elif p.status == mpb.BUSY:
+                busy.append(i)
+            elif p.status == mpb.NO_SPACE:
+                self._revoke(resp.put_id, keys, todo, deadline)
+                raise NoSpace(f"no node has room for {len(views[i])} bytes (key {keys[i][:16]!r})")
+            else:
+                self._revoke(resp.put_id, keys, todo, deadline)
+                raise InvalidArgument(f"master refused key {keys[i][:16]!r}: {mpb.ItemStatus.Name(p.status)}")
+        failed: set[int] = set()
+        try:
+            for node_id, idxs in todo.items():
+                failed |= self._write_node(nodes[node_id], idxs, keys, views, sums, deadline)
+        except BaseException:
+            self._revoke(resp.put_id, keys, todo, deadline)
+            raise
+        done = sorted({i for idxs in todo.values() for i in idxs} - failed)
+        if failed:
+            self._rpc(self._stub.PutRevoke, mpb.PutRevokeRequest(
+                put_id=resp.put_id, keys=[keys[i] for i in sorted(failed)]), deadline)
+        if done:
+            end = self._rpc(self._stub.PutEnd, mpb.PutEndRequest(
+                put_id=resp.put_id, keys=[keys[i] for i in done]), deadline)
+            for i, st in zip(done, end.statuses, strict=True):
+                if st != mpb.OK:
+                    raise TryAgain(f"put of {keys[i][:16]!r} lapsed ({mpb.ItemStatus.Name(st)}); retry")
+                result[i] = True
+        self.counters["puts"] += len(done)
+        if failed:
+            raise TransportError(f"{len(failed)} value(s) could not be stored on their node; retry")
+        if busy:
+            raise TryAgain(f"{len(busy)} key(s) are being written by another client")
+        return result
+
+    def _revoke(self, put_id: int, keys: list[bytes], todo: dict[str, list[int]], deadline: float) -> None:
+        idxs = sorted({i for v in todo.values() for i in v})
+        if not idxs:
+            return
+        try:
+            self._rpc(self._stub.PutRevoke, mpb.PutRevokeRequest(put_id=put_id, keys=[keys[i] for i in idxs]),
+                      max(deadline, time.monotonic() + 2))
+        except KVStoreError as e:  # the reservation expires on its own
+            log.warning("put revoke failed (the master expires it): %s", e)
+
+    def _write_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
+                    views: list[memoryview], sums: list[int], deadline: float) -> set[int]:
+        """Allocate, transfer and commit ``idxs`` on one node; returns the indices that failed."""
+        conn = self._conns.get(node)
+        alloc = self._rpc(conn.stub.Allocate, npb.AllocateRequest(
+            items=[npb.AllocItem(key=keys[i], size=len(views[i])) for i in idxs]), deadline)
+        ok = [(i, s) for i, s in zip(idxs, alloc.slots, strict=True) if s.status == npb.SLOT_OK]
+        failed = {i for i, s in zip(idxs, alloc.slots, strict=True) if s.status != npb.SLOT_OK}
+        if not ok:
+            return failed
+        regions: list[Region] = []
+        try:
+            descs = []
+            for i, slot in ok:
+                region = self._register_source(conn, views[i])
+                regions.append(region)
+                descs.append(Desc(region, 0, conn.region, slot.offset, len(views[i])))
+            self._transfer(conn, "write", descs, deadline)
+        except BaseException:
+            self._abort_handles(conn, [s.handle for _, s in ok], deadline)
+            raise
+        finally:
+            for r in regions:
+                conn.transport.deregister(r)
+        commit = self._rpc(conn.stub.Commit, npb.CommitRequest(
+            items=[npb.CommitItem(handle=s.handle, key=keys[i], checksum=sums[i]) for i, s in ok]), deadline)
+        for (i, _), st in zip(ok, commit.statuses, strict=True):
+            if st != npb.SLOT_OK:
+                log.warning("node %s refused commit of %r: %s", node.node_id, keys[i][:16],
+                            npb.SlotStatus.Name(st))
+                failed.add(i)
+        return failed
+
+    def _register_source(self, conn: NodeConn, view: memoryview) -> Region:
+        if view.readonly:
+            staged = np.empty(len(view), dtype=np.uint8)
+            staged.data.cast("B")[:] = view
+            return conn.transport.register(staged, name="put-staging")
+        return conn.transport.register(view, name="put-source")
+
+    def _transfer(self, conn: NodeConn, op: str, descs: list[Desc], deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"deadline expired before the {op} to node {conn.node_id}")
+        try:
+            post = conn.transport.write if op == "write" else conn.transport.read
+            post(conn.peer, descs, timeout=remaining).wait()
+        except TransportError:
+            self._conns.drop(conn)
+            raise
+
+    def _abort_handles(self, conn: NodeConn, handles: list[int], deadline: float) -> None:
+        try:
+            self._rpc(conn.stub.Abort, npb.HandlesRequest(handles=handles), max(deadline, time.monotonic() + 2))
+        except KVStoreError as e:  # the node reclaims them after its hold TTL
+            log.warning("abort on node %s failed (reclaimed later): %s", conn.node_id, e)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get(self, key: bytes | str, *, timeout: float | None = None) -> bytes | None:
+        """The value, or ``None`` on a miss (absent, or failed verification on every replica)."""
+        out = self.get_batch([key], timeout=timeout)[0]
+        return None if out is None else bytes(out)
+
+    def get_into(self, key: bytes | str, buffer: Any, *, timeout: float | None = None) -> int | None:
+        """Read into ``buffer``; returns the size, or ``None`` on a miss.
+
+        :class:`InvalidArgument` before anything is written if ``buffer`` is
+        read-only or smaller than the value.
+        """
+        return self.get_into_batch([key], [buffer], timeout=timeout)[0]
+
+    def get_batch(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> list[bytearray | None]:
+        ks = [check_key(k) for k in keys]
+        return self._retrying(lambda d: self._get(ks, None, d), timeout)  # type: ignore[arg-type,return-value]
+
+    def get_into_batch(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *,
+                       timeout: float | None = None) -> list[int | None]:
+        if len(keys) != len(buffers):
+            raise InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+        ks = [check_key(k) for k in keys]
+        views = [_as_bytes_view(b, "buffer") for b in buffers]
+        if any(v.readonly for v in views):
+            raise InvalidArgument("buffer is read-only")
+        res = self._retrying(lambda d: self._get(ks, views, d), timeout)
+        return [None if r is None else len(r) for r in res]
+
+    def _get(self, keys: list[bytes], views: list[memoryview] | None,
+             deadline: float) -> list[memoryview | bytearray | None]:
+        loc = self._rpc(self._stub.Lookup, mpb.LookupRequest(keys=keys, client_host=self.host_id), deadline)
+        out: list[Any] = [None] * len(keys)
+        dests: list[memoryview | None] = [None] * len(keys)
+        pending: dict[int, list[mpb.NodeInfo]] = {}
+        for i, location in enumerate(loc.locations):
+            if location.status != mpb.OK or not location.nodes:
+                self.counters["misses.not_found"] += 1
+                continue
+            if views is not None and len(views[i]) < location.size:
+                raise InvalidArgument(
+                    f"buffer of {len(views[i])} bytes is smaller than the value ({location.size} bytes)")
+            pending[i] = list(location.nodes)
+        for i in pending:
+            if views is None:
+                out[i] = bytearray(loc.locations[i].size)
+                dests[i] = memoryview(out[i])
+            else:
+                dests[i] = views[i][: loc.locations[i].size]
+        # Try replicas in preference order; keys missing on one node move to their next replica.
+        while pending:
+            by_node: dict[str, list[int]] = defaultdict(list)
+            nodes: dict[str, mpb.NodeInfo] = {}
+            for i, cands in pending.items():
+                by_node[cands[0].node_id].append(i)
+                nodes[cands[0].node_id] = cands[0]
+            nxt: dict[int, list[mpb.NodeInfo]] = {}
+            for node_id, idxs in by_node.items():
+                try:
+                    got = self._read_node(nodes[node_id], idxs, keys, dests, loc.locations, deadline)
+                except TransportError as e:
+                    log.warning("node %s unreachable: %s", node_id, e)
+                    got = set()
+                for i in idxs:
+                    if i in got:
+                        if views is not None:
+                            out[i] = dests[i]
+                        self.counters["hits"] += 1
+                    elif len(pending[i]) > 1:
+                        nxt[i] = pending[i][1:]
+                    else:
+                        out[i] = None
+                        self.counters["misses.unavailable"] += 1
+            pending = nxt
+        return out
+
+    def _read_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
+                   dests: list[memoryview | None], locs: Sequence[mpb.Location], deadline: float) -> set[int]:
+        """Read ``idxs`` from one node into ``dests``; returns the indices read and verified."""
+        conn = self._conns.get(node)
+        acq = self._rpc(conn.stub.Acquire, npb.AcquireRequest(keys=[keys[i] for i in idxs]), deadline)
+        held = [(i, s) for i, s in zip(idxs, acq.slots, strict=True) if s.status == npb.SLOT_OK]
+        if not held:
+            return set()
+        regions: list[Region] = []
+        good: set[int] = set()
+        try:
+            descs = []
+            for i, slot in held:
+                dst = dests[i]
+                assert dst is not None
+                if slot.size != len(dst) or slot.checksum != locs[i].checksum:
+                    continue  # the node holds another version than the master vouches for
+                region = conn.transport.register(dst, name="get-dest")
+                regions.append(region)
+                descs.append(Desc(region, 0, conn.region, slot.offset, slot.size))
+            if descs:
+                self._transfer(conn, "read", descs, deadline)
+            for i, slot in held:
+                dst = dests[i]
+                assert dst is not None
+                if slot.size == len(dst) and checksum(dst, keys[i]) == slot.checksum == locs[i].checksum:
+                    good.add(i)
+                else:
+                    self.counters["misses.corrupt"] += 1
+                    log.warning("%s", Corruption(f"value of {keys[i][:16]!r} from node {node.node_id} "
+                                                 "failed verification; treated as a miss"))
+        finally:
+            for r in regions:
+                conn.transport.deregister(r)
+            conn.stub.Release.future(npb.HandlesRequest(handles=[s.handle for _, s in held]),
+                                     timeout=5, metadata=self._metadata)
+        return good
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def exists(self, key: bytes | str, *, timeout: float | None = None) -> bool:
+        return self.exists_batch([key], timeout=timeout)[0]
+
+    def exists_batch(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> list[bool]:
+        ks = [check_key(k) for k in keys]
+        resp = self._retrying(lambda d: self._rpc(self._stub.Lookup, mpb.LookupRequest(keys=ks), d), timeout)
+        return [loc.status == mpb.OK for loc in resp.locations]
+
+    def longest_prefix(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> int:
+        """How many leading ``keys`` the pool holds (the engine's cache-hit question)."""
+        ks = [check_key(k) for k in keys]
+        if not ks:
+            return 0
+        resp = self._retrying(
+            lambda d: self._rpc(self._stub.LongestPrefix, mpb.LongestPrefixRequest(keys=ks), d), timeout)
+        return int(resp.count)
+
+    def remove(self, key: bytes | str, *, force: bool = False, timeout: float | None = None) -> bool:
+        return self.remove_batch([key], force=force, timeout=timeout)[0]
+
+    def remove_batch(self, keys: Sequence[bytes | str], *, force: bool = False,
+                     timeout: float | None = None) -> list[bool]:
+        """Remove keys; ``True`` per removed key. Leased keys raise TryAgain unless ``force``."""
+        ks = [check_key(k) for k in keys]
+        resp = self._retrying(
+            lambda d: self._rpc(self._stub.Remove, mpb.RemoveRequest(keys=ks, force=force), d), timeout)
+        out = []
+        for k, st in zip(ks, resp.statuses, strict=True):
+            if st == mpb.LEASED:
+                raise TryAgain(f"key {k[:16]!r} is leased by a reader; retry or remove(force=True)")
+            if st == mpb.PINNED:
+                raise InvalidArgument(f"key {k[:16]!r} is pinned; unpin it first")
+            out.append(st == mpb.OK)
+        return out
+
+    def stats(self, *, timeout: float | None = None) -> mpb.StatsResponse:
+        """The master's view: nodes with tiers, object/lease/pin counts, counters."""
+        resp: mpb.StatsResponse = self._retrying(
+            lambda d: self._rpc(self._stub.Stats, mpb.StatsRequest(), d), timeout)
+        return resp
+
+    def close(self) -> None:
+        self._conns.close()
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

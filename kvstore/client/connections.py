@@ -1,0 +1,119 @@
+"""Per-node connections of a client: control stub + transfer-engine peer, picked by capability."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from kvstore.errors import TransportError
+from kvstore.v1 import master_pb2 as mpb
+from kvstore.v1 import node_pb2_grpc
+from transport.base import Peer, Transport
+from transport.regions import RemoteRegion
+from transport.registry import create
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+@dataclass
+class NodeConn:
+    node_id: str
+    epoch: int
+    scheme: str
+    transport: Transport
+    peer: Peer
+    region: RemoteRegion
+    stub: node_pb2_grpc.NodeStub
+    channel: grpc.Channel
+
+
+class Connections:
+    """Opens and caches connections to nodes. Thread-safe.
+
+    Endpoint choice: ``shm`` when the node runs on this host (same host id) and
+    the same-host path is enabled, otherwise the first of ``prefer`` the node
+    serves (default ``ucx`` then ``tcp``; ucx only when installed).
+    """
+
+    def __init__(self, host_id: str, *, same_host: bool, prefer: tuple[str, ...], timeout: float) -> None:
+        self.host_id = host_id
+        self.same_host = same_host
+        self.prefer = prefer
+        self.timeout = timeout
+        self._transports: dict[str, Transport] = {}
+        self._conns: dict[tuple[str, int], NodeConn] = {}
+        self._lock = threading.Lock()
+
+    def transport(self, scheme: str) -> Transport:
+        with self._lock:
+            t = self._transports.get(scheme)
+            if t is None:
+                uri = f"{scheme}://127.0.0.1:0" if scheme in ("tcp", "ucx") else f"{scheme}://"
+                t = self._transports[scheme] = create(uri)
+            return t
+
+    def choose(self, node: mpb.NodeInfo) -> mpb.Endpoint:
+        by_scheme = {e.scheme: e for e in node.endpoints}
+        order = list(self.prefer)
+        if self.same_host and node.host == self.host_id:
+            order.insert(0, "shm")
+        else:
+            order = [s for s in order if s != "shm"]
+        for scheme in order:
+            if scheme in by_scheme:
+                ep: mpb.Endpoint = by_scheme[scheme]
+                return ep
+        raise TransportError(
+            f"node {node.node_id} serves {sorted(by_scheme)}, none usable from here (tried {order})"
+        )
+
+    def get(self, node: mpb.NodeInfo) -> NodeConn:
+        key = (node.node_id, node.epoch)
+        with self._lock:
+            conn = self._conns.get(key)
+        if conn is not None and not conn.peer.closed:
+            return conn
+        ep = self.choose(node)
+        t = self.transport(ep.scheme)
+        try:
+            peer = t.connect(ep.metadata, timeout=self.timeout)
+        except OSError as e:
+            raise TransportError(f"connect to node {node.node_id} over {ep.scheme}: {e}") from e
+        channel = grpc.insecure_channel(node.control_address, options=GRPC_OPTIONS)
+        conn = NodeConn(node.node_id, node.epoch, ep.scheme, t, peer, RemoteRegion.from_bytes(ep.region),
+                        node_pb2_grpc.NodeStub(channel), channel)  # type: ignore[no-untyped-call]
+        with self._lock:
+            old = self._conns.pop(key, None)
+            # Drop connections to earlier epochs of this node.
+            for k in [k for k in self._conns if k[0] == node.node_id]:
+                stale = self._conns.pop(k)
+                stale.peer.close()
+                stale.channel.close()
+            self._conns[key] = conn
+        if old is not None:
+            old.peer.close()
+            old.channel.close()
+        return conn
+
+    def drop(self, conn: NodeConn) -> None:
+        """Forget a connection that failed (the next call reconnects)."""
+        with self._lock:
+            if self._conns.get((conn.node_id, conn.epoch)) is conn:
+                del self._conns[(conn.node_id, conn.epoch)]
+        conn.peer.close()
+        conn.channel.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+            transports, self._transports = list(self._transports.values()), {}
+        for c in conns:
+            c.peer.close()
+            c.channel.close()
+        for t in transports:
+            t.close()

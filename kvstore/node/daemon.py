@@ -1,0 +1,200 @@
+"""The store node: owns a LocalStore, serves it over the transfer engine, reports to the master.
+
+One process, three kinds of threads:
+
+* the transports' own serving threads (clients read from / write into the
+  node's DRAM arena, which is registered with every transport);
+* a gRPC thread pool for the node control service (Allocate/Commit/Acquire/Release);
+* one heartbeat thread: heartbeats to the master (tier usage, keys lost
+  locally), applies its instructions (remove keys), re-registers when the
+  master asks (a new epoch; held keys the master does not vouch for are
+  dropped, so a node paused past its TTL serves nothing stale), and reclaims
+  holds clients abandoned.
+
+The master being down does not stop the node: it keeps serving the clients
+that already know it and re-registers when the master returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from kvstore.config import StoreConfig
+from kvstore.hostid import host_id
+from kvstore.node.config import NodeConfig
+from kvstore.node.holds import Holds
+from kvstore.node.service import NodeService
+from kvstore.store import LocalStore
+from kvstore.v1 import master_pb2 as mpb
+from kvstore.v1 import master_pb2_grpc, node_pb2_grpc
+from transport.base import Transport
+from transport.registry import create
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+def _transport_uri(uri: str, host: str) -> str:
+    """``tcp://`` -> ``tcp://HOST:0``: bare network schemes bind the node's address."""
+    scheme, _, rest = uri.partition("://")
+    if not rest and scheme in ("tcp", "ucx"):
+        return f"{scheme}://{host}:0"
+    return uri
+
+
+class StoreNode:
+    """A running node. ``start()`` returns once it serves and registered (or tried to)."""
+
+    def __init__(self, node: NodeConfig, store: StoreConfig, *, token: str | None = None) -> None:
+        self.cfg = node
+        self.token = token
+        self.host_id = node.host_id or host_id()
+        self.transports: list[Transport] = [create(_transport_uri(u, node.host)) for u in node.transports]
+        # The arena lives in the memory the first same-host transport serves best
+        # (a shared segment peers map): same-host clients then copy straight from it.
+        shared = next((t for t in self.transports if t.capabilities.same_host_only), None)
+        self._arena_region = shared.allocate(store.dram, name="arena") if shared is not None else None
+        buf = self._arena_region.obj if self._arena_region is not None else None
+        self.store = LocalStore(store, arena_buffer=buf)
+        self.regions = {}
+        for t in self.transports:
+            if t is shared and self._arena_region is not None:
+                self.regions[t.scheme] = self._arena_region
+            else:
+                self.regions[t.scheme] = t.register(self.store.arena.buffer, name="arena")
+        self.holds = Holds(node.hold_ttl)
+        self._server = grpc.server(futures.ThreadPoolExecutor(8, thread_name_prefix="node-rpc"),
+                                   options=GRPC_OPTIONS)
+        node_pb2_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
+            NodeService(self.store, self.holds), self._server)
+        self.control_port = self._server.add_insecure_port(f"{node.host}:{node.control_port}")
+        self.control_address = f"{node.host}:{self.control_port}"
+        self.node_id = node.node_id or f"{socket.gethostname()}-{self.control_port}"
+        self._channel = grpc.insecure_channel(node.master, options=GRPC_OPTIONS)
+        self._master = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
+        self.epoch = 0
+        self.heartbeat_interval = 1.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="node-heartbeat", daemon=True)
+        self.registered = threading.Event()
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+        if node.metrics_port >= 0:
+            self._start_metrics(node.metrics_port)
+
+    def _start_metrics(self, port: int) -> None:
+        from prometheus_client import start_http_server
+        from prometheus_client.registry import CollectorRegistry
+
+        from kvstore.node.metrics import NodeCollector
+
+        registry = CollectorRegistry()
+        registry.register(NodeCollector(self.node_id, self.store, self.holds))
+        self._metrics_server, thread = start_http_server(port, addr=self.cfg.host, registry=registry)
+        self.metrics_port = self._metrics_server.server_port
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, register_timeout: float = 10.0) -> StoreNode:
+        self._server.start()
+        self._thread.start()
+        if not self.registered.wait(register_timeout):
+            log.warning("node %s: master %s not reachable yet; still trying", self.node_id, self.cfg.master)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and heartbeating; release every hold and the store. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._server.stop(grace=1.0).wait()
+        self._thread.join(timeout=5)
+        self._channel.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.holds.close()
+        for t in self.transports:
+            t.close()
+        self.store.close()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    # -- master protocol --------------------------------------------------------
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def _tiers(self) -> list[mpb.TierCapacity]:
+        return [mpb.TierCapacity(name=name, capacity=t["capacity"], used=t["used"])
+                for name, t in self.store.stats()["tiers"].items()]
+
+    def _endpoints(self) -> list[mpb.Endpoint]:
+        return [mpb.Endpoint(scheme=t.scheme, metadata=t.metadata(),
+                             region=self.regions[t.scheme].remote().to_bytes())
+                for t in self.transports]
+
+    def _register(self) -> None:
+        held = [mpb.HeldKey(key=k, size=n, checksum=c) for k, n, c in self.store.entries()]
+        req = mpb.RegisterNodeRequest(node_id=self.node_id, host=self.host_id,
+                                      control_address=self.control_address,
+                                      endpoints=self._endpoints(), tiers=self._tiers(), held=held)
+        resp = self._master.RegisterNode(req, timeout=10, metadata=self._metadata())
+        for key in resp.drop:
+            self.store.remove(key)
+        self.store.take_lost()  # the master just learned the full truth
+        self.epoch = resp.epoch
+        if resp.heartbeat_interval_ms > 0:
+            self.heartbeat_interval = resp.heartbeat_interval_ms / 1000
+        log.info("node %s registered: epoch %d, %d held, %d dropped", self.node_id, self.epoch,
+                 len(held), len(resp.drop))
+        self.registered.set()
+
+    def _heartbeat(self) -> None:
+        lost = self.store.take_lost()
+        req = mpb.HeartbeatRequest(node_id=self.node_id, epoch=self.epoch, tiers=self._tiers(), lost=lost)
+        try:
+            resp = self._master.Heartbeat(req, timeout=max(self.heartbeat_interval, 2.0),
+                                          metadata=self._metadata())
+        except grpc.RpcError:
+            self.store.return_lost(lost)  # report them next time
+            raise
+        if resp.reregister:
+            self._register()
+            return
+        for key in resp.remove:
+            self.store.remove(key)
+
+    def _loop(self) -> None:
+        next_beat = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                try:
+                    if not self.registered.is_set() or self.epoch == 0:
+                        self._register()
+                    else:
+                        self._heartbeat()
+                except grpc.RpcError as e:
+                    log.warning("node %s: master %s: %s", self.node_id, self.cfg.master, _rpc_text(e))
+                next_beat = now + self.heartbeat_interval
+            self.holds.reap()
+            self._stop.wait(min(0.2, self.heartbeat_interval))
+
+
+def _rpc_text(e: Any) -> str:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    return f"{code.name if code else 'error'}: {details}"

@@ -1,0 +1,165 @@
+"""The pooled store with real processes on loopback: master, nodes, clients."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvstore.client import Client
+from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.testing.cluster import Cluster
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pool_worker import value_for  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path, node_ttl="2s", dram="48MiB")
+    try:
+        yield c.start(nodes=3)
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
+
+
+def node_of(client: Client, key: bytes) -> str:
+    from kvstore.v1 import master_pb2 as mpb
+
+    loc = client._stub.Lookup(mpb.LookupRequest(keys=[key]), timeout=5).locations[0]
+    return loc.nodes[0].node_id if loc.nodes else ""
+
+
+def test_four_clients_mixed_ops_right_bytes_or_miss(cluster):
+    worker = Path(__file__).parent / "pool_worker.py"
+    procs = [subprocess.Popen([sys.executable, str(worker), cluster.master_address, str(seed), "150"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cluster.env())
+             for seed in range(4)]
+    totals = {"put": 0, "hit": 0, "miss": 0, "remove": 0, "errors": 0}
+    for p in procs:
+        out, err = p.communicate(timeout=150)
+        assert p.returncode == 0, out.decode() + err.decode()[-3000:]
+        for k, v in json.loads(out.decode().strip().splitlines()[-1]).items():
+            totals[k] += v
+    assert totals["hit"] > 50 and totals["put"] > 50, totals
+    assert totals["errors"] <= 5, totals
+    # Puts spread over the three nodes.
+    with Client(cluster.master_address) as c:
+        assert sum(1 for n in c.stats().nodes if n.objects > 0) >= 2
+
+
+def test_same_host_and_tcp_paths_agree(cluster):
+    data = np.random.default_rng(3).integers(0, 256, 5 << 20, dtype=np.uint8)
+    with Client(cluster.master_address) as shm_client, \
+            Client(cluster.master_address, same_host=False) as tcp_client:
+        assert shm_client.put(b"big", data)
+        assert not tcp_client.put(b"big", data)  # keys are immutable: already there
+        buf = np.zeros(6 << 20, dtype=np.uint8)
+        assert tcp_client.get_into(b"big", buf) == data.nbytes
+        assert np.array_equal(buf[: data.nbytes], data)
+        assert shm_client.get(b"big") == data.tobytes()
+        assert shm_client._conns._conns and next(iter(shm_client._conns._conns.values())).scheme == "shm"
+        assert next(iter(tcp_client._conns._conns.values())).scheme == "tcp"
+
+
+def test_batches_prefix_and_remove(cluster):
+    keys = [b"chunk-%d" % i for i in range(20)]
+    with Client(cluster.master_address) as c:
+        assert c.put_batch([(k, value_for(k)) for k in keys[:12]]) == [True] * 12
+        assert c.longest_prefix(keys) == 12
+        got = c.get_batch(keys[10:14])
+        assert got[0] == value_for(keys[10]) and got[1] == value_for(keys[11])
+        assert got[2] is None and got[3] is None
+        assert c.remove_batch(keys[:2]) == [True, True]
+        assert c.longest_prefix(keys) == 0
+        assert c.exists_batch(keys[2:4]) == [True, True]
+
+
+def test_killed_node_keys_become_misses_and_puts_go_elsewhere(cluster):
+    with Client(cluster.master_address, timeout=5) as c:
+        keys = [b"k%d" % i for i in range(30)]
+        c.put_batch([(k, value_for(k)) for k in keys])
+        victim = node_of(c, keys[0])
+        idx = int(victim.removeprefix("node"))
+        cluster.nodes[idx].signal(signal.SIGKILL)
+        on_victim = [k for k in keys if node_of(c, k) == victim]
+        # Reads of its keys never hang past the deadline: a miss or (before the TTL) an error.
+        t = time.monotonic()
+        for k in on_victim[:3]:
+            try:
+                assert c.get(k, timeout=3) in (None, value_for(k))
+            except KVStoreError:
+                pass
+        assert time.monotonic() - t < 3 * 3 + 2
+        deadline = time.monotonic() + 10
+        while victim in cluster.live_nodes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert victim not in cluster.live_nodes()
+        assert all(c.get(k) is None for k in on_victim)
+        assert all(c.get(k) == value_for(k) for k in keys if k not in on_victim)
+        new = [b"new%d" % i for i in range(10)]
+        c.put_batch([(k, value_for(k)) for k in new])
+        assert all(node_of(c, k) != victim for k in new)
+        assert all(c.get(k) == value_for(k) for k in new)
+
+
+def test_master_restart_finds_committed_keys(cluster):
+    with Client(cluster.master_address, timeout=10) as c:
+        keys = [b"m%d" % i for i in range(10)]
+        c.put_batch([(k, value_for(k)) for k in keys])
+    cluster.master.signal(signal.SIGKILL)
+    cluster.master.popen.wait(10)
+    cluster.start_master()
+    with Client(cluster.master_address, timeout=10) as c:
+        assert all(c.get(k) == value_for(k) for k in keys)
+
+
+def test_paused_node_reregisters_and_serves_nothing_stale(cluster):
+    with Client(cluster.master_address, timeout=5) as c:
+        keys = [b"p%d" % i for i in range(20)]
+        c.put_batch([(k, value_for(k)) for k in keys])
+        victim = node_of(c, keys[0])
+        idx = int(victim.removeprefix("node"))
+        on_victim = [k for k in keys if node_of(c, k) == victim]
+        cluster.nodes[idx].signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while victim in cluster.live_nodes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert victim not in cluster.live_nodes()
+        # While it is gone another client rewrites one of its keys elsewhere.
+        c.put(on_victim[0], value_for(on_victim[0]))
+        cluster.nodes[idx].signal(signal.SIGCONT)
+        cluster.wait_nodes(3)
+        time.sleep(1.0)
+        # The master never points at the resumed node's old copies.
+        assert all(node_of(c, k) != victim for k in on_victim)
+        assert c.get(on_victim[0]) == value_for(on_victim[0])
+        assert all(c.get(k) is None for k in on_victim[1:])
+
+
+def test_bad_requests_get_clear_errors(cluster):
+    with Client(cluster.master_address, timeout=5) as c:
+        assert c.get(b"never-stored") is None
+        with pytest.raises(InvalidArgument):
+            c.put(b"", b"x")
+        with pytest.raises(InvalidArgument):
+            c.put(b"x" * 300, b"x")
+        with pytest.raises(InvalidArgument):
+            c.put(b"empty", b"")
+        c.put(b"sized", b"y" * 1000)
+        small = bytearray(10)
+        with pytest.raises(InvalidArgument, match="smaller"):
+            c.get_into(b"sized", small)
+        assert small == bytearray(10)
+        with pytest.raises(InvalidArgument):
+            c.get_into_batch([b"sized"], [])
+        assert c.get(b"sized") == b"y" * 1000  # everything still serving
