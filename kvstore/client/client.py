@@ -32,6 +32,7 @@ import numpy as np
 
 from kvstore.checksum import checksum
 from kvstore.client.connections import GRPC_OPTIONS, Connections, NodeConn
+from kvstore.client.releaser import Releaser
 from kvstore.errors import (
     Corruption,
     InvalidArgument,
@@ -79,6 +80,7 @@ class Client:
         self._channel = grpc.insecure_channel(master, options=GRPC_OPTIONS)
         self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
         self._conns = Connections(self.host_id, same_host=same_host, prefer=tuple(prefer), timeout=timeout)
+        self._releaser = Releaser(self._metadata)
         self.counters: Counter[str] = Counter()
 
     # -- plumbing ----------------------------------------------------------------
@@ -359,8 +361,7 @@ class Client:
         finally:
             for r in regions:
                 conn.transport.deregister(r)
-            conn.stub.Release.future(npb.HandlesRequest(handles=[s.handle for _, s in held]),
-                                     timeout=5, metadata=self._metadata)
+            self._releaser.release(conn, [s.handle for _, s in held])
         return good
 
     # -- metadata ------------------------------------------------------------------------
@@ -407,6 +408,7 @@ class Client:
         return resp
 
     def close(self) -> None:
+        self._releaser.close()
         self._conns.close()
         self._channel.close()
 
