@@ -1,268 +1,35 @@
-"""The master's gRPC service (``grpc.aio``): validates, translates, persists. No logic.
+"""Serving the master: ``start_master`` (asyncio), ``serve_master`` (a background thread).
 
-Every RPC runs on one event loop: validate the request against the explicit
-limits, call :class:`~kvstore.master.state.MasterState`, write the state's
-journal to RocksDB in one batch, map the result to protobuf. A periodic task
-ticks the state (expiry) and refreshes the metrics snapshot.
+``kvstore master`` and ``kvstore up`` use these; the RPC handlers are in
+:mod:`kvstore.master.servicer`, the logic in :mod:`kvstore.master.state`.
 
-Limits (``master.*`` config): messages up to ``max_message`` bytes (grpc
-answers RESOURCE_EXHAUSTED beyond), at most ``max_batch`` items per request
-(RESOURCE_EXHAUSTED), keys of 1..256 bytes and node ids of 1..256 characters
-(INVALID_ARGUMENT). A rejected request changes nothing; the master stays up.
-
-In-process use: ``await start_master(cfg)`` on your own loop, or
-``serve_master(cfg)`` which runs the master on a background thread.
+Limits (``master.*`` config): messages up to ``max_message`` bytes, at most
+``max_batch`` items per request, keys of 1..256 bytes; see docs/master.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
 from kvstore.config import MasterConfig
-from kvstore.errors import ConfigError, KVStoreError, NoSpace, TransportError
-from kvstore.master.convert import (
-    endpoints_in,
-    held_in,
-    items_in,
-    lookup_out,
-    put_start_out,
-    stats_out,
-    statuses_out,
-    tiers_in,
-)
-from kvstore.master.errors import NO_SPACE_MARKER, status_for
+from kvstore.errors import KVStoreError, TransportError
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
+from kvstore.master.servicer import Clock, MasterServicer, read_token
 from kvstore.master.state import MasterState
-from kvstore.v1 import master_pb2 as pb
 from kvstore.v1 import master_pb2_grpc as pb_grpc
+
+__all__ = ["MasterServer", "MasterThread", "serve_master", "start_master"]
 
 log = logging.getLogger(__name__)
 
-MAX_KEY = 256  # bytes; the proto contract
-MAX_NODE_ID = 256
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-
-
-class _Reject(Exception):
-    """A request-level refusal: the whole call fails with ``code``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def read_token(path: Path | None) -> str | None:
-    """The shared token from ``path`` (whitespace stripped); ConfigError when unusable."""
-    if path is None:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"master.token_file {path}: {e.strerror}") from e
-    if not token:
-        raise ConfigError(f"master.token_file {path} is empty; put the shared token in it")
-    return token
-
-
-class Clock:
-    """Milliseconds, monotonic, anchored to the wall clock at start (readable in Stats)."""
-
-    def __init__(self) -> None:
-        self._wall0 = time.time_ns() // 1_000_000
-        self._mono0 = time.monotonic_ns()
-
-    def __call__(self) -> int:
-        return self._wall0 + (time.monotonic_ns() - self._mono0) // 1_000_000
-
-
-class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
-    """Translates RPCs to :class:`MasterState` calls. Runs on one event loop only."""
-
-    def __init__(self, state: MasterState, config: MasterConfig, *,
-                 store: MasterStore | None = None, metrics: MasterMetrics | None = None,
-                 token: str | None = None, clock: Callable[[], int] | None = None) -> None:
-        self.state = state
-        self.config = config
-        self.store = store
-        self.metrics = metrics or MasterMetrics()
-        self.clock = clock or Clock()
-        self._token = f"Bearer {token}".encode() if token else None
-        self._unwritten: list[Any] = []
-        for name in ("RegisterNode", "Heartbeat", "PutStart", "PutEnd", "PutRevoke", "Lookup",
-                     "LongestPrefix", "ReleaseLeases", "Remove", "Pin", "Unpin", "Stats"):
-            setattr(self, name, self._wrap(name, getattr(self, "_" + name)))
-
-    # -- plumbing ---------------------------------------------------------------
-
-    def _wrap(self, name: str, fn: Callable[[Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
-        hist = self.metrics.rpc_seconds.labels(name)
-
-        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            t0 = time.perf_counter()
-            try:
-                if self._token is not None:
-                    self._check_token(context)
-                resp = fn(request)
-                self.flush()
-                return resp
-            except _Reject as e:
-                self.metrics.rpc_errors.labels(name, e.code.name).inc()
-                await context.abort(e.code, str(e))
-            except KVStoreError as e:
-                code = status_for(e)
-                self.metrics.rpc_errors.labels(name, code.name).inc()
-                log.error("master %s failed: %s", name, e)
-                await context.abort(code, f"{NO_SPACE_MARKER} {e}" if isinstance(e, NoSpace)
-                                    else str(e))
-            finally:
-                hist.observe(time.perf_counter() - t0)
-
-        return handler
-
-    def _check_token(self, context: grpc.aio.ServicerContext) -> None:
-        assert self._token is not None
-        for k, v in context.invocation_metadata() or ():
-            if k == "authorization":
-                got = v.encode() if isinstance(v, str) else bytes(v)
-                if hmac.compare_digest(got, self._token):
-                    return
-                raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
-                              "bad token; send metadata 'authorization: Bearer <master.token_file>'")
-        raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
-                      "this master requires a token; send metadata "
-                      "'authorization: Bearer <token from master.token_file>'")
-
-    def flush(self) -> None:
-        """Write the state's journal in one batch; a failed write is retried on the next call."""
-        records = self._unwritten + self.state.take_journal()
-        self._unwritten = []
-        if self.store is None or not records:
-            return
-        try:
-            self.store.write(records)
-        except KVStoreError:
-            self._unwritten = records
-            raise
-
-    def _batch(self, n: int, what: str) -> None:
-        if n > self.config.max_batch:
-            raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{what}: {n} items exceed master.max_batch={self.config.max_batch}; "
-                          "split the request into smaller batches")
-
-    def _keys(self, keys: Sequence[bytes], what: str) -> None:
-        self._batch(len(keys), what)
-        if keys:
-            lens = list(map(len, keys))
-            if min(lens) < 1 or max(lens) > MAX_KEY:
-                i = next(i for i, n in enumerate(lens) if not 1 <= n <= MAX_KEY)
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{what}: key #{i} has {lens[i]} bytes; keys must be 1..{MAX_KEY} "
-                              "bytes (chunk keys are 32-byte digests)")
-
-    def _node_id(self, node_id: str) -> None:
-        if not 1 <= len(node_id) <= MAX_NODE_ID:
-            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"node_id must be 1..{MAX_NODE_ID} characters, got {len(node_id)}")
-
-    # -- RPCs -------------------------------------------------------------------
-
-    def _RegisterNode(self, req: pb.RegisterNodeRequest) -> pb.RegisterNodeResponse:
-        self._node_id(req.node_id)
-        self._keys([h.key for h in req.held], "RegisterNode.held")
-        if len(req.endpoints) > 64 or len(req.tiers) > 64:
-            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                          "RegisterNode: at most 64 endpoints and 64 tiers")
-        r = self.state.register_node(self.clock(), req.node_id, req.host, req.control_address,
-                                     endpoints_in(req.endpoints), tiers_in(req.tiers),
-                                     held_in(req.held))
-        if r.drop:
-            log.info("node %s registered (epoch %d), told to drop %d stale keys",
-                     req.node_id, r.epoch, len(r.drop))
-        return pb.RegisterNodeResponse(epoch=r.epoch, heartbeat_interval_ms=r.heartbeat_interval_ms,
-                                       node_ttl_ms=r.node_ttl_ms, drop=r.drop)
-
-    def _Heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        self._node_id(req.node_id)
-        self._keys(req.lost, "Heartbeat.lost")
-        r = self.state.heartbeat(self.clock(), req.node_id, req.epoch, tiers_in(req.tiers),
-                                 list(req.lost))
-        return pb.HeartbeatResponse(reregister=r.reregister, remove=r.remove)
-
-    def _PutStart(self, req: pb.PutStartRequest) -> pb.PutStartResponse:
-        self._keys([i.key for i in req.items], "PutStart")
-        if req.replicas > self.config.max_replicas:
-            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"PutStart: replicas={req.replicas} exceeds master.max_replicas="
-                          f"{self.config.max_replicas}")
-        r = self.state.put_start(self.clock(), items_in(req.items), req.replicas, req.client_host)
-        return put_start_out(r)
-
-    def _PutEnd(self, req: pb.PutEndRequest) -> pb.PutEndResponse:
-        self._keys(req.keys, "PutEnd")
-        return pb.PutEndResponse(statuses=statuses_out(
-            self.state.put_end(self.clock(), req.put_id, req.keys)))
-
-    def _PutRevoke(self, req: pb.PutRevokeRequest) -> pb.PutRevokeResponse:
-        self._keys(req.keys, "PutRevoke")
-        st = self.state.put_revoke(self.clock(), req.put_id, req.keys)
-        return pb.PutRevokeResponse(statuses=statuses_out(st))
-
-    def _Lookup(self, req: pb.LookupRequest) -> pb.LookupResponse:
-        self._keys(req.keys, "Lookup")
-        r = self.state.lookup(self.clock(), req.keys, req.lease, req.client_host)
-        return lookup_out(r)
-
-    def _LongestPrefix(self, req: pb.LongestPrefixRequest) -> pb.LongestPrefixResponse:
-        self._keys(req.keys, "LongestPrefix")
-        return pb.LongestPrefixResponse(count=self.state.longest_prefix(self.clock(), req.keys))
-
-    def _ReleaseLeases(self, req: pb.ReleaseLeasesRequest) -> pb.ReleaseLeasesResponse:
-        self._batch(len(req.lease_ids), "ReleaseLeases")
-        self.state.release_leases(self.clock(), req.lease_ids)
-        return pb.ReleaseLeasesResponse()
-
-    def _Remove(self, req: pb.RemoveRequest) -> pb.RemoveResponse:
-        self._keys(req.keys, "Remove")
-        return pb.RemoveResponse(statuses=statuses_out(
-            self.state.remove(self.clock(), req.keys, req.force)))
-
-    def _Pin(self, req: pb.PinRequest) -> pb.PinResponse:
-        self._keys(req.keys, "Pin")
-        return pb.PinResponse(statuses=statuses_out(
-            self.state.pin(self.clock(), req.keys)))
-
-    def _Unpin(self, req: pb.PinRequest) -> pb.PinResponse:
-        self._keys(req.keys, "Unpin")
-        return pb.PinResponse(statuses=statuses_out(
-            self.state.unpin(self.clock(), req.keys)))
-
-    def _Stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
-        return stats_out(self.state.stats(self.clock()))
-
-    # -- periodic ---------------------------------------------------------------
-
-    def tick(self) -> None:
-        """Expire what is due, persist, refresh metrics. Logs; raises only KVStoreError."""
-        now = self.clock()
-        r = self.state.tick(now)
-        for nid in r.dead_nodes:
-            log.warning("node %s missed its heartbeats for %.1fs: dead, its replicas are gone",
-                        nid, self.state.node_ttl_ms / 1000)
-        self.flush()
-        self.metrics.update(self.state.stats(now))
+R = TypeVar("R")
 
 
 # -- serving ------------------------------------------------------------------------
@@ -427,12 +194,12 @@ class MasterThread:
             raise self._error
         return self
 
-    def call(self, fn: Callable[[MasterServer], Resp]) -> Resp:
+    def call(self, fn: Callable[[MasterServer], R]) -> R:
         """Run ``fn(server)`` on the master's loop (to inspect its state safely)."""
         assert self._loop is not None and self._server is not None
         server = self._server
 
-        async def run() -> Resp:
+        async def run() -> R:
             return fn(server)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
