@@ -61,6 +61,8 @@ class MasterServer:
                 self.servicer.tick()
             except KVStoreError as e:
                 log.error("master tick: %s", e)
+            except Exception:  # noqa: BLE001 - a bug must not stop expiry; logged with its traceback
+                log.exception("master tick failed; ticking on")
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving (in-flight RPCs get ``grace`` seconds), persist, close.
