@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repo root first: benchmarks/transport.py must not shadow the transport package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import print_table, summarize, write_json  # noqa: E402
 
 from kvstore import LocalStore  # noqa: E402

@@ -27,7 +27,7 @@ class AsyncClient:
     async def put_batch(self, items: Sequence[tuple[bytes | str, Any]], **kw: Any) -> list[bool]:
         return await self._call(self._client.put_batch, items, **kw)  # type: ignore[no-any-return]
 
-    async def get(self, key: bytes | str, **kw: Any) -> bytes | None:
+    async def get(self, key: bytes | str, **kw: Any) -> bytearray | None:
         return await self._call(self._client.get, key, **kw)  # type: ignore[no-any-return]
 
     async def get_into(self, key: bytes | str, buffer: Any, **kw: Any) -> int | None:

@@ -252,10 +252,10 @@ class Client:
 
     # -- reads -------------------------------------------------------------------------
 
-    def get(self, key: bytes | str, *, timeout: float | None = None) -> bytes | None:
-        """The value, or ``None`` on a miss (absent, or failed verification on every replica)."""
-        out = self.get_batch([key], timeout=timeout)[0]
-        return None if out is None else bytes(out)
+    def get(self, key: bytes | str, *, timeout: float | None = None) -> bytearray | None:
+        """A verified copy of the value (a new ``bytearray`` the caller owns), or ``None``
+        on a miss (absent, or failed verification on every replica)."""
+        return self.get_batch([key], timeout=timeout)[0]
 
     def get_into(self, key: bytes | str, buffer: Any, *, timeout: float | None = None) -> int | None:
         """Read into ``buffer``; returns the size, or ``None`` on a miss.
