@@ -1,5 +1,46 @@
-"""Build hook for native extensions (csrc/); all metadata lives in pyproject.toml."""
+"""Build hook for native extensions (csrc/); all metadata lives in pyproject.toml.
 
+``kvstore._native`` (csrc/*.cpp, pybind11) is built with the machine's C++
+compiler. It is optional: when it cannot be built the install still succeeds
+and :mod:`kvstore.kernels` falls back to NumPy, loudly (a logged warning and
+``kernels.stats()["fallback_calls"]``). The CUDA sources in csrc/cuda/ are not
+compiled here: they ship as package data and are compiled at run time by NVRTC.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-setup()
+HERE = Path(__file__).parent
+
+
+class BuildPyWithCuda(build_py):
+    """Copy csrc/cuda/*.cu into kvstore/kernels/cuda_src/ of built wheels."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # editable installs read csrc/cuda/ in place
+        dst = Path(self.build_lib) / "kvstore" / "kernels" / "cuda_src"
+        dst.mkdir(parents=True, exist_ok=True)
+        for src in sorted((HERE / "csrc" / "cuda").glob("*.cu")):
+            shutil.copy2(src, dst / src.name)
+
+
+native = Pybind11Extension(
+    "kvstore._native",
+    sources=["csrc/module.cpp", "csrc/paged_copy.cpp"],
+    include_dirs=["csrc"],
+    depends=["csrc/paged_copy.h"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fno-strict-aliasing"],
+    extra_link_args=["-pthread"],
+    optional=True,
+)
+
+setup(ext_modules=[native], cmdclass={"build_py": BuildPyWithCuda})

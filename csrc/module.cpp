@@ -1,0 +1,79 @@
+// pybind11 bindings: kvstore._native. Every function takes raw addresses and
+// byte counts (no torch, no NumPy ABI), releases the GIL while copying, and
+// raises ValueError (mapped to kvstore.errors.InvalidArgument by
+// kvstore/kernels/cpu.py) before touching memory when an argument is off.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "paged_copy.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void paged_copy_py(bool scatter, std::uint64_t chunk, std::int64_t chunk_size,
+                   std::uint64_t layer_bases, std::int64_t n_layers, std::uint64_t ids,
+                   std::uint64_t pos, std::int64_t n_ids, std::int64_t chunk_blocks,
+                   std::int64_t num_blocks,
+                   std::int64_t block_stride, std::int64_t block_tokens, std::int64_t num_tokens,
+                   std::int64_t kv_count, std::int64_t kv_src, std::int64_t kv_dst,
+                   std::int64_t tok_merge, std::int64_t tok_src, std::int64_t tok_dst,
+                   std::int64_t head_count, std::int64_t head_src, std::int64_t head_dst,
+                   std::int64_t run, std::int64_t blk_dst, std::int64_t layer_dst, int threads) {
+  kvs::PagedPlan p;
+  p.chunk = reinterpret_cast<std::uint8_t*>(chunk);
+  p.chunk_size = chunk_size;
+  p.layer_bases = reinterpret_cast<const std::uint64_t*>(layer_bases);
+  p.n_layers = n_layers;
+  p.ids = reinterpret_cast<const std::int64_t*>(ids);
+  p.pos = reinterpret_cast<const std::int64_t*>(pos);
+  p.n_ids = n_ids;
+  p.chunk_blocks = chunk_blocks;
+  p.num_blocks = num_blocks;
+  p.block_stride = block_stride;
+  p.block_tokens = block_tokens;
+  p.num_tokens = num_tokens;
+  p.kv_count = kv_count;
+  p.kv_src = kv_src;
+  p.kv_dst = kv_dst;
+  p.tok_merge = tok_merge;
+  p.tok_src = tok_src;
+  p.tok_dst = tok_dst;
+  p.head_count = head_count;
+  p.head_src = head_src;
+  p.head_dst = head_dst;
+  p.run = run;
+  p.blk_dst = blk_dst;
+  p.layer_dst = layer_dst;
+  kvs::validate(p);  // with the GIL held: errors surface before any copy
+  py::gil_scoped_release nogil;
+  kvs::paged_copy(p, scatter, threads);
+}
+
+void copy_py(std::uint64_t dst, std::uint64_t src, std::int64_t nbytes, int threads) {
+  if (nbytes < 0) throw std::invalid_argument("copy: negative byte count");
+  if (nbytes == 0) return;
+  if (dst == 0 || src == 0) throw std::invalid_argument("copy: null address");
+  py::gil_scoped_release nogil;
+  kvs::parallel_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                     static_cast<std::size_t>(nbytes), threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "kvstore native kernels: paged KV gather/scatter and parallel memcpy (host memory).";
+  m.attr("ABI_VERSION") = 1;
+  m.def("paged_copy", &paged_copy_py, py::kw_only(), py::arg("scatter"), py::arg("chunk"),
+        py::arg("chunk_size"), py::arg("layer_bases"), py::arg("n_layers"), py::arg("ids"),
+        py::arg("pos"), py::arg("n_ids"), py::arg("chunk_blocks"), py::arg("num_blocks"), py::arg("block_stride"),
+        py::arg("block_tokens"), py::arg("num_tokens"), py::arg("kv_count"), py::arg("kv_src"),
+        py::arg("kv_dst"), py::arg("tok_merge"), py::arg("tok_src"), py::arg("tok_dst"),
+        py::arg("head_count"), py::arg("head_src"), py::arg("head_dst"), py::arg("run"),
+        py::arg("blk_dst"), py::arg("layer_dst"), py::arg("threads"),
+        "Gather (scatter=False) or scatter one paged plan; see csrc/paged_copy.h.");
+  m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads"),
+        "memcpy of nbytes from src to dst over up to `threads` threads (GIL released).");
+  m.def("hardware_threads", &kvs::hardware_threads, "std::thread::hardware_concurrency().");
+}
