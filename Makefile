@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 EXTRAS := test,dev,ucx
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench lint clean
+.PHONY: install run local-demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml setup.py Makefile
 
 install: $(STAMP)
 
+# The main job: an embedded master + store node on 127.0.0.1:5555 until Ctrl-C.
+# From another terminal: .venv/bin/kvstore demo   (or kvstore status)
 run: install
+	$(BIN)/kvstore up
+
+# The node-local store on its own (no daemons): a short scripted demonstration.
+local-demo: install
 	$(BIN)/kvstore local-demo
 
 test: install

@@ -26,3 +26,10 @@ def test_every_cli_option_documented():
                 if opt.startswith("--"):
                     assert opt in text, f"option {name} {opt} undocumented"
     assert CliRunner().invoke(cli, ["--help"]).exit_code == 0
+
+
+def test_cli_reference_is_current():
+    from kvstore.cli.reference import render
+
+    assert (ROOT / "docs" / "cli.md").read_text() == render(), (
+        "docs/cli.md is stale: python -m kvstore.cli.reference > docs/cli.md")
