@@ -206,6 +206,8 @@ def _block_ids(block_ids: Any, num_blocks: int) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
     except (OverflowError, TypeError) as e:
         raise InvalidArgument(f"block ids are not int64: {e}") from e
+    if int(ids.min()) >= 0 and int(ids.max()) < num_blocks:
+        return ids
     bad = np.flatnonzero((ids < 0) | (ids >= num_blocks))
     if bad.size:
         i = int(bad[0])

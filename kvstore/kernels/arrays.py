@@ -10,6 +10,7 @@ describes (``owner``): the memory stays valid while the description lives.
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,7 +62,7 @@ class ArrayInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
+        return math.prod(self.shape) * self.itemsize
 
 
 def describe(obj: Any) -> ArrayInfo:
@@ -83,12 +84,23 @@ def describe(obj: Any) -> ArrayInfo:
         shape=tuple(int(n) for n in arr.shape),
         strides=tuple(int(s) for s in arr.strides),
         itemsize=int(arr.itemsize),
-        dtype=arr.dtype.name,
+        dtype=_dtype_name(arr.dtype),
         device="cpu",
         device_id=0,
         readonly=not arr.flags.writeable,
         owner=arr,
     )
+
+
+_NAMES: dict[np.dtype[Any], str] = {}
+
+
+def _dtype_name(dt: np.dtype[Any]) -> str:
+    # np.dtype.name runs Python code (~10 us); the hot path sees a handful of dtypes.
+    name = _NAMES.get(dt)
+    if name is None:
+        name = _NAMES[dt] = dt.name
+    return name
 
 
 def _torch(t: Any) -> ArrayInfo:

@@ -89,7 +89,7 @@ def run_plan(
             pos=0 if pos is None else int(pos.ctypes.data),
             n_ids=len(ids),
             threads=threads,
-            **plan.kwargs(),
+            **plan.kwargs,
         )
     except ValueError as e:
         raise InvalidArgument(str(e)) from e

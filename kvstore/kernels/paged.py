@@ -24,6 +24,7 @@ innermost axis. :meth:`PagedCache.plan` turns a layout into the loop nest that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -138,7 +139,9 @@ class CopyPlan:
     blk_dst: int
     layer_dst: int
 
+    @functools.cached_property
     def kwargs(self) -> dict[str, int]:
+        """The fields as keyword arguments of ``kvstore._native.paged_copy`` (cached)."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
@@ -194,41 +197,46 @@ class PagedCache:
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def plan(self, fmt: ChunkFormat, chunk_blocks: int, num_tokens: int) -> CopyPlan:
-        """Loop nest for ``chunk_blocks`` blocks holding ``num_tokens`` tokens."""
-        lay = self.layout
-        row, heads, bs = lay.row_bytes, lay.num_kv_heads, lay.block_size
-        if fmt == "raw":
-            geo = lay.raw_geometry()
-            if geo is None:
-                raise InvalidArgument(
-                    "raw chunk format needs dense blocks; this layout has none, use fmt='canonical'"
-                )
-            kv_count, slab = geo
-            return CopyPlan(
-                chunk_blocks=chunk_blocks, num_blocks=lay.num_blocks, block_stride=lay.block_stride,
-                block_tokens=1, num_tokens=chunk_blocks, kv_count=kv_count,
-                kv_src=lay.kv_stride if kv_count > 1 else 0, kv_dst=slab if kv_count > 1 else 0,
-                tok_merge=1, tok_src=0, tok_dst=0, head_count=1, head_src=0, head_dst=0,
-                run=slab, blk_dst=lay.block_bytes, layer_dst=chunk_blocks * lay.block_bytes,
+        """Loop nest for ``chunk_blocks`` blocks holding ``num_tokens`` tokens (memoized)."""
+        return _plan(self.layout, fmt, chunk_blocks, num_tokens)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(lay: PagedLayout, fmt: ChunkFormat, chunk_blocks: int, num_tokens: int) -> CopyPlan:
+    """Loop nest of one layout; memoized because every call of a pipeline repeats it."""
+    row, heads, bs = lay.row_bytes, lay.num_kv_heads, lay.block_size
+    if fmt == "raw":
+        geo = lay.raw_geometry()
+        if geo is None:
+            raise InvalidArgument(
+                "raw chunk format needs dense blocks; this layout has none, use fmt='canonical'"
             )
-        if fmt != "canonical":
-            raise InvalidArgument(f"chunk format must be 'canonical' or 'raw', got {fmt!r}")
-        tok_dst = heads * row
-        run, head_count, head_src, head_dst = row, heads, lay.head_stride, row
-        tok_merge = 1
-        if heads == 1 or lay.head_stride == row:  # heads of a token are one run
-            run, head_count, head_src, head_dst = heads * row, 1, 0, 0
-            if bs == 1 or lay.token_stride == tok_dst:  # so are the tokens of a block
-                tok_merge = bs
-        kv_dst = num_tokens * tok_dst
+        kv_count, slab = geo
         return CopyPlan(
             chunk_blocks=chunk_blocks, num_blocks=lay.num_blocks, block_stride=lay.block_stride,
-            block_tokens=bs, num_tokens=num_tokens, kv_count=lay.kv_factor,
-            kv_src=lay.kv_stride, kv_dst=kv_dst if lay.kv_factor > 1 else 0,
-            tok_merge=tok_merge, tok_src=lay.token_stride, tok_dst=tok_dst,
-            head_count=head_count, head_src=head_src, head_dst=head_dst,
-            run=run, blk_dst=bs * tok_dst, layer_dst=lay.kv_factor * kv_dst,
+            block_tokens=1, num_tokens=chunk_blocks, kv_count=kv_count,
+            kv_src=lay.kv_stride if kv_count > 1 else 0, kv_dst=slab if kv_count > 1 else 0,
+            tok_merge=1, tok_src=0, tok_dst=0, head_count=1, head_src=0, head_dst=0,
+            run=slab, blk_dst=lay.block_bytes, layer_dst=chunk_blocks * lay.block_bytes,
         )
+    if fmt != "canonical":
+        raise InvalidArgument(f"chunk format must be 'canonical' or 'raw', got {fmt!r}")
+    tok_dst = heads * row
+    run, head_count, head_src, head_dst = row, heads, lay.head_stride, row
+    tok_merge = 1
+    if heads == 1 or lay.head_stride == row:  # heads of a token are one run
+        run, head_count, head_src, head_dst = heads * row, 1, 0, 0
+        if bs == 1 or lay.token_stride == tok_dst:  # so are the tokens of a block
+            tok_merge = bs
+    kv_dst = num_tokens * tok_dst
+    return CopyPlan(
+        chunk_blocks=chunk_blocks, num_blocks=lay.num_blocks, block_stride=lay.block_stride,
+        block_tokens=bs, num_tokens=num_tokens, kv_count=lay.kv_factor,
+        kv_src=lay.kv_stride, kv_dst=kv_dst if lay.kv_factor > 1 else 0,
+        tok_merge=tok_merge, tok_src=lay.token_stride, tok_dst=tok_dst,
+        head_count=head_count, head_src=head_src, head_dst=head_dst,
+        run=run, blk_dst=bs * tok_dst, layer_dst=lay.kv_factor * kv_dst,
+    )
 
 
 def parse_axes(axes: str) -> list[str]:
