@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/tiers.py --quick --json bench-results/tiers.json
 	$(BIN)/pip install -q --no-deps nixl nixl-cu12  # NIXL baseline; --no-deps: it pulls torch it does not need here
 	$(BIN)/python benchmarks/transport.py --quick --json bench-results/transport.json
+	$(BIN)/python benchmarks/kernels.py --quick --json bench-results/kernels.json
 
 lint: install
 	$(BIN)/ruff check kvstore transport connectors tests benchmarks
