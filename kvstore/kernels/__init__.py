@@ -41,7 +41,7 @@ import numpy as np
 
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.kernels import cpu, reference
-from kvstore.kernels.arrays import ArrayInfo, byte_buffer, describe, host_bytes
+from kvstore.kernels.arrays import ArrayInfo, byte_buffer, host_bytes
 from kvstore.kernels.paged import (
     PRESETS,
     ChunkFormat,
@@ -199,7 +199,9 @@ def _threads(threads: int | None) -> int:
 
 
 def _block_ids(block_ids: Any, num_blocks: int) -> np.ndarray:
-    ids = np.asarray(describe(block_ids).owner if hasattr(block_ids, "data_ptr") else block_ids)
+    if not isinstance(block_ids, np.ndarray) and hasattr(block_ids, "tolist"):
+        block_ids = block_ids.tolist()  # torch tensors and CuPy arrays, wherever they live
+    ids = np.asarray(block_ids)
     if ids.ndim != 1 or ids.size == 0 or not (ids.dtype.kind in "iu" or ids.dtype == object):
         raise InvalidArgument(f"block ids must be a non-empty 1-D integer sequence, got {ids.dtype} {ids.shape}")
     try:
