@@ -30,7 +30,7 @@ from kvstore.config import StoreConfig
 from kvstore.hostid import host_id
 from kvstore.node.config import NodeConfig
 from kvstore.node.holds import Holds
-from kvstore.node.service import NodeService
+from kvstore.node.service import RPC_SECONDS, NodeService
 from kvstore.store import LocalStore
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc, node_pb2_grpc
@@ -101,6 +101,7 @@ class StoreNode:
 
         registry = CollectorRegistry()
         registry.register(NodeCollector(self.node_id, self.store, self.holds))
+        registry.register(RPC_SECONDS)
         self._metrics_server, thread = start_http_server(port, addr=self.cfg.host, registry=registry)
         self.metrics_port = self._metrics_server.server_port
 

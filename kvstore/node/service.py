@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+from prometheus_client import Histogram
 
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
 from kvstore.node.holds import Holds
@@ -17,7 +20,26 @@ log = logging.getLogger(__name__)
 MAX_ITEMS = 65536
 
 
+RPC_SECONDS = Histogram(
+    "kvstore_node_rpc_seconds", "Node control RPC latency", ["method"], registry=None,
+    buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0),
+)
+
+
+def _timed(fn: Callable[..., Any], name: str = "") -> Callable[..., Any]:
+    hist = RPC_SECONDS.labels(name or fn.__name__)
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: Any) -> Any:
+        with hist.time():
+            return fn(self, request, context)
+
+    return wrapper
+
+
 class NodeService(node_pb2_grpc.NodeServicer):
+    """Translates ``kvstore.v1.Node`` RPCs to LocalStore calls; every method is timed."""
+
     def __init__(self, store: LocalStore, holds: Holds) -> None:
         self.store = store
         self.holds = holds
@@ -26,6 +48,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         if n > MAX_ITEMS:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"batch of {n} items exceeds {MAX_ITEMS}")
 
+    @_timed
     def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
         self._check_batch(len(request.items), context)
         slots = []
@@ -45,6 +68,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             slots.append(pb.Slot(status=pb.SLOT_OK, handle=h, offset=alloc.offset, size=item.size))
         return pb.AllocateResponse(slots=slots)
 
+    @_timed
     def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
         self._check_batch(len(request.items), context)
         out = []
@@ -63,6 +87,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 out.append(pb.SLOT_CORRUPT)
         return pb.CommitResponse(statuses=out)
 
+    @_timed
     def Acquire(self, request: pb.AcquireRequest, context: Any) -> pb.AcquireResponse:
         self._check_batch(len(request.keys), context)
         slots = []
@@ -85,5 +110,5 @@ class NodeService(node_pb2_grpc.NodeServicer):
             statuses=[pb.SLOT_OK if self.holds.release(h) else pb.SLOT_EXPIRED for h in request.handles]
         )
 
-    Release = _release
-    Abort = _release
+    Release = _timed(_release, "Release")
+    Abort = _timed(_release, "Abort")
