@@ -34,24 +34,29 @@ __device__ void paged_copy(int scatter, unsigned char* chunk, const unsigned lon
                            i64 kv_src, i64 kv_dst, i64 tok_merge, i64 tok_src, i64 tok_dst,
                            i64 head_count, i64 head_src, i64 head_dst, i64 run, i64 blk_dst,
                            i64 layer_dst, int tpu) {
-  const i64 item = blockIdx.x;
-  const i64 l = item / n_ids, i = item - l * n_ids;
+  // Index math in 32 bits: 64-bit division is emulated (~100 instructions)
+  // and would cost as much as the copy for small units.
+  const unsigned item = blockIdx.x;
+  const unsigned l = item / static_cast<unsigned>(n_ids);
+  const unsigned i = item - l * static_cast<unsigned>(n_ids);
   const i64 id = ids[i];
   if (id < 0 || id >= num_blocks) return;
   const i64 p = pos ? pos[i] : i;
   unsigned char* eng = reinterpret_cast<unsigned char*>(layer_bases[l]) + id * block_stride;
   unsigned char* chk = chunk + l * layer_dst + p * blk_dst;
-  const i64 nt = kvs_min(block_tokens, num_tokens - p * block_tokens);
-  const i64 groups = (nt + tok_merge - 1) / tok_merge;
-  const i64 units = kv_count * groups * head_count;
-  const int gtid = blockIdx.y * blockDim.x + threadIdx.x;
-  const int slots = (gridDim.y * blockDim.x) / tpu;
-  const int slot = gtid / tpu, sub = gtid % tpu;
-  for (i64 u = slot; u < units; u += slots) {
-    const i64 h = u % head_count, r = u / head_count;
-    const i64 g = r % groups, kv = r / groups;
-    const i64 t = g * tok_merge;
-    const i64 m = kvs_min(tok_merge, nt - t);
+  const unsigned nt = static_cast<unsigned>(kvs_min(block_tokens, num_tokens - p * block_tokens));
+  const unsigned merge = static_cast<unsigned>(tok_merge);
+  const unsigned heads = static_cast<unsigned>(head_count);
+  const unsigned groups = (nt + merge - 1) / merge;
+  const unsigned units = static_cast<unsigned>(kv_count) * groups * heads;
+  const unsigned gtid = blockIdx.y * blockDim.x + threadIdx.x;
+  const unsigned slots = (gridDim.y * blockDim.x) / tpu;
+  const unsigned slot = gtid / tpu, sub = gtid % tpu;
+  for (unsigned u = slot; u < units; u += slots) {
+    const unsigned h = u % heads, r = u / heads;
+    const unsigned g = r % groups, kv = r / groups;
+    const unsigned t = g * merge;
+    const unsigned m = (nt - t < merge) ? nt - t : merge;
     const int nv = static_cast<int>(run * m / static_cast<i64>(sizeof(V)));
     unsigned char* e = eng + kv * kv_src + t * tok_src + h * head_src;
     unsigned char* c = chk + kv * kv_dst + t * tok_dst + h * head_dst;

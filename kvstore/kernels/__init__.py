@@ -288,7 +288,7 @@ def _run(
         from kvstore.kernels import cuda  # CuPy is imported only for GPU caches
 
         for ids_k, pos_k in phases:
-            cuda.run_plan(cache, plan, bases, ids_k, pos_k, info, offset, is_scatter)
+            cuda.run_plan(cache, plan, layer, ids_k, pos_k, info, offset, is_scatter)
         _count("cuda", nbytes)
         return nbytes
     mod = None if backend == "numpy" else cpu.native()

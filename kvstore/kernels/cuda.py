@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ SOURCE = "paged_copy.cu"
 THREADS = 256
 _lock = threading.Lock()
 _modules: dict[int, Any] = {}
+_sm_counts: dict[int, int] = {}
+# Device copy of each cache's per-layer base addresses, uploaded once per cache.
+_device_bases: weakref.WeakKeyDictionary[PagedCache, Any] = weakref.WeakKeyDictionary()
 
 
 def source_path() -> Path:
@@ -61,6 +65,21 @@ def module(device_id: int) -> Any:
         return mod
 
 
+def _sm_count(cp: Any, device_id: int) -> int:
+    n = _sm_counts.get(device_id)
+    if n is None:  # Device.attributes queries every attribute: far too slow per launch
+        n = _sm_counts[device_id] = int(cp.cuda.runtime.deviceGetAttribute(16, device_id))
+    return n
+
+
+def _bases_on_device(cp: Any, cache: PagedCache) -> Any:
+    with _lock:
+        d = _device_bases.get(cache)
+        if d is None:
+            d = _device_bases[cache] = cp.asarray(cache.bases_array)
+        return d
+
+
 def _stream(cache: PagedCache, cp: Any) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and any(isinstance(o, torch.Tensor) for o in cache.owners):
@@ -80,19 +99,22 @@ def _pow2_ceil(n: int) -> int:
 
 
 def run_plan(
-    cache: PagedCache, plan: CopyPlan, bases: np.ndarray, ids: np.ndarray, pos: np.ndarray | None,
+    cache: PagedCache, plan: CopyPlan, layer: int | None, ids: np.ndarray, pos: np.ndarray | None,
     info: ArrayInfo, offset: int, is_scatter: bool,
 ) -> None:
-    """Run ``plan`` on the GPU; arguments already validated by :mod:`kvstore.kernels`."""
+    """Run ``plan`` on layer ``layer`` (None: all); arguments validated by :mod:`kvstore.kernels`."""
     if info.device == "cuda" and info.device_id != cache.device_id:
         raise InvalidArgument(f"chunk on cuda:{info.device_id}, cache on cuda:{cache.device_id}")
     cp = cupy()
     kern_mod = module(cache.device_id)
+    bases = cache.bases_array if layer is None else cache.bases_array[layer : layer + 1]
     nbytes = len(bases) * plan.layer_dst
     with cp.cuda.Device(cache.device_id):
         stream = _stream(cache, cp)
         with stream:
-            d_bases = cp.asarray(bases)
+            d_bases = _bases_on_device(cp, cache)
+            if layer is not None:
+                d_bases = d_bases[layer : layer + 1]
             d_ids = cp.asarray(ids)
             d_pos = cp.asarray(pos) if pos is not None else None
             staging = None
@@ -122,9 +144,9 @@ def _launch(
     kernel = kern_mod.get_function(f"kvs_paged_copy_v{v}")
     items = len(bases) * n_ids
     item_vecs = max(1, plan.layer_dst // plan.chunk_blocks // v)
-    sms = int(cp.cuda.Device().attributes["MultiProcessorCount"])
+    sms = _sm_count(cp, int(cp.cuda.runtime.getDevice()))
     want = _pow2_ceil(max(1, (8 * sms + items - 1) // items))
-    cap = _pow2_ceil(max(1, item_vecs // (THREADS * 4)))
+    cap = _pow2_ceil(max(1, item_vecs // (THREADS * 8)))  # >= 8 vectors per thread: long-lived CTAs
     gy = max(1, min(want, cap, 32768))
     tpu = min(gy * THREADS, _pow2_ceil(max(1, plan.run * plan.tok_merge // v)))
     i64 = np.int64
