@@ -44,10 +44,10 @@ from kvstore.errors import (
 )
 from kvstore.hostid import host_id
 from kvstore.master.errors import error_from_rpc
+from kvstore.node.protocol import Op, SlotStatus
 from kvstore.store import _as_bytes_view, check_key
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
-from kvstore.v1 import node_pb2 as npb
 from transport.regions import Desc, Region
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Client:
         self._channel = grpc.insecure_channel(master, options=GRPC_OPTIONS)
         self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
         self._conns = Connections(self.host_id, same_host=same_host, prefer=tuple(prefer), timeout=timeout)
-        self._releaser = Releaser(self._metadata)
+        self._releaser = Releaser()
         self.counters: Counter[str] = Counter()
 
     # -- plumbing ----------------------------------------------------------------
@@ -197,34 +197,39 @@ class Client:
                     views: list[memoryview], sums: list[int], deadline: float) -> set[int]:
         """Allocate, transfer and commit ``idxs`` on one node; returns the indices that failed."""
         conn = self._conns.get(node)
-        alloc = self._rpc(conn.stub.Allocate, npb.AllocateRequest(
-            items=[npb.AllocItem(key=keys[i], size=len(views[i])) for i in idxs]), deadline)
-        ok = [(i, s) for i, s in zip(idxs, alloc.slots, strict=True) if s.status == npb.SLOT_OK]
-        failed = {i for i, s in zip(idxs, alloc.slots, strict=True) if s.status != npb.SLOT_OK}
+        slots = self._node_call(conn, Op.ALLOCATE, [[keys[i], len(views[i])] for i in idxs], deadline)
+        ok = [(i, s[1], s[2]) for i, s in zip(idxs, slots, strict=True) if s[0] == SlotStatus.OK]
+        failed = {i for i, s in zip(idxs, slots, strict=True) if s[0] != SlotStatus.OK}
         if not ok:
             return failed
         regions: list[Region] = []
         try:
             descs = []
-            for i, slot in ok:
+            for i, _handle, offset in ok:
                 region = self._register_source(conn, views[i])
                 regions.append(region)
-                descs.append(Desc(region, 0, conn.region, slot.offset, len(views[i])))
+                descs.append(Desc(region, 0, conn.region, offset, len(views[i])))
             self._transfer(conn, "write", descs, deadline)
         except BaseException:
-            self._abort_handles(conn, [s.handle for _, s in ok], deadline)
+            self._abort_handles(conn, [h for _, h, _ in ok], deadline)
             raise
         finally:
             for r in regions:
                 conn.transport.deregister(r)
-        commit = self._rpc(conn.stub.Commit, npb.CommitRequest(
-            items=[npb.CommitItem(handle=s.handle, key=keys[i], checksum=sums[i]) for i, s in ok]), deadline)
-        for (i, _), st in zip(ok, commit.statuses, strict=True):
-            if st != npb.SLOT_OK:
+        statuses = self._node_call(conn, Op.COMMIT, [[h, keys[i], sums[i]] for i, h, _ in ok], deadline)
+        for (i, _, _), st in zip(ok, statuses, strict=True):
+            if st != SlotStatus.OK:
                 log.warning("node %s refused commit of %r: %s", node.node_id, keys[i][:16],
-                            npb.SlotStatus.Name(st))
+                            SlotStatus(st).name)
                 failed.add(i)
         return failed
+
+    def _node_call(self, conn: NodeConn, op: Op, items: list[Any], deadline: float) -> list[Any]:
+        try:
+            return conn.control.call(op, items, deadline - time.monotonic())
+        except TransportError:
+            self._conns.drop(conn)
+            raise
 
     def _register_source(self, conn: NodeConn, view: memoryview) -> Region:
         if view.readonly:
@@ -246,7 +251,7 @@ class Client:
 
     def _abort_handles(self, conn: NodeConn, handles: list[int], deadline: float) -> None:
         try:
-            self._rpc(conn.stub.Abort, npb.HandlesRequest(handles=handles), max(deadline, time.monotonic() + 2))
+            conn.control.call(Op.ABORT, handles, max(deadline - time.monotonic(), 2.0))
         except KVStoreError as e:  # the node reclaims them after its hold TTL
             log.warning("abort on node %s failed (reclaimed later): %s", conn.node_id, e)
 
@@ -331,28 +336,29 @@ class Client:
                    dests: list[memoryview | None], locs: Sequence[mpb.Location], deadline: float) -> set[int]:
         """Read ``idxs`` from one node into ``dests``; returns the indices read and verified."""
         conn = self._conns.get(node)
-        acq = self._rpc(conn.stub.Acquire, npb.AcquireRequest(keys=[keys[i] for i in idxs]), deadline)
-        held = [(i, s) for i, s in zip(idxs, acq.slots, strict=True) if s.status == npb.SLOT_OK]
+        slots = self._node_call(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline)
+        # [status, handle, offset, size, checksum] per key
+        held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s[0] == SlotStatus.OK]
         if not held:
             return set()
         regions: list[Region] = []
         good: set[int] = set()
         try:
             descs = []
-            for i, slot in held:
+            for i, (_, _, offset, size, sum_) in held:
                 dst = dests[i]
                 assert dst is not None
-                if slot.size != len(dst) or slot.checksum != locs[i].checksum:
+                if size != len(dst) or sum_ != locs[i].checksum:
                     continue  # the node holds another version than the master vouches for
                 region = conn.transport.register(dst, name="get-dest")
                 regions.append(region)
-                descs.append(Desc(region, 0, conn.region, slot.offset, slot.size))
+                descs.append(Desc(region, 0, conn.region, offset, size))
             if descs:
                 self._transfer(conn, "read", descs, deadline)
-            for i, slot in held:
+            for i, (_, _, _, size, sum_) in held:
                 dst = dests[i]
                 assert dst is not None
-                if slot.size == len(dst) and checksum(dst, keys[i]) == slot.checksum == locs[i].checksum:
+                if size == len(dst) and checksum(dst, keys[i]) == sum_ == locs[i].checksum:
                     good.add(i)
                 else:
                     self.counters["misses.corrupt"] += 1
@@ -361,7 +367,7 @@ class Client:
         finally:
             for r in regions:
                 conn.transport.deregister(r)
-            self._releaser.release(conn, [s.handle for _, s in held])
+            self._releaser.release(conn, [s[1] for _, s in held])
         return good
 
     # -- metadata ------------------------------------------------------------------------

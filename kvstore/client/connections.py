@@ -5,11 +5,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import grpc
-
 from kvstore.errors import TransportError
+from kvstore.node.control import ControlClient
 from kvstore.v1 import master_pb2 as mpb
-from kvstore.v1 import node_pb2_grpc
 from transport.base import Peer, Transport
 from transport.regions import RemoteRegion
 from transport.registry import create
@@ -28,8 +26,11 @@ class NodeConn:
     transport: Transport
     peer: Peer
     region: RemoteRegion
-    stub: node_pb2_grpc.NodeStub
-    channel: grpc.Channel
+    control: ControlClient
+
+    def close(self) -> None:
+        self.peer.close()
+        self.control.close()
 
 
 class Connections:
@@ -84,20 +85,16 @@ class Connections:
             peer = t.connect(ep.metadata, timeout=self.timeout)
         except OSError as e:
             raise TransportError(f"connect to node {node.node_id} over {ep.scheme}: {e}") from e
-        channel = grpc.insecure_channel(node.control_address, options=GRPC_OPTIONS)
         conn = NodeConn(node.node_id, node.epoch, ep.scheme, t, peer, RemoteRegion.from_bytes(ep.region),
-                        node_pb2_grpc.NodeStub(channel), channel)  # type: ignore[no-untyped-call]
+                        ControlClient(node.control_address, self.timeout))
         with self._lock:
             old = self._conns.pop(key, None)
             # Drop connections to earlier epochs of this node.
             for k in [k for k in self._conns if k[0] == node.node_id]:
-                stale = self._conns.pop(k)
-                stale.peer.close()
-                stale.channel.close()
+                self._conns.pop(k).close()
             self._conns[key] = conn
         if old is not None:
-            old.peer.close()
-            old.channel.close()
+            old.close()
         return conn
 
     def drop(self, conn: NodeConn) -> None:
@@ -105,15 +102,13 @@ class Connections:
         with self._lock:
             if self._conns.get((conn.node_id, conn.epoch)) is conn:
                 del self._conns[(conn.node_id, conn.epoch)]
-        conn.peer.close()
-        conn.channel.close()
+        conn.close()
 
     def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
             transports, self._transports = list(self._transports.values()), {}
         for c in conns:
-            c.peer.close()
-            c.channel.close()
+            c.close()
         for t in transports:
             t.close()

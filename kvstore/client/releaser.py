@@ -12,17 +12,15 @@ import logging
 import queue
 import threading
 
-import grpc
-
 from kvstore.client.connections import NodeConn
-from kvstore.v1 import node_pb2 as npb
+from kvstore.errors import KVStoreError
+from kvstore.node.protocol import Op
 
 log = logging.getLogger(__name__)
 
 
 class Releaser:
-    def __init__(self, metadata: list[tuple[str, str]]) -> None:
-        self._metadata = metadata
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[NodeConn, list[int]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kvstore-release", daemon=True)
         self._thread.start()
@@ -47,8 +45,8 @@ class Releaser:
                     by_node.setdefault(id(conn), (conn, []))[1].extend(handles)
             for conn, handles in by_node.values():
                 try:
-                    conn.stub.Release(npb.HandlesRequest(handles=handles), timeout=5, metadata=self._metadata)
-                except grpc.RpcError as e:
+                    conn.control.call(Op.RELEASE, handles, timeout=5)
+                except KVStoreError as e:
                     log.debug("release on node %s failed (reclaimed after its TTL): %s", conn.node_id, e)
             if None in items:
                 return

@@ -4,7 +4,8 @@ One process, three kinds of threads:
 
 * the transports' own serving threads (clients read from / write into the
   node's DRAM arena, which is registered with every transport);
-* a gRPC thread pool for the node control service (Allocate/Commit/Acquire/Release);
+* the control server's threads (allocate/commit/acquire/release, see
+  :mod:`kvstore.node.protocol`), one per client connection;
 * one heartbeat thread: heartbeats to the master (tier usage, keys lost
   locally), applies its instructions (remove keys), re-registers when the
   master asks (a new epoch; held keys the master does not vouch for are
@@ -21,7 +22,6 @@ import logging
 import socket
 import threading
 import time
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -29,11 +29,12 @@ import grpc
 from kvstore.config import StoreConfig
 from kvstore.hostid import host_id
 from kvstore.node.config import NodeConfig
+from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, NodeService
 from kvstore.store import LocalStore
 from kvstore.v1 import master_pb2 as mpb
-from kvstore.v1 import master_pb2_grpc, node_pb2_grpc
+from kvstore.v1 import master_pb2_grpc
 from transport.base import Transport
 from transport.registry import create
 
@@ -74,12 +75,10 @@ class StoreNode:
             else:
                 self.regions[t.scheme] = t.register(self.store.arena.buffer, name="arena")
         self.holds = Holds(node.hold_ttl)
-        self._server = grpc.server(futures.ThreadPoolExecutor(8, thread_name_prefix="node-rpc"),
-                                   options=GRPC_OPTIONS)
-        node_pb2_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeService(self.store, self.holds), self._server)
-        self.control_port = self._server.add_insecure_port(f"{node.host}:{node.control_port}")
-        self.control_address = f"{node.host}:{self.control_port}"
+        self.service = NodeService(self.store, self.holds)
+        self._control = ControlServer(node.host, node.control_port, self.service.handle)
+        self.control_address = self._control.address
+        self.control_port = int(self.control_address.rpartition(":")[2])
         self.node_id = node.node_id or f"{socket.gethostname()}-{self.control_port}"
         self._channel = grpc.insecure_channel(node.master, options=GRPC_OPTIONS)
         self._master = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
@@ -108,7 +107,6 @@ class StoreNode:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self, register_timeout: float = 10.0) -> StoreNode:
-        self._server.start()
         self._thread.start()
         if not self.registered.wait(register_timeout):
             log.warning("node %s: master %s not reachable yet; still trying", self.node_id, self.cfg.master)
@@ -119,7 +117,7 @@ class StoreNode:
         if self._stop.is_set():
             return
         self._stop.set()
-        self._server.stop(grace=1.0).wait()
+        self._control.close()
         self._thread.join(timeout=5)
         self._channel.close()
         if self._metrics_server is not None:

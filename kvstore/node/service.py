@@ -1,114 +1,113 @@
-"""The node's control service (``kvstore.v1.Node``): translates RPCs to LocalStore calls."""
+"""The node control service: batched control calls translated to LocalStore calls.
+
+See :mod:`kvstore.node.protocol` for the calls and their results. Items are
+validated one by one: a malformed item gets ``INVALID`` and the rest of the
+batch proceeds; a malformed *request* (wrong types) raises ``ValueError``,
+which the server answers with an error and a closed connection.
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
-import grpc
 from prometheus_client import Histogram
 
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
 from kvstore.node.holds import Holds
+from kvstore.node.protocol import Op, SlotStatus
 from kvstore.store import MAX_KEY_BYTES, LocalStore
-from kvstore.v1 import node_pb2 as pb
-from kvstore.v1 import node_pb2_grpc
 
 log = logging.getLogger(__name__)
-MAX_ITEMS = 65536
-
 
 RPC_SECONDS = Histogram(
-    "kvstore_node_rpc_seconds", "Node control RPC latency", ["method"], registry=None,
-    buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0),
+    "kvstore_node_rpc_seconds", "Node control call latency (server side)", ["method"], registry=None,
+    buckets=(2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0),
 )
+_TIMERS = {op: RPC_SECONDS.labels(op.name.lower()) for op in Op}
 
 
-def _timed(fn: Callable[..., Any], name: str = "") -> Callable[..., Any]:
-    hist = RPC_SECONDS.labels(name or fn.__name__)
-
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: Any) -> Any:
-        with hist.time():
-            return fn(self, request, context)
-
-    return wrapper
+def _key(v: Any) -> bytes | None:
+    return v if isinstance(v, bytes) and 0 < len(v) <= MAX_KEY_BYTES else None
 
 
-class NodeService(node_pb2_grpc.NodeServicer):
-    """Translates ``kvstore.v1.Node`` RPCs to LocalStore calls; every method is timed."""
+def _uint(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+class NodeService:
+    """``handle(op, items) -> results``. Thread-safe (the store and holds are)."""
 
     def __init__(self, store: LocalStore, holds: Holds) -> None:
         self.store = store
         self.holds = holds
+        self._ops = {
+            Op.ALLOCATE: self.allocate,
+            Op.COMMIT: self.commit,
+            Op.ABORT: self.release,
+            Op.ACQUIRE: self.acquire,
+            Op.RELEASE: self.release,
+        }
 
-    def _check_batch(self, n: int, context: Any) -> None:
-        if n > MAX_ITEMS:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"batch of {n} items exceeds {MAX_ITEMS}")
+    def handle(self, op: Op, items: list[Any]) -> list[Any]:
+        with _TIMERS[op].time():
+            return self._ops[op](items)
 
-    @_timed
-    def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
-        self._check_batch(len(request.items), context)
-        slots = []
-        for item in request.items:
-            if not 0 < len(item.key) <= MAX_KEY_BYTES or item.size == 0:
-                slots.append(pb.Slot(status=pb.SLOT_INVALID))
+    def allocate(self, items: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for item in items:
+            key, size = (_key(item[0]), _uint(item[1])) if isinstance(item, list) and len(item) == 2 \
+                else (None, None)
+            if key is None or not size:
+                out.append([SlotStatus.INVALID, 0, 0])
                 continue
             try:
-                alloc = self.store.reserve(item.size)
+                alloc = self.store.reserve(size)
             except NoSpace:
-                slots.append(pb.Slot(status=pb.SLOT_NO_SPACE))
+                out.append([SlotStatus.NO_SPACE, 0, 0])
                 continue
             except InvalidArgument:
-                slots.append(pb.Slot(status=pb.SLOT_INVALID))
+                out.append([SlotStatus.INVALID, 0, 0])
                 continue
-            h = self.holds.add(alloc, item.key)
-            slots.append(pb.Slot(status=pb.SLOT_OK, handle=h, offset=alloc.offset, size=item.size))
-        return pb.AllocateResponse(slots=slots)
+            out.append([SlotStatus.OK, self.holds.add(alloc, key), alloc.offset])
+        return out
 
-    @_timed
-    def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
-        self._check_batch(len(request.items), context)
-        out = []
-        for item in request.items:
-            hold = self.holds.take(item.handle)
-            if hold is None or hold.key != item.key:
+    def commit(self, items: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 3):
+                out.append(SlotStatus.INVALID)
+                continue
+            handle, key, checksum = _uint(item[0]), _key(item[1]), _uint(item[2])
+            hold = self.holds.take(handle) if handle is not None else None
+            if hold is None or key is None or checksum is None or hold.key != key:
                 if hold is not None:
                     hold.obj.release()
-                out.append(pb.SLOT_EXPIRED)
+                out.append(SlotStatus.EXPIRED)
                 continue
             try:
-                self.store.commit(item.key, hold.obj, item.checksum)  # type: ignore[arg-type]
-                out.append(pb.SLOT_OK)
+                self.store.commit(key, hold.obj, checksum)  # type: ignore[arg-type]
+                out.append(SlotStatus.OK)
             except Corruption as e:
                 log.warning("commit refused: %s", e)
-                out.append(pb.SLOT_CORRUPT)
-        return pb.CommitResponse(statuses=out)
+                out.append(SlotStatus.CORRUPT)
+        return out
 
-    @_timed
-    def Acquire(self, request: pb.AcquireRequest, context: Any) -> pb.AcquireResponse:
-        self._check_batch(len(request.keys), context)
-        slots = []
-        for key in request.keys:
-            if not 0 < len(key) <= MAX_KEY_BYTES:
-                slots.append(pb.Slot(status=pb.SLOT_INVALID))
+    def acquire(self, items: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for item in items:
+            key = _key(item)
+            if key is None:
+                out.append([SlotStatus.INVALID, 0, 0, 0, 0])
                 continue
             lease = self.store.acquire(key)
             if lease is None:
-                slots.append(pb.Slot(status=pb.SLOT_NOT_FOUND))
+                out.append([SlotStatus.NOT_FOUND, 0, 0, 0, 0])
                 continue
             h = self.holds.add(lease, key)
-            slots.append(pb.Slot(status=pb.SLOT_OK, handle=h, offset=lease.alloc.offset,
-                                 size=lease.alloc.size, checksum=lease.checksum))
-        return pb.AcquireResponse(slots=slots)
+            out.append([SlotStatus.OK, h, lease.alloc.offset, lease.alloc.size, lease.checksum])
+        return out
 
-    def _release(self, request: pb.HandlesRequest, context: Any) -> pb.HandlesResponse:
-        self._check_batch(len(request.handles), context)
-        return pb.HandlesResponse(
-            statuses=[pb.SLOT_OK if self.holds.release(h) else pb.SLOT_EXPIRED for h in request.handles]
-        )
-
-    Release = _timed(_release, "Release")
-    Abort = _timed(_release, "Abort")
+    def release(self, items: list[Any]) -> list[Any]:
+        return [SlotStatus.OK if (h := _uint(i)) is not None and self.holds.release(h) else SlotStatus.EXPIRED
+                for i in items]

@@ -1,15 +1,21 @@
-"""The node's control service against bad and hostile requests (real gRPC, in-process node)."""
+"""The node's control channel against bad and hostile requests (real sockets, in-process node)."""
 
-import grpc
+import socket
+import time
+
+import msgpack
 import numpy as np
 import pytest
 
 from kvstore.checksum import checksum
 from kvstore.config import NodeConfig, StoreConfig
+from kvstore.errors import InvalidArgument
+from kvstore.node.control import ControlClient
 from kvstore.node.daemon import StoreNode
+from kvstore.node.protocol import HEADER, MAGIC, Op, SlotStatus, pack_frame
 from kvstore.testing.cluster import free_port
-from kvstore.v1 import node_pb2 as npb
-from kvstore.v1 import node_pb2_grpc
+
+S = SlotStatus
 
 
 @pytest.fixture
@@ -23,63 +29,82 @@ def node():
 
 
 @pytest.fixture
-def stub(node):
-    ch = grpc.insecure_channel(node.control_address)
-    yield node_pb2_grpc.NodeStub(ch)
-    ch.close()
+def ctl(node):
+    c = ControlClient(node.control_address)
+    yield c
+    c.close()
 
 
-def test_allocate_commit_acquire_release(node, stub):
-    data = np.arange(1000, dtype=np.uint8).tobytes()
-    slot = stub.Allocate(npb.AllocateRequest(items=[npb.AllocItem(key=b"k", size=len(data))])).slots[0]
-    assert slot.status == npb.SLOT_OK
-    node.store.arena.buffer[slot.offset:slot.offset + len(data)] = np.frombuffer(data, np.uint8)
-    st = stub.Commit(npb.CommitRequest(items=[npb.CommitItem(handle=slot.handle, key=b"k",
-                                                             checksum=checksum(data, b"k"))]))
-    assert list(st.statuses) == [npb.SLOT_OK]
-    got = stub.Acquire(npb.AcquireRequest(keys=[b"k", b"missing"])).slots
-    assert got[0].status == npb.SLOT_OK and got[0].checksum == checksum(data, b"k")
-    assert got[1].status == npb.SLOT_NOT_FOUND
-    assert list(stub.Release(npb.HandlesRequest(handles=[got[0].handle, 999])).statuses) == \
-        [npb.SLOT_OK, npb.SLOT_EXPIRED]
+def test_allocate_commit_acquire_release(node, ctl):
+    data = np.arange(1000, dtype=np.uint8)
+    [[st, handle, offset]] = ctl.call(Op.ALLOCATE, [[b"k", data.nbytes]], 5)
+    assert st == S.OK
+    node.store.arena.buffer[offset:offset + data.nbytes] = data
+    assert ctl.call(Op.COMMIT, [[handle, b"k", checksum(data, b"k")]], 5) == [S.OK]
+    got = ctl.call(Op.ACQUIRE, [b"k", b"missing"], 5)
+    assert got[0][0] == S.OK and got[0][3] == 1000 and got[0][4] == checksum(data, b"k")
+    assert got[1][0] == S.NOT_FOUND
+    assert ctl.call(Op.RELEASE, [got[0][1], 999], 5) == [S.OK, S.EXPIRED]
 
 
-def test_bad_items_and_checksums(node, stub):
-    slots = stub.Allocate(npb.AllocateRequest(items=[
-        npb.AllocItem(key=b"", size=10), npb.AllocItem(key=b"x" * 300, size=10),
-        npb.AllocItem(key=b"z", size=0), npb.AllocItem(key=b"big", size=1 << 40)])).slots
-    assert [s.status for s in slots] == [npb.SLOT_INVALID] * 4
-    ok = stub.Allocate(npb.AllocateRequest(items=[npb.AllocItem(key=b"k", size=100)])).slots[0]
+def test_bad_items_and_checksums(node, ctl):
+    slots = ctl.call(Op.ALLOCATE, [[b"", 10], [b"x" * 300, 10], [b"z", 0], [b"big", 1 << 40], ["str", 5],
+                                   [b"k"], 7], 5)
+    assert [s[0] for s in slots] == [S.INVALID] * 7
+    [[_, handle, _]] = ctl.call(Op.ALLOCATE, [[b"k", 100]], 5)
     # Wrong checksum: refused, nothing stored, space returned.
-    st = stub.Commit(npb.CommitRequest(items=[npb.CommitItem(handle=ok.handle, key=b"k", checksum=1)]))
-    assert list(st.statuses) == [npb.SLOT_CORRUPT]
+    assert ctl.call(Op.COMMIT, [[handle, b"k", 1]], 5) == [S.CORRUPT]
     assert not node.store.exists(b"k")
     # Committing a handle under another key, or twice, is refused.
-    ok = stub.Allocate(npb.AllocateRequest(items=[npb.AllocItem(key=b"k", size=100)])).slots[0]
-    st = stub.Commit(npb.CommitRequest(items=[npb.CommitItem(handle=ok.handle, key=b"other", checksum=1)]))
-    assert list(st.statuses) == [npb.SLOT_EXPIRED]
-    st = stub.Commit(npb.CommitRequest(items=[npb.CommitItem(handle=ok.handle, key=b"k", checksum=1)]))
-    assert list(st.statuses) == [npb.SLOT_EXPIRED]
+    [[_, handle, _]] = ctl.call(Op.ALLOCATE, [[b"k", 100]], 5)
+    assert ctl.call(Op.COMMIT, [[handle, b"other", 1]], 5) == [S.EXPIRED]
+    assert ctl.call(Op.COMMIT, [[handle, b"k", 1]], 5) == [S.EXPIRED]
+    assert ctl.call(Op.COMMIT, [[-1, b"k", 1], "junk"], 5) == [S.EXPIRED, S.INVALID]
     assert node.store.arena.used == 0
 
 
-def test_oversize_batch_and_garbage_are_rejected_and_node_keeps_serving(node, stub):
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Acquire(npb.AcquireRequest(keys=[b"k"] * 70000))
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    ch = grpc.insecure_channel(node.control_address)
-    raw = ch.unary_unary("/kvstore.v1.Node/Allocate")
-    with pytest.raises(grpc.RpcError):
-        raw(b"\xff\xff\xff\xff garbage", timeout=5)
-    ch.close()
-    assert stub.Acquire(npb.AcquireRequest(keys=[b"k"])).slots[0].status == npb.SLOT_NOT_FOUND
+@pytest.mark.parametrize("frame", [
+    b"GET / HTTP/1.1\r\n\r\n",                                              # not our protocol
+    HEADER.pack(MAGIC, 9, 1, 0, 0),                                          # unknown version
+    HEADER.pack(MAGIC, 1, 1, 0, 1 << 30),                                    # oversize frame
+    pack_frame(Op.ACQUIRE, msgpack.packb([b"k"] * 70000)),                   # oversize batch
+    pack_frame(Op.ACQUIRE, b"\xc1\xc1\xc1"),                                 # not msgpack
+    pack_frame(Op.ACQUIRE, msgpack.packb({"a": 1})),                         # not a list
+    pack_frame(77, msgpack.packb([])),                                       # unknown op
+])
+def test_hostile_frames_are_refused_and_node_keeps_serving(node, ctl, frame):
+    host, port = node.control_address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(frame)
+        s.settimeout(5)
+        reply = s.recv(1 << 16)
+        assert reply == b"" or reply[:4] == MAGIC  # an error reply or a hang-up, never a crash
+    assert ctl.call(Op.ACQUIRE, [b"k"], 5)[0][0] == S.NOT_FOUND
 
 
-def test_abandoned_holds_are_reclaimed(node, stub):
-    stub.Allocate(npb.AllocateRequest(items=[npb.AllocItem(key=b"k", size=1 << 20)]))
+def test_client_surfaces_error_replies():
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+
+    def serve():
+        conn, _ = lsock.accept()
+        conn.recv(1 << 16)
+        conn.sendall(pack_frame(0x80, msgpack.packb("bad request: nope"), 1))
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    c = ControlClient(f"127.0.0.1:{lsock.getsockname()[1]}")
+    with pytest.raises(InvalidArgument, match="nope"):
+        c.call(Op.ACQUIRE, [b"k"], 5)
+    lsock.close()
+
+
+def test_abandoned_holds_are_reclaimed(node, ctl):
+    ctl.call(Op.ALLOCATE, [[b"k", 1 << 20]], 5)
     assert node.store.arena.used > 0
-    import time
-
     deadline = time.monotonic() + 10
     while node.store.arena.used and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,0 +1,62 @@
+"""Wire format of the node control channel (client <-> node), and its status codes.
+
+Every call is batched; results come back in request order. Bytes never travel
+here: a put is ALLOCATE -> the client writes into the node's registered arena
+through the transfer engine -> COMMIT (the node verifies the checksum); a get
+is ACQUIRE -> the client reads -> RELEASE.
+
+Frame (both directions)::
+
+    header  struct "<4sBBHI": magic b"KVNC", version, op, flags, payload length
+    payload msgpack array of items (requests) or results (replies)
+
+A reply carries the request's op with :data:`REPLY_BIT` set; an error reply
+sets :data:`FLAG_ERROR` and its payload is a message string. Limits are checked
+before anything is allocated: a frame over :data:`MAX_FRAME` or a batch over
+:data:`MAX_ITEMS` is refused and the connection closed. No pickle: msgpack of
+ints and bytes only.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+HEADER = struct.Struct("<4sBBHI")
+MAGIC = b"KVNC"
+VERSION = 1
+REPLY_BIT = 0x80
+FLAG_ERROR = 0x01
+MAX_FRAME = 64 << 20
+MAX_ITEMS = 65536
+
+
+class Op(enum.IntEnum):
+    ALLOCATE = 1  # items: [key, size]          -> [status, handle, offset]
+    COMMIT = 2  # items: [handle, key, checksum]  -> status
+    ABORT = 3  # items: handle                    -> status
+    ACQUIRE = 4  # items: key                     -> [status, handle, offset, size, checksum]
+    RELEASE = 5  # items: handle                  -> status
+
+
+class SlotStatus(enum.IntEnum):
+    OK = 1
+    NOT_FOUND = 2  # ACQUIRE: the node does not hold the key
+    NO_SPACE = 3  # ALLOCATE: nothing evictable makes room
+    CORRUPT = 4  # COMMIT: the bytes that landed do not match the checksum
+    EXPIRED = 5  # COMMIT/RELEASE/ABORT: unknown or reclaimed handle
+    INVALID = 6  # malformed item (empty or long key, size 0, too big)
+
+
+def pack_frame(op: int, payload: bytes, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, flags, len(payload)) + payload
+
+
+def parse_header(raw: bytes) -> tuple[int, int, int]:
+    """``(op, flags, length)``; raises ValueError for a foreign or oversize frame."""
+    magic, version, op, flags, length = HEADER.unpack(raw)
+    if magic != MAGIC or version != VERSION:
+        raise ValueError(f"not a v{VERSION} node control frame")
+    if length > MAX_FRAME:
+        raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    return op, flags, length
