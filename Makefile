@@ -36,12 +36,15 @@ test-fast: install
 
 # Installs what the benchmarks compare against, then runs each with --quick.
 bench: install
-	command -v fio >/dev/null || (apt-get update -qq && apt-get install -y -qq fio)
+	command -v fio >/dev/null && command -v redis-server >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq fio redis-server)
+	$(BIN)/pip install -q 'redis[hiredis]'
 	mkdir -p bench-results
 	$(BIN)/python benchmarks/tiers.py --quick --json bench-results/tiers.json
 	$(BIN)/pip install -q --no-deps nixl nixl-cu12  # NIXL baseline; --no-deps: it pulls torch it does not need here
 	$(BIN)/python benchmarks/transport.py --quick --json bench-results/transport.json
 	$(BIN)/python benchmarks/kernels.py --quick --json bench-results/kernels.json
+	$(BIN)/python benchmarks/store.py --quick --json bench-results/store.json
 
 lint: install
 	$(BIN)/ruff check kvstore transport connectors tests benchmarks
