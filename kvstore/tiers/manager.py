@@ -23,7 +23,7 @@ import numpy as np
 from kvstore.checksum import copy_verified, verify
 from kvstore.errors import Corruption, InvalidArgument, KVStoreError, NoSpace
 from kvstore.memory import Allocation
-from kvstore.tiers.base import Tier
+from kvstore.tiers.base import Entry, Tier
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.dram import DramTier, Lease
 from kvstore.units import format_size
@@ -220,35 +220,54 @@ class TierManager:
             if self.disk is None or e is None:
                 self.counters["misses.not_found"] += 1
                 return None
-            if not self._make_room_for_promotion(key, e.size):
-                self.counters["misses.no_room"] += 1
+            try:
+                alloc = self._promote_locked(key, e)
+            except Corruption:
                 return None
-            alloc = self.dram.arena.try_alloc(e.size)
             if alloc is None:
                 self.counters["misses.no_room"] += 1
                 return None
-            try:
-                self.disk.read_into(key, alloc.view(full=True))
-            except Corruption as err:
-                alloc.release()
-                log.warning("disk: dropping corrupt chunk: %s", err)
-                self._lru["disk"].pop(key, None)
-                self.pins.discard(key)
-                self.counters["corrupt.disk"] += 1
-                self.counters["misses.corrupt"] += 1
-                self._note_lost(key)
-                return None
-            except BaseException:
-                alloc.release()
-                raise
-            self.dram.put_allocation(key, alloc, e.checksum)
-            self._lru["dram"][key] = None
-            self._lru["disk"].move_to_end(key)
-            self.counters["promotions"] += 1
             self.counters["hits.disk"] += 1
             lease = self.dram.lease(key)
             self._enforce_watermark()
             return lease
+
+    def _promote_locked(self, key: bytes, e: Entry) -> Allocation | None:
+        """Copy a disk chunk into DRAM, verified; ``None`` if DRAM has no room.
+
+        Raises :class:`Corruption` after dropping a damaged chunk. The caller
+        enforces the watermark once it is done with the returned allocation
+        (which the DRAM tier owns).
+        """
+        if not self._make_room_for_promotion(key, e.size):
+            return None
+        alloc = self.dram.arena.try_alloc(e.size)
+        if alloc is None:
+            return None
+        try:
+            self._read_disk_locked(key, alloc.view(full=True))
+        except BaseException:
+            alloc.release()
+            raise
+        self.dram.put_allocation(key, alloc, e.checksum)
+        self._lru["dram"][key] = None
+        self._lru["disk"].move_to_end(key)
+        self.counters["promotions"] += 1
+        return alloc
+
+    def _read_disk_locked(self, key: bytes, dst: memoryview) -> None:
+        """Read and verify from disk; a corrupt chunk is dropped, counted and re-raised."""
+        assert self.disk is not None
+        try:
+            self.disk.read_into(key, dst)
+        except Corruption as err:
+            log.warning("disk: dropping corrupt chunk: %s", err)
+            self._lru["disk"].pop(key, None)
+            self.pins.discard(key)
+            self.counters["corrupt.disk"] += 1
+            self.counters["misses.corrupt"] += 1
+            self._note_lost(key)
+            raise
 
     def _make_room_for_promotion(self, key: bytes, n: int) -> bool:
         """Like :meth:`_make_room_dram`, but demotions never push ``key`` itself off disk."""
@@ -351,31 +370,14 @@ class TierManager:
         if len(dst) < e.size:
             raise InvalidArgument(f"buffer of {len(dst)} bytes is smaller than the chunk ({e.size} bytes)")
         self._lru["disk"].move_to_end(key)
-        alloc = None
-        if self.promote_on_hit and self._make_room_for_promotion(key, e.size):
-            alloc = self.dram.arena.try_alloc(e.size)
         try:
-            target = dst if alloc is None else alloc.view(full=True)
-            self.disk.read_into(key, target)
-        except Corruption as err:
-            if alloc is not None:
-                alloc.release()
-            log.warning("disk: dropping corrupt chunk: %s", err)
-            self._lru["disk"].pop(key, None)
-            self.pins.discard(key)
-            self.counters["corrupt.disk"] += 1
-            self.counters["misses.corrupt"] += 1
-            self._note_lost(key)
+            alloc = self._promote_locked(key, e) if self.promote_on_hit else None
+            if alloc is None:
+                self._read_disk_locked(key, dst)
+        except Corruption:
             return None
-        except BaseException:
-            if alloc is not None:
-                alloc.release()
-            raise
         if alloc is not None:
             dst[: e.size] = alloc.view()
-            self.dram.put_allocation(key, alloc, e.checksum)
-            self._lru["dram"][key] = None
-            self.counters["promotions"] += 1
             self._enforce_watermark()
         self.counters["hits.disk"] += 1
         return e.size
