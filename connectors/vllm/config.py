@@ -1,0 +1,106 @@
+"""Typed configuration of the vLLM connector, read from ``kv_connector_extra_config``.
+
+Every key is optional except ``master``. Unknown keys stop the engine with a
+message naming them (a typo must not silently disable a feature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvstore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Settings of one :class:`~connectors.vllm.KVStoreConnector` (both roles)."""
+
+    master: str
+    """``host:port`` of the kvstore master (gRPC)."""
+    chunk_tokens: int = 256
+    """Tokens per stored chunk; a multiple of vLLM's block size. Engines that
+    share KV must use the same value (it is part of the key namespace)."""
+    load_async: bool = False
+    """``False``: loads run inside the step that needs them, layer by layer
+    (``wait_for_layer_load(l)`` waits for layer ``l`` only). ``True``: the request
+    waits outside the batch until its KV has arrived (vLLM's async-load path)."""
+    timeout: float = 10.0
+    """Seconds any one store call may take (lookup, load of one layer, save)."""
+    lookup_timeout: float = 2.0
+    """Seconds the scheduler waits for the master's prefix answer before
+    treating the request as a miss."""
+    handoff_wait: float = 5.0
+    """P/D: seconds a consumer waits for chunks the producer announced in
+    ``kv_transfer_params`` but has not finished storing yet."""
+    token: str | None = None
+    """Bearer token for the master, if it requires one."""
+    kernel_threads: int = 1
+    """Threads of the gather/scatter kernels (the engine's own threads do the math)."""
+    model_id: str | None = None
+    """Model identity in the key namespace; default vLLM's served model path/name.
+    Set it when two engines load the same weights from different paths."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.master, str) or ":" not in self.master:
+            raise ConfigError(f"kv_connector_extra_config.master must be 'host:port', got {self.master!r}")
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
+            raise ConfigError(f"kv_connector_extra_config.chunk_tokens must be a positive int, "
+                              f"got {self.chunk_tokens!r}")
+        for name in ("timeout", "lookup_timeout"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"kv_connector_extra_config.{name} must be > 0")
+        if float(self.handoff_wait) < 0:
+            raise ConfigError("kv_connector_extra_config.handoff_wait must be >= 0")
+        if not 1 <= int(self.kernel_threads) <= 64:
+            raise ConfigError("kv_connector_extra_config.kernel_threads must be in [1, 64]")
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        """Build from vLLM's ``kv_connector_extra_config``; raises :class:`ConfigError`."""
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(f"kv_connector_extra_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        if "master" not in extra:
+            raise ConfigError("kv_connector_extra_config.master is required ('127.0.0.1:PORT')")
+        if "load_async" in extra:
+            extra["load_async"] = _as_bool("load_async", extra["load_async"])
+        for name in ("timeout", "lookup_timeout", "handoff_wait"):
+            if name in extra:
+                extra[name] = _as_float(name, extra[name])
+        for name in ("chunk_tokens", "kernel_threads"):
+            if name in extra:
+                extra[name] = _as_int(name, extra[name])
+        return cls(**extra)
+
+    def check_block_size(self, block_size: int) -> None:
+        if self.chunk_tokens % block_size:
+            raise ConfigError(
+                f"kv_connector_extra_config.chunk_tokens ({self.chunk_tokens}) must be a multiple "
+                f"of vLLM's block size ({block_size})")
+
+
+def _as_bool(name: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return v.lower() in ("1", "true", "yes")
+    raise ConfigError(f"kv_connector_extra_config.{name} must be a boolean, got {v!r}")
+
+
+def _as_float(name: str, v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"kv_connector_extra_config.{name} must be a number, got {v!r}") from e
+
+
+def _as_int(name: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(f"kv_connector_extra_config.{name} must be an int, got {v!r}")
+    try:
+        return int(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"kv_connector_extra_config.{name} must be an int, got {v!r}") from e

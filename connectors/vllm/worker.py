@@ -1,0 +1,379 @@
+"""Worker side of the vLLM connector: layer-wise loads, per-layer gathers, background saves.
+
+Runs in each vLLM worker. vLLM calls every public method from its model-runner
+thread; this side owns three helper threads (sync loads, async loads, saves)
+that talk to the store, so the forward pass never waits on the network except
+in :meth:`wait_for_layer_load`, and then only for the one layer it needs.
+
+Per step (vLLM's order): ``bind_connector_metadata`` -> :meth:`start_load_kv`
+-> per layer: :meth:`wait_for_layer_load`, attention, :meth:`save_kv_layer`
+-> :meth:`wait_for_save` -> :meth:`get_finished` ->
+:meth:`get_block_ids_with_load_errors`.
+
+Buffer ownership: staging buffers are allocated here per step and dropped by
+the thread that used them; the engine's KV blocks are touched only by the
+kernels, for blocks the metadata names: sync loads finish (or are abandoned
+after their deadline, with their blocks reported as failed) before
+:meth:`wait_for_save` returns; async loads write only the blocks of requests
+vLLM keeps waiting until :meth:`get_finished` reports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore import kernels
+from kvstore.client import Client
+from kvstore.errors import InvalidArgument, KVStoreError
+
+from connectors.vllm.config import ConnectorConfig
+from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
+from connectors.vllm.naming import keys_for, layer_key, namespace, namespace_model
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Engine tensor layouts this side recognizes, tried in order (kernels' preset names).
+_PRESETS = ("vllm_cpu", "flash_nhd", "flash_nhd_block_first", "flash_hnd", "flash_hnd_block_first")
+
+
+def detect_axes(shape: tuple[int, ...], block_size: int, kv_heads: int, head_dim: int) -> str:
+    """Name the kernels preset whose axes explain ``shape`` (strides are read later)."""
+    for name in _PRESETS:
+        axes = kernels.PRESETS[name].split()
+        if len(axes) != len(shape):
+            continue
+        size = dict(zip(axes, shape, strict=True))
+        ok = size["token"] == block_size and size.get("head", 1) == kv_heads
+        ok = ok and (size["kv*dim"] == 2 * head_dim if "kv*dim" in size else size["dim"] == head_dim)
+        ok = ok and size.get("kv", 2) == 2
+        if ok:
+            return name
+    raise InvalidArgument(
+        f"kvstore connector: KV cache tensor of shape {tuple(shape)} matches no known layout "
+        f"(block_size={block_size}, kv_heads={kv_heads}, head_dim={head_dim}); known: {_PRESETS}")
+
+
+def _layer_order(name: str, fallback: int) -> tuple[int, int]:
+    m = re.findall(r"\.(\d+)\.", f".{name}.")
+    return (int(m[0]), fallback) if m else (fallback, fallback)
+
+
+@dataclass
+class _LoadPlan:
+    """One LoadSpec resolved to object keys and a staging buffer."""
+
+    spec: LoadSpec
+    keys: list[bytes]
+    """Chunk keys of chunks ``c0 .. c1-1``."""
+    c0: int
+    c1: int
+    staging: np.ndarray
+    bad_from: int
+    """First chunk that failed in any layer (``c1`` while all is well)."""
+
+
+@dataclass
+class _SyncJob:
+    layer_done: list[threading.Event]
+    specs: list[LoadSpec]
+    plans: list[_LoadPlan] = field(default_factory=list)
+    future: Future[None] | None = None
+
+
+@dataclass
+class _Staged:
+    """One SaveSpec's gathered bytes, ``[layer][block]`` over all its blocks."""
+
+    spec: SaveSpec
+    buf: np.ndarray
+    layers_done: set[int] = field(default_factory=set)
+
+
+class WorkerSide:
+    """Worker half of :class:`~connectors.vllm.KVStoreConnector`."""
+
+    def __init__(self, cfg: ConnectorConfig, *, model_id: str, block_size: int, kv_heads: int,
+                 head_dim: int, tp_rank: int, tp_size: int, load: bool, save: bool) -> None:
+        self.cfg = cfg
+        self.model_id = model_id
+        self.block_size = block_size
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.load_enabled, self.save_enabled = load, save
+        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token)
+        self.cache: kernels.PagedCache | None = None
+        self.handshake: KVStoreHandshake | None = None
+        self.layer_index: dict[str, int] = {}
+        self.num_layers = 0
+        self.obj_bytes = 0
+        self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-load")
+        self._async_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-load-async")
+        self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
+        self._lock = threading.Lock()
+        self._sync: _SyncJob | None = None
+        self._staged: list[_Staged] | None = None
+        self._load_errors: set[int] = set()
+        self._async_done: dict[str, set[int]] = {}
+        self._has_saves: set[str] = set()
+        self._save_inflight: Counter[str] = Counter()
+        self._finished_wait: set[str] = set()
+        self.counters: Counter[str] = Counter()
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Derive the paged layout from the tensors' shapes and strides; fix the namespace."""
+        names = sorted(kv_caches, key=lambda n: _layer_order(n, list(kv_caches).index(n)))
+        tensors = [kv_caches[n] for n in names]
+        axes = detect_axes(tuple(tensors[0].shape), self.block_size, self.kv_heads, self.head_dim)
+        cache = kernels.paged_cache(tensors, axes)
+        self.cache = cache
+        self.layer_index = {n: i for i, n in enumerate(names)}
+        self.num_layers = len(names)
+        self.bpc = self.cfg.chunk_tokens // self.block_size
+        self.block_bytes = cache.layout.block_bytes
+        self.obj_bytes = self.bpc * self.block_bytes
+        kv = cache.kv_layout(self.cfg.chunk_tokens)
+        self.handshake = KVStoreHandshake(
+            model=namespace_model(self.model_id, cache.raw_fingerprint(), self.block_size),
+            num_layers=kv.num_layers, num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
+            dtype=kv.dtype, kind=kv.kind, tp_rank=self.tp_rank, tp_size=self.tp_size)
+        log.info("kvstore connector: %d layers, preset %s, %d B per block, namespace %s",
+                 self.num_layers, axes, self.block_bytes, self.handshake.model)
+
+    def _keys(self, tokens: list[int], salt: str) -> list[bytes]:
+        assert self.handshake is not None
+        return keys_for(namespace(self.handshake, self.cfg.chunk_tokens, salt), tokens)
+
+    # -- loads -------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: KVStoreConnectorMetadata) -> None:
+        """Start this step's loads; never blocks on the store."""
+        if not meta.loads or self.cache is None:
+            return
+        sync = [s for s in meta.loads if not s.is_async]
+        for spec in meta.loads:
+            if spec.is_async:
+                self._async_pool.submit(self._run_async, spec)
+        if sync:
+            job = _SyncJob([threading.Event() for _ in range(self.num_layers)], sync)
+            self._sync = job
+            job.future = self._sync_pool.submit(self._run_sync, job, sync)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Block until layer ``layer_name`` of this step's sync loads is in place (or failed)."""
+        job = self._sync
+        if job is None:
+            return
+        i = self.layer_index.get(layer_name)
+        if i is None:
+            return
+        if not job.layer_done[i].wait(self.cfg.timeout * 2):
+            log.warning("kvstore load of layer %s overran %.1fs; its blocks will be recomputed",
+                        layer_name, self.cfg.timeout * 2)
+
+    def _plan(self, spec: LoadSpec) -> _LoadPlan:
+        c = self.cfg.chunk_tokens
+        c0, c1 = spec.start // c, -(-spec.end // c)
+        keys = self._keys(spec.tokens, spec.cache_salt)
+        if len(keys) < c1:
+            raise InvalidArgument(f"load of request {spec.req_id}: {len(spec.tokens)} tokens give "
+                                  f"{len(keys)} chunks, {c1} needed")
+        staging = np.empty((c1 - c0) * self.obj_bytes, dtype=np.uint8)
+        return _LoadPlan(spec, keys[c0:c1], c0, c1, staging, c1)
+
+    def _load_layer(self, plan: _LoadPlan, layer: int) -> None:
+        """Fetch and scatter ``layer`` of every chunk of ``plan`` before its first failure."""
+        n = plan.bad_from - plan.c0
+        if n <= 0:
+            return
+        ob = self.obj_bytes
+        views = [plan.staging[i * ob:(i + 1) * ob] for i in range(n)]
+        try:
+            sizes = self.client.get_into_batch([layer_key(k, layer) for k in plan.keys[:n]], views)
+        except KVStoreError as e:
+            log.warning("kvstore load of request %s layer %d failed: %s", plan.spec.req_id, layer, e)
+            sizes = [None] * n
+        for i, got in enumerate(sizes):
+            if got != ob:
+                plan.bad_from = min(plan.bad_from, plan.c0 + i)
+                self.counters["load_chunk_misses"] += 1
+                break
+        self._scatter(plan, layer)
+
+    def _scatter(self, plan: _LoadPlan, layer: int) -> None:
+        assert self.cache is not None
+        bs, spec = self.block_size, plan.spec
+        b_lo = spec.start // bs
+        b_hi = min(spec.end // bs, plan.bad_from * self.bpc)
+        if b_hi <= b_lo:
+            return
+        off = (b_lo - plan.c0 * self.bpc) * self.block_bytes
+        kernels.scatter(self.cache, spec.block_ids[: b_hi - b_lo], plan.staging[off:], layer=layer,
+                        whole_chunk=False, fmt="raw", threads=self.cfg.kernel_threads)
+        self.counters["load_bytes"] += (b_hi - b_lo) * self.block_bytes
+
+    def _failed_blocks(self, plan: _LoadPlan) -> set[int]:
+        if plan.bad_from >= plan.c1:
+            return set()
+        first = max(plan.spec.start // self.block_size, plan.bad_from * self.bpc)
+        return set(plan.spec.block_ids[first - plan.spec.start // self.block_size:])
+
+    def _run_sync(self, job: _SyncJob, specs: list[LoadSpec]) -> None:
+        try:
+            job.plans = [self._plan(s) for s in specs]
+            for layer in range(self.num_layers):
+                for plan in job.plans:
+                    self._load_layer(plan, layer)
+                job.layer_done[layer].set()
+        except Exception:  # noqa: BLE001 - a dying loader would hang the forward; report instead
+            log.exception("kvstore sync load failed; the requests' blocks will be recomputed")
+            for plan in job.plans:
+                plan.bad_from = plan.c0
+        finally:
+            for ev in job.layer_done:
+                ev.set()
+
+    def _finish_sync(self) -> None:
+        job, self._sync = self._sync, None
+        if job is None or job.future is None:
+            return
+        try:
+            job.future.result(timeout=self.cfg.timeout * (self.num_layers + 1))
+        except TimeoutError:
+            # The client's deadlines bound every call, so this means a wedged thread; the
+            # blocks are reported failed and vLLM recomputes them.
+            log.error("kvstore sync load did not finish; reporting all its blocks as failed")
+            for spec in job.specs:
+                self._load_errors.update(spec.block_ids)
+            return
+        for i, spec in enumerate(job.specs):
+            failed = self._failed_blocks(job.plans[i]) if i < len(job.plans) else set(spec.block_ids)
+            self._load_errors |= failed
+            self.counters["load_requests"] += 1
+            if failed:
+                self.counters["load_failed_requests"] += 1
+
+    def _run_async(self, spec: LoadSpec) -> None:
+        failed: set[int] = set(spec.block_ids)
+        try:
+            plan = self._plan(spec)
+            for layer in range(self.num_layers):
+                self._load_layer(plan, layer)
+            failed = self._failed_blocks(plan)
+        except Exception:  # noqa: BLE001 - the request must still be reported, with its blocks failed
+            log.exception("kvstore async load of request %s failed; it will be recomputed", spec.req_id)
+        with self._lock:
+            self._async_done[spec.req_id] = failed
+            self.counters["load_requests"] += 1
+            if failed:
+                self.counters["load_failed_requests"] += 1
+
+    # -- saves -------------------------------------------------------------------------
+
+    def save_kv_layer(self, meta: KVStoreConnectorMetadata, layer_name: str) -> None:
+        """Gather ``layer_name`` of the chunks this step completes into staging (no I/O)."""
+        if not meta.saves or self.cache is None:
+            return
+        layer = self.layer_index.get(layer_name)
+        if layer is None:
+            return
+        if self._staged is None:
+            self._staged = [
+                _Staged(s, np.empty(self.num_layers * len(s.block_ids) * self.block_bytes, np.uint8))
+                for s in meta.saves]
+        for st in self._staged:
+            kernels.gather(self.cache, st.spec.block_ids, st.buf, layer=layer, fmt="raw",
+                           threads=self.cfg.kernel_threads)
+            st.layers_done.add(layer)
+
+    def wait_for_save(self, meta: KVStoreConnectorMetadata | None) -> None:
+        """End of step: settle sync loads, hand gathered chunks to the save thread; no store I/O."""
+        self._finish_sync()
+        staged, self._staged = self._staged, None
+        if meta is None:
+            return
+        with self._lock:
+            self._has_saves.update(s.req_id for s in meta.saves)
+        for st in staged or []:
+            if len(st.layers_done) != self.num_layers:
+                log.warning("request %s: only %d of %d layers gathered; not saving", st.spec.req_id,
+                            len(st.layers_done), self.num_layers)
+                continue
+            with self._lock:
+                self._save_inflight[st.spec.req_id] += 1
+            self._save_pool.submit(self._run_save, st)
+
+    def _run_save(self, st: _Staged) -> None:
+        spec = st.spec
+        try:
+            keys = self._keys(spec.tokens, spec.cache_salt)[spec.first_chunk:]
+            layer_bytes = len(spec.block_ids) * self.block_bytes
+            ob = self.obj_bytes
+            for i in range(spec.num_chunks):
+                items = [(layer_key(keys[i], layer), st.buf[layer * layer_bytes + i * ob:
+                                                              layer * layer_bytes + (i + 1) * ob])
+                         for layer in range(self.num_layers)]
+                try:
+                    self.client.put_batch(items, timeout=self.cfg.timeout)
+                except KVStoreError as e:
+                    self.counters["save_failures"] += 1
+                    log.warning("kvstore save of request %s chunk %d failed (later chunks skipped): %s",
+                                spec.req_id, spec.first_chunk + i, e)
+                    break
+                self.counters["saved_chunks"] += 1
+                self.counters["saved_bytes"] += ob * self.num_layers
+        except Exception:  # noqa: BLE001 - a save is best effort; the request must still complete
+            log.exception("kvstore save of request %s failed", spec.req_id)
+        finally:
+            with self._lock:
+                self._save_inflight[spec.req_id] -= 1
+                if self._save_inflight[spec.req_id] <= 0:
+                    del self._save_inflight[spec.req_id]
+
+    # -- completion reporting --------------------------------------------------------
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose saves are done, async loads done); see the module docstring."""
+        with self._lock:
+            self._finished_wait |= finished_req_ids & self._has_saves
+            sending = {r for r in self._finished_wait if r not in self._save_inflight}
+            self._finished_wait -= sending
+            self._has_saves -= sending
+            recving = set(self._async_done)
+            for failed in self._async_done.values():
+                self._load_errors |= failed
+            self._async_done.clear()
+        return sending or None, recving or None
+
+    def take_load_errors(self) -> set[int]:
+        """Blocks whose load failed since the last call (vLLM recomputes them)."""
+        out, self._load_errors = self._load_errors, set()
+        if out:
+            self.counters["load_error_blocks"] += len(out)
+        return out
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Block until queued saves and async loads have run (tests, benchmarks, shutdown)."""
+        for pool in (self._async_pool, self._save_pool):
+            pool.submit(lambda: None).result(timeout=timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, **{f"client.{k}": v for k, v in self.client.counters.items()}}
+
+    def shutdown(self) -> None:
+        for pool in (self._sync_pool, self._async_pool, self._save_pool):
+            pool.shutdown(wait=True, cancel_futures=False)
+        self.client.close()
