@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore._types import Buffer
+from kvstore._types import Buffer, byte_view
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgument, NoSpace
 from kvstore.memory import Allocation, Arena
@@ -46,16 +46,6 @@ def check_key(key: Any) -> bytes:
     if not 0 < len(key) <= MAX_KEY_BYTES:
         raise InvalidArgument(f"key must be 1..{MAX_KEY_BYTES} bytes long, got {len(key)}")
     return key
-
-
-def _as_bytes_view(value: Any, what: str = "value") -> memoryview:
-    try:
-        mv = memoryview(value)
-    except TypeError as e:
-        raise InvalidArgument(f"{what} must support the buffer protocol, got {type(value).__name__}") from e
-    if not mv.c_contiguous:
-        raise InvalidArgument(f"{what} must be C-contiguous")
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
 class LocalStore:
@@ -102,7 +92,7 @@ class LocalStore:
         when nothing evictable makes room (e.g. everything pinned).
         """
         k = check_key(key)
-        mv = _as_bytes_view(value)
+        mv = byte_view(value)
         if len(mv) == 0:
             raise InvalidArgument("value is empty; kvstore stores chunks of at least one byte")
         if len(mv) > self._m.max_value:
@@ -142,7 +132,7 @@ class LocalStore:
         than the value, before writing anything.
         """
         k = check_key(key)
-        mv = _as_bytes_view(buffer, "buffer")
+        mv = byte_view(buffer, "buffer")
         if mv.readonly:
             raise InvalidArgument("buffer is read-only")
         return self._m.get_into(k, mv)

@@ -14,7 +14,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from kvstore._types import byte_view
 from kvstore.errors import InvalidArgument
+
+__all__ = ["Desc", "Region", "RemoteRegion", "byte_view", "device_nbytes", "device_of"]
 
 _REMOTE = struct.Struct("<4sBBHIQ")  # magic, version, kind, extra_len, region id, nbytes
 _REMOTE_MAGIC = b"KVRR"
@@ -85,17 +88,6 @@ class Desc(NamedTuple):
     remote: RemoteRegion
     remote_offset: int
     length: int
-
-
-def byte_view(buf: Any, what: str) -> memoryview:
-    """Flat unsigned-byte view of a C-contiguous host buffer (no copy)."""
-    try:
-        mv = memoryview(buf)
-    except TypeError as e:
-        raise InvalidArgument(f"{what}: {type(buf).__name__} does not expose a buffer") from e
-    if not mv.c_contiguous:
-        raise InvalidArgument(f"{what}: buffer must be C-contiguous")
-    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
 def device_of(buf: Any) -> str:

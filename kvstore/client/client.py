@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from kvstore._types import byte_view
 from kvstore.checksum import checksum
 from kvstore.client.connections import GRPC_OPTIONS, Connections, NodeConn
 from kvstore.client.releaser import Releaser
@@ -45,7 +46,7 @@ from kvstore.errors import (
 from kvstore.hostid import host_id
 from kvstore.master.errors import error_from_rpc
 from kvstore.node.protocol import Op, SlotStatus
-from kvstore.store import _as_bytes_view, check_key
+from kvstore.store import check_key
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
 from transport.regions import Desc, Region
@@ -125,7 +126,7 @@ class Client:
                   timeout: float | None = None) -> list[bool]:
         """Store every ``(key, value)``; all are validated before anything is sent."""
         keys = [check_key(k) for k, _ in items]
-        views = [_as_bytes_view(v) for _, v in items]
+        views = [byte_view(v) for _, v in items]
         for k, v in zip(keys, views, strict=True):
             if len(v) == 0:
                 raise InvalidArgument(f"value for key {k[:16]!r} is empty")
@@ -279,7 +280,7 @@ class Client:
         if len(keys) != len(buffers):
             raise InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
         ks = [check_key(k) for k in keys]
-        views = [_as_bytes_view(b, "buffer") for b in buffers]
+        views = [byte_view(b, "buffer") for b in buffers]
         if any(v.readonly for v in views):
             raise InvalidArgument("buffer is read-only")
         res = self._retrying(lambda d: self._get(ks, views, d), timeout)
