@@ -9,8 +9,7 @@ from typing import Any
 
 import click
 
-from kvstore.config import load_config
-from kvstore.node.config import NodeConfig
+from kvstore.config import NodeConfig, load_config
 
 
 def read_token(path: Path | None) -> str | None:

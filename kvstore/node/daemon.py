@@ -26,9 +26,8 @@ from typing import Any
 
 import grpc
 
-from kvstore.config import StoreConfig
+from kvstore.config import NodeConfig, StoreConfig
 from kvstore.hostid import host_id
-from kvstore.node.config import NodeConfig
 from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, NodeService
