@@ -4,6 +4,7 @@ Measured in one run, side by side, for 1, 4 and 32 MiB values with 1 and 4
 client processes: put/get throughput and p50/p99 latency through
 
 * kvstore, default client path (same host: shared memory),
+* kvstore with the client's location cache (content-addressed keys: no Lookup per get),
 * kvstore with the same-host path disabled (TCP),
 * Redis (Debian ``redis-server`` on loopback, no persistence; redis-py + hiredis),
 
@@ -69,7 +70,8 @@ def _worker(task: dict[str, Any]) -> dict[str, Any]:
     else:
         from kvstore.client import Client
 
-        with Client(task["master"], same_host=(path == "kvstore"), timeout=60) as c:
+        with Client(task["master"], same_host=(path != "kvstore-tcp"), timeout=60,
+                    cache_locations=(path == "kvstore-cached")) as c:
             for k in keys:
                 t = time.perf_counter()
                 c.put(k, value)
@@ -168,7 +170,7 @@ def main() -> None:
         procs.append(up)
         master = f"127.0.0.1:{port}"
         _wait_port(port, up, tmp / "up.log")
-        paths = ["kvstore", "kvstore-tcp"]
+        paths = ["kvstore", "kvstore-cached", "kvstore-tcp"]
         redis_port = free_port()
         if shutil.which("redis-server"):
             rs = _start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -236,6 +238,8 @@ def main() -> None:
                                                       / runs[f"redis/{name}/1"]["get_aggregate_gbps"])
             ratios["get_vs_redis_4MiB_4clients"] = (runs["kvstore/4MiB/4"]["get_aggregate_gbps"]
                                                     / runs["redis/4MiB/4"]["get_aggregate_gbps"])
+            ratios["get_cached_vs_redis_4MiB"] = (runs["kvstore-cached/4MiB/1"]["get_aggregate_gbps"]
+                                                  / runs["redis/4MiB/1"]["get_aggregate_gbps"])
         results["ratios"] = ratios
         print("\nratios")
         for k, v in ratios.items():

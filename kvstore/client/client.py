@@ -16,6 +16,10 @@ replace it. Every call takes a deadline (``timeout``, default the client's);
 retryable failures (a busy key, a master or node restarting) are retried with
 backoff until the deadline or ``retries``. Thread-safe; one client per process
 is enough.
+
+``cache_locations=True`` (content-addressed keys only) remembers where keys were
+written or found and reads them from that node without asking the master:
+one round trip less per get (see :mod:`kvstore.client.locations`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 from kvstore._types import byte_view
 from kvstore.checksum import checksum
 from kvstore.client.connections import GRPC_OPTIONS, Connections, NodeConn
+from kvstore.client.locations import LocationCache
 from kvstore.client.releaser import Releaser
 from kvstore.errors import (
     Corruption,
@@ -69,6 +74,7 @@ class Client:
         prefer: Sequence[str] = ("tcp",),
         token: str | None = None,
         host: str | None = None,
+        cache_locations: bool | int = False,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0, got {timeout}")
@@ -82,6 +88,9 @@ class Client:
         self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
         self._conns = Connections(self.host_id, same_host=same_host, prefer=tuple(prefer), timeout=timeout)
         self._releaser = Releaser()
+        # Opt-in (content-addressed keys only): see kvstore.client.locations.
+        self._locations = None if not cache_locations else LocationCache(
+            1 << 18 if cache_locations is True else int(cache_locations))
         self.counters: Counter[str] = Counter()
 
     # -- plumbing ----------------------------------------------------------------
@@ -167,6 +176,11 @@ class Client:
             self._revoke(resp.put_id, keys, todo, deadline)
             raise
         done = sorted({i for idxs in todo.values() for i in idxs} - failed)
+        if self._locations is not None:
+            for node_id, idxs in todo.items():
+                for i in idxs:
+                    if i not in failed:
+                        self._locations.put(keys[i], nodes[node_id], len(views[i]), sums[i])
         if failed:
             self._rpc(self._stub.PutRevoke, mpb.PutRevokeRequest(
                 put_id=resp.put_id, keys=[keys[i] for i in sorted(failed)]), deadline)
@@ -288,25 +302,67 @@ class Client:
 
     def _get(self, keys: list[bytes], views: list[memoryview] | None,
              deadline: float) -> list[memoryview | bytearray | None]:
-        loc = self._rpc(self._stub.Lookup, mpb.LookupRequest(keys=keys, client_host=self.host_id), deadline)
         out: list[Any] = [None] * len(keys)
         dests: list[memoryview | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        if self._locations is not None:
+            known = {i: loc for i in todo if (loc := self._locations.get(keys[i])) is not None}
+            if known:
+                self._prepare(known, views, out, dests)
+                got = self._read_replicas({i: [loc.node] for i, loc in known.items()}, keys, dests, known,
+                                          deadline)
+                for i in got:
+                    out[i] = dests[i] if views is not None else out[i]
+                self._locations.forget([keys[i] for i in known if i not in got])
+                todo = [i for i in todo if i not in got]
+                self.counters["location_cache.hits"] += len(got)
+        if not todo:
+            return out
+        resp = self._rpc(self._stub.Lookup, mpb.LookupRequest(keys=[keys[i] for i in todo],
+                                                              client_host=self.host_id), deadline)
+        locs: dict[int, Any] = {}
         pending: dict[int, list[mpb.NodeInfo]] = {}
-        for i, location in enumerate(loc.locations):
+        for i, location in zip(todo, resp.locations, strict=True):
+            out[i] = None
             if location.status != mpb.OK or not location.nodes:
                 self.counters["misses.not_found"] += 1
                 continue
-            if views is not None and len(views[i]) < location.size:
-                raise InvalidArgument(
-                    f"buffer of {len(views[i])} bytes is smaller than the value ({location.size} bytes)")
+            locs[i] = location
             pending[i] = list(location.nodes)
+        self._prepare(locs, views, out, dests)
+        got = self._read_replicas(pending, keys, dests, locs, deadline)
         for i in pending:
+            if i in got:
+                if views is not None:
+                    out[i] = dests[i]
+                if self._locations is not None:
+                    node = next(n for n in pending[i] if n.node_id == got[i])
+                    self._locations.put(keys[i], node, locs[i].size, locs[i].checksum)
+            else:
+                out[i] = None
+                self.counters["misses.unavailable"] += 1
+        return out
+
+    @staticmethod
+    def _prepare(locs: dict[int, Any], views: list[memoryview] | None, out: list[Any],
+                 dests: list[memoryview | None]) -> None:
+        """Size checks (before any byte moves) and destination buffers for ``locs``."""
+        for i, loc in locs.items():
+            if views is not None and len(views[i]) < loc.size:
+                raise InvalidArgument(
+                    f"buffer of {len(views[i])} bytes is smaller than the value ({loc.size} bytes)")
+        for i, loc in locs.items():
             if views is None:
-                out[i] = bytearray(loc.locations[i].size)
+                if out[i] is None or len(out[i]) != loc.size:
+                    out[i] = bytearray(loc.size)
                 dests[i] = memoryview(out[i])
             else:
-                dests[i] = views[i][: loc.locations[i].size]
-        # Try replicas in preference order; keys missing on one node move to their next replica.
+                dests[i] = views[i][: loc.size]
+
+    def _read_replicas(self, pending: dict[int, list[mpb.NodeInfo]], keys: list[bytes],
+                       dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, str]:
+        """Read every pending key from its first replica that has it; ``{index: node_id}`` of hits."""
+        got: dict[int, str] = {}
         while pending:
             by_node: dict[str, list[int]] = defaultdict(list)
             nodes: dict[str, mpb.NodeInfo] = {}
@@ -316,25 +372,21 @@ class Client:
             nxt: dict[int, list[mpb.NodeInfo]] = {}
             for node_id, idxs in by_node.items():
                 try:
-                    got = self._read_node(nodes[node_id], idxs, keys, dests, loc.locations, deadline)
+                    ok = self._read_node(nodes[node_id], idxs, keys, dests, locs, deadline)
                 except TransportError as e:
                     log.warning("node %s unreachable: %s", node_id, e)
-                    got = set()
+                    ok = set()
                 for i in idxs:
-                    if i in got:
-                        if views is not None:
-                            out[i] = dests[i]
+                    if i in ok:
+                        got[i] = node_id
                         self.counters["hits"] += 1
                     elif len(pending[i]) > 1:
                         nxt[i] = pending[i][1:]
-                    else:
-                        out[i] = None
-                        self.counters["misses.unavailable"] += 1
             pending = nxt
-        return out
+        return got
 
     def _read_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
-                   dests: list[memoryview | None], locs: Sequence[mpb.Location], deadline: float) -> set[int]:
+                   dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> set[int]:
         """Read ``idxs`` from one node into ``dests``; returns the indices read and verified."""
         conn = self._conns.get(node)
         slots = self._node_call(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline)
@@ -397,6 +449,8 @@ class Client:
                      timeout: float | None = None) -> list[bool]:
         """Remove keys; ``True`` per removed key. Leased keys raise TryAgain unless ``force``."""
         ks = [check_key(k) for k in keys]
+        if self._locations is not None:
+            self._locations.forget(ks)
         resp = self._retrying(
             lambda d: self._rpc(self._stub.Remove, mpb.RemoveRequest(keys=ks, force=force), d), timeout)
         out = []

@@ -163,3 +163,32 @@ def test_bad_requests_get_clear_errors(cluster):
         with pytest.raises(InvalidArgument):
             c.get_into_batch([b"sized"], [])
         assert c.get(b"sized") == b"y" * 1000  # everything still serving
+
+
+def test_location_cache_skips_lookup_and_falls_back(cluster):
+    keys = [b"lc%d" % i for i in range(12)]
+    with Client(cluster.master_address, cache_locations=True, timeout=5) as c, \
+            Client(cluster.master_address, timeout=5) as other:
+        c.put_batch([(k, value_for(k)) for k in keys])
+        lookups = c.stats().counters["lookups"]
+        assert [bytes(v) for v in c.get_batch(keys)] == [value_for(k) for k in keys]
+        assert c.counters["location_cache.hits"] == len(keys)
+        assert c.stats().counters["lookups"] == lookups  # the master was not asked
+        # Removed by another client: once the removal reaches the node, the cached read
+        # misses on the node and the fallback Lookup says it is gone.
+        other.remove(keys[0])
+        deadline = time.monotonic() + 10
+        while c.get(keys[0]) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.get(keys[0]) is None
+        # Its node killed: cached reads fail over to the master's view, never hang.
+        victim = node_of(other, keys[1])
+        cluster.nodes[int(victim.removeprefix("node"))].signal(signal.SIGKILL)
+        t = time.monotonic()
+        for k in keys[1:]:
+            try:
+                got = c.get(k, timeout=3)
+            except KVStoreError:
+                continue
+            assert got is None or got == value_for(k)
+        assert time.monotonic() - t < 3 * len(keys) + 5
