@@ -192,3 +192,32 @@ def test_location_cache_skips_lookup_and_falls_back(cluster):
                 continue
             assert got is None or got == value_for(k)
         assert time.monotonic() - t < 3 * len(keys) + 5
+
+
+def test_restarted_node_keeps_its_disk_chunks_and_forgets_the_rest(tmp_path):
+    c = Cluster(tmp_path, node_ttl="3s", dram="6MiB", disk="64MiB")
+    try:
+        c.start(nodes=1)
+        keys = [b"r%d" % i for i in range(24)]
+        vals = {k: np.random.default_rng(i).bytes(1 << 20) for i, k in enumerate(keys)}
+        with Client(c.master_address, timeout=10) as cl:
+            for k in keys:  # 24 MiB through a 6 MiB DRAM tier: most are demoted to disk
+                cl.put(k, vals[k])
+            c.nodes[0].signal(signal.SIGKILL)
+            c.nodes[0].popen.wait(10)
+            c.start_node(0)  # same node id, same disk directory
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                s = cl.stats()
+                if s.nodes and s.nodes[0].epoch > 1:
+                    break
+                time.sleep(0.2)
+            got = {k: cl.get(k) for k in keys}
+        assert all(v is None or v == vals[k] for k, v in got.items())
+        found = sum(v is not None for v in got.values())
+        assert 0 < found < len(keys), found  # demoted chunks survived, DRAM-only ones are gone
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
