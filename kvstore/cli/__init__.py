@@ -31,6 +31,7 @@ def _register() -> None:
 
     for command in (up, master, node, status, demo, local_demo):
         cli.add_command(command)
+    from kvstore.cli.proxy import proxy; cli.add_command(proxy)  # noqa: E702, I001
 
 
 _register()
