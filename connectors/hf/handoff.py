@@ -10,9 +10,8 @@ import json
 import sys
 from typing import Any
 
-from kvstore.client import Client
-
 from connectors.hf.cache import export_cache, import_cache, model_namespace
+from kvstore.client import Client
 
 
 def _model(model_dir: str) -> Any:

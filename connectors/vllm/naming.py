@@ -12,10 +12,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from connectors.vllm.metadata import KVStoreHandshake
 from kvstore.keys import Namespace, chunk_keys
 from kvstore.layout import KVLayout
-
-from connectors.vllm.metadata import KVStoreHandshake
 
 
 def namespace_model(model_id: str, raw_fingerprint: str, block_size: int) -> str:

@@ -25,12 +25,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvstore.client import Client
-from kvstore.errors import KVStoreError
-
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
 from connectors.vllm.naming import keys_for, layer_key, namespace
+from kvstore.client import Client
+from kvstore.errors import KVStoreError
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks

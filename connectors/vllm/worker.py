@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvstore import kernels
-from kvstore.client import Client
-from kvstore.errors import InvalidArgument, KVStoreError
-
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
 from connectors.vllm.naming import keys_for, layer_key, namespace, namespace_model
+from kvstore import kernels
+from kvstore.client import Client
+from kvstore.errors import InvalidArgument, KVStoreError
 
 if TYPE_CHECKING:
     import torch
