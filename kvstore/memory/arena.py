@@ -137,6 +137,11 @@ class Arena:
             except OSError:
                 log.debug("arena %s: transparent huge pages unavailable", name)
         self._np = np.frombuffer(self._mmap, dtype=np.uint8, count=self.capacity)
+        if prefault and not self._owns_map:
+            # Someone else's mapping (a shared segment): MAP_POPULATE there may only map
+            # pages, not back them; writing every page once makes later first touches
+            # (ours or a peer's through its own mapping) as cheap as any other.
+            self._np.fill(0)
         self._mv = self._np.data
         self.address = int(self._np.ctypes.data)
         self._alloc = ExtentAllocator(capacity, alignment)

@@ -24,7 +24,7 @@ from kvstore.errors import Corruption, InvalidArgument, Timeout, TransportError
 from transport.base import Peer
 from transport.handle import Handle
 from transport.regions import Desc, RemoteRegion
-from transport.shm.memory import KIND_CMA, KIND_FD, address, cma, map_fd
+from transport.shm.memory import KIND_CMA, KIND_FD, address, cma, map_fd, populate
 from transport.wire import (
     HEADER,
     OK,
@@ -138,6 +138,7 @@ def run_stripe(peer: ShmPeer, descs: list[Desc], write: bool, owner: Handle, che
         kind = d.remote.extra[0] if d.remote.extra else 0
         if kind == KIND_FD:
             rv = peer.mapping(d.remote, owner.deadline)[d.remote_offset : d.remote_offset + d.length]
+            populate(rv, write)
             src, dst = (lv, rv) if write else (rv, lv)
             _copy(src, dst, owner)
             if checksum and xxh(dst) != xxh(src):

@@ -16,6 +16,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 
 from kvstore.checksum import checksum as xxh
@@ -143,7 +144,11 @@ class Conn:
             except TimeoutError as e:
                 err = Timeout(f"{s.owner.what}: {e}")
             except OSError as e:
-                err = TransportError(f"{s.owner.what}: connection to {self.name} failed: {e}")
+                # A connect cut short by the operation's own deadline is a timeout, not a lost peer.
+                if s.owner.deadline is not None and time.monotonic() >= s.owner.deadline - 1e-3:
+                    err = Timeout(f"{s.owner.what}: deadline expired ({e})")
+                else:
+                    err = TransportError(f"{s.owner.what}: connection to {self.name} failed: {e}")
             if err is not None:
                 self._drop()
             with s.lock:
