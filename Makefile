@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python benchmarks/transport.py --quick --json bench-results/transport.json
 	$(BIN)/python benchmarks/kernels.py --quick --json bench-results/kernels.json
 	$(BIN)/python benchmarks/store.py --quick --json bench-results/store.json
+	$(BIN)/python benchmarks/pd_handoff.py --quick --json bench-results/pd_handoff.json
 
 lint: install
 	$(BIN)/ruff check kvstore transport connectors tests benchmarks

@@ -1,0 +1,119 @@
+"""P/D handoff through kvstore vs recompute vs vLLM's ExampleConnector (real vLLM on CPU).
+
+For each prompt length: the decode side's time to first token when the prompt's
+KV is loaded from kvstore vs recomputed, the producer's prefill time with and
+without saving, and vLLM's built-in ``ExampleConnector`` (safetensors files on
+local disk) on the same prompts. Every engine is a child process
+(``connectors.testing.engine``); times are ``LLM.generate`` of one prompt with
+``max_tokens=1`` after a warm-up, median of ``--repeat`` fresh prompts.
+
+    python benchmarks/pd_handoff.py --quick --json bench-results/pd_handoff.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from connectors.testing import TinyModelSpec, build_tiny_llama  # noqa: E402
+from connectors.testing.engine import EngineProcess, kv_transfer_config  # noqa: E402
+from kvstore.testing.cluster import Cluster  # noqa: E402
+
+SPEC = TinyModelSpec(layers=8, hidden=1024, heads=16, kv_heads=4, intermediate=2816, vocab=512,
+                     max_positions=16384, seed=99)
+
+
+def _prompts(seed: int, length: int, n: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(2, 500) for _ in range(length)] for _ in range(n)]
+
+
+
+
+def run(lengths: list[int], repeat: int, workdir: Path) -> dict[str, Any]:
+    model = build_tiny_llama(workdir / "model", SPEC)
+    max_len = max(lengths) + 256
+    warm = _prompts(0, 300, 1)
+    sets = {n: _prompts(n, n, repeat) for n in lengths}
+    res: dict[str, Any] = {"model": SPEC.__dict__, "lengths": lengths, "repeat": repeat, "rows": []}
+    times: dict[str, dict[int, list[float]]] = {}
+
+    def phase(name: str, kv: dict[str, Any] | None, prompts_of: dict[int, list[list[int]]],
+              params: dict[int, list[Any]] | None = None, keep: bool = False) -> dict[int, list[Any]]:
+        got: dict[int, list[Any]] = {}
+        with EngineProcess(model, kv=kv, log=workdir / f"{name}.log", max_model_len=max_len) as e:
+            e.generate(warm, 1)
+            times[name] = {}
+            for n, ps in prompts_of.items():
+                ts = []
+                got[n] = []
+                for i, p in enumerate(ps):
+                    r = e.generate([p], 1, params=[params[n][i]] if params else None)
+                    ts.append(float(r["seconds"]))
+                    got[n].append(r["params"][0])
+                times[name][n] = ts
+            e.call("wait_idle")
+        print(f"  {name}: " + ", ".join(f"{n}={statistics.median(t) * 1e3:.0f}ms" for n, t in times[name].items()),
+              flush=True)
+        return got
+
+    with Cluster(workdir / "cluster", dram="1GiB").start(nodes=1) as cl:
+        phase("recompute", None, sets)  # plain engine: the prefill with no connector
+        params = phase("producer_save", kv_transfer_config(cl.master_address, "kv_producer"), sets)
+        phase("consumer_load", kv_transfer_config(cl.master_address, "kv_consumer"), sets, params)
+        ex_dir = workdir / "example"
+        ex_dir.mkdir()
+        ex = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+              "kv_connector_extra_config": {"shared_storage_path": str(ex_dir)}}
+        phase("example_save", ex, sets)
+        phase("example_load", ex, sets)
+    for n in lengths:
+        med = {k: statistics.median(v[n]) for k, v in times.items()}
+        res["rows"].append({"tokens": n, **{f"{k}_s": round(v, 4) for k, v in med.items()}})
+    by = {r["tokens"]: r for r in res["rows"]}
+    ref = 2048 if 2048 in by else lengths[-1]
+    r = by[ref]
+    res["ratios"] = {
+        f"load_vs_recompute_{ref}": round(r["recompute_s"] / r["consumer_load_s"], 2),
+        "producer_save_overhead": round(r["producer_save_s"] / r["recompute_s"] - 1, 4),
+        f"vs_example_connector_{ref}": round(r["example_load_s"] / r["consumer_load_s"], 2),
+    }
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="512 and 2048 tokens, 2 prompts each")
+    ap.add_argument("--json", type=Path, default=None, help="write results here")
+    ap.add_argument("--lengths", default=None, help="comma separated prompt lengths (default 512,2048,8192)")
+    ap.add_argument("--repeat", type=int, default=None, help="prompts per length (median reported)")
+    a = ap.parse_args()
+    lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else ([512, 2048] if a.quick else [512, 2048, 8192])
+    repeat = a.repeat or (2 if a.quick else 3)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pd-bench-") as d:
+        res = run(lengths, repeat, Path(d))
+    res["wall_s"] = round(time.monotonic() - t0, 1)
+    print(f"{'tokens':>7} {'recompute':>10} {'kvstore load':>13} {'prefill+save':>13} "
+          f"{'Example save':>13} {'Example load':>13}")
+    for r in res["rows"]:
+        print(f"{r['tokens']:>7} {r['recompute_s'] * 1e3:>8.0f}ms {r['consumer_load_s'] * 1e3:>11.0f}ms "
+              f"{r['producer_save_s'] * 1e3:>11.0f}ms {r['example_save_s'] * 1e3:>11.0f}ms "
+              f"{r['example_load_s'] * 1e3:>11.0f}ms")
+    print("ratios:", json.dumps(res["ratios"]))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
