@@ -65,19 +65,26 @@ class TierManager:
         return max(self.dram.capacity, self.disk.capacity if self.disk is not None else 0)
 
     def put(self, key: bytes, data: memoryview, pin: bool = False) -> None:
+        # A replaced value stays readable until its successor is in place: each tier
+        # swaps atomically, and a copy left in another tier goes only afterwards (with
+        # write-through the disk copy is swapped too), so a crash mid-put loses nothing
+        # that was acknowledged before.
         n = len(data)
         with self._lock:
-            self._remove_locked(key, unpin=False)
             if self._make_room_dram(n):
                 checksum = self.dram.put(key, data)
-                self._lru["dram"][key] = None
+                self._touch("dram", key)
                 self.counters["puts.dram"] += 1
                 if self.write_through:
                     self._write_through(key, data, checksum)
+                elif self.disk is not None and self.disk.remove(key):
+                    self._lru["disk"].pop(key, None)  # the old value's disk copy
             elif self.disk is not None and self._make_room_disk(n):
                 self.disk.put(key, data)
-                self._lru["disk"][key] = None
+                self._touch("disk", key)
                 self.counters["puts.disk"] += 1
+                if self.dram.remove(key):
+                    self._lru["dram"].pop(key, None)
             else:
                 raise NoSpace(
                     f"no room for {format_size(n)}: DRAM has {format_size(self.dram.capacity - self.dram.used)} "
@@ -88,19 +95,24 @@ class TierManager:
                 self.pins.add(key)
             self._enforce_watermark()
 
+    def _touch(self, tier: str, key: bytes) -> None:
+        lru = self._lru[tier]
+        lru[key] = None
+        lru.move_to_end(key)
+
     def _write_through(self, key: bytes, data: memoryview, checksum: int) -> None:
+        """Swap the disk copy for the new value; on failure drop the new DRAM copy (the old
+        durable value, if any, stays)."""
         assert self.disk is not None
-        if not self._make_room_disk(len(data)):
-            self.dram.remove(key)
-            del self._lru["dram"][key]
-            raise NoSpace(f"write-through: no room for {format_size(len(data))} on disk (pinned)")
         try:
+            if not self._make_room_disk(len(data)):
+                raise NoSpace(f"write-through: no room for {format_size(len(data))} on disk (pinned)")
             self.disk.put(key, data, checksum)
         except BaseException:
             self.dram.remove(key)
-            del self._lru["dram"][key]
+            self._lru["dram"].pop(key, None)
             raise
-        self._lru["disk"][key] = None
+        self._touch("disk", key)
 
     def _make_room_dram(self, n: int) -> bool:
         """Make ``n`` bytes fit; crossing the high watermark demotes down to the low one."""
@@ -195,14 +207,15 @@ class TierManager:
             alloc.release()
             raise
         with self._lock:
-            self._remove_locked(key, unpin=False)
             self.dram.put_allocation(key, alloc, checksum)
-            self._lru["dram"][key] = None
+            self._touch("dram", key)
             self.counters["puts.dram"] += 1
             if pin:
                 self.pins.add(key)
             if self.write_through:
                 self._write_through(key, alloc.view(), checksum)
+            elif self.disk is not None and self.disk.remove(key):
+                self._lru["disk"].pop(key, None)  # the old value's disk copy
             self._enforce_watermark()
 
     def acquire(self, key: bytes) -> Lease | None:

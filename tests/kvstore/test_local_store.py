@@ -232,3 +232,38 @@ def test_acquire_promotes_from_disk_and_lost_keys_are_reported(disk_dir):
         assert s.stats()["counters"]["promotions"] == 1
         s.remove(survivor)
         assert survivor not in s.take_lost()  # removal is not a loss
+
+
+def test_failed_overwrite_keeps_the_acknowledged_value(disk_dir, monkeypatch):
+    from kvstore.errors import KVStoreError
+    from kvstore.tiers.disk import DiskTier
+
+    old, new = os.urandom(100_000), os.urandom(100_000)
+    with LocalStore(dram="4MiB", disk_dir=disk_dir, disk="8MiB", write_through=True, prefault=False) as s:
+        s.put(b"k", old)
+
+        def broken(*a, **kw):
+            raise NoSpace("injected: disk write failed")
+
+        monkeypatch.setattr(DiskTier, "put_padded", broken)
+        with pytest.raises(KVStoreError):
+            s.put(b"k", new)
+        monkeypatch.undo()
+        assert s.get(b"k") == old  # the new DRAM copy was dropped; the durable one stayed
+    with LocalStore(dram="4MiB", disk_dir=disk_dir, disk="8MiB", prefault=False) as s:
+        assert s.get(b"k") == old
+
+
+def test_overwrite_replaces_every_tier(disk_dir):
+    old, new = os.urandom(100_000), os.urandom(100_000)
+    with LocalStore(dram="4MiB", disk_dir=disk_dir, disk="8MiB", write_through=True, prefault=False) as s:
+        s.put(b"k", old)
+        s.put(b"k", new)
+        assert s.get(b"k") == new
+    with LocalStore(dram="4MiB", disk_dir=disk_dir, disk="8MiB", prefault=False) as s:
+        assert s.get(b"k") == new  # the disk copy was swapped, not left stale
+    # Without write-through the stale disk copy of a replaced value is dropped.
+    with LocalStore(dram="4MiB", disk_dir=disk_dir, disk="8MiB", prefault=False) as s:
+        s.put(b"k", old)
+        assert s.get(b"k") == old
+        assert not s._m.disk.contains(b"k")
