@@ -20,8 +20,19 @@ from kvstore.units import format_size, parse_size
 @click.option("--tcp", is_flag=True, help="Disable the same-host shared-memory path (use TCP).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with the master's shared token.")
-def demo(master: str, chunks: int, size: str, batch: int, tcp: bool, token_file: Path | None) -> None:
-    """Put CHUNKS chunks, read them back verified, print throughput, remove them."""
+@click.option("--handoff", is_flag=True,
+              help="Instead: prefill a prompt with a tiny local Llama in one process, decode it in "
+                   "another from the store, and compare with a single-process run (needs kvstore[hf]).")
+@click.option("--prompt-tokens", default=300, show_default=True, help="Prompt length for --handoff.")
+def demo(master: str, chunks: int, size: str, batch: int, tcp: bool, token_file: Path | None,
+         handoff: bool, prompt_tokens: int) -> None:
+    """Put CHUNKS chunks, read them back verified, print throughput, remove them.
+
+    With --handoff: a prefill -> decode handoff of a real (tiny, random) transformers model.
+    """
+    if handoff:
+        _handoff(master, prompt_tokens)
+        return
     from kvstore.client import Client
 
     n = parse_size(size, name="--size")
@@ -53,3 +64,45 @@ def demo(master: str, chunks: int, size: str, batch: int, tcp: bool, token_file:
     click.echo(f"longest_prefix before removal: {hit}/{chunks}")
     if ok != chunks:
         raise click.ClickException(f"{chunks - ok} chunk(s) missing or wrong")
+
+
+def _handoff(master: str, prompt_tokens: int) -> None:
+    """Prefill in one process, decode in another from the store, token-identical to one process."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+    import tempfile
+
+    try:
+        from connectors.testing.tiny_model import TinyModelSpec, build_tiny_llama
+    except ImportError as e:
+        raise click.ClickException(
+            f"--handoff needs transformers and torch: pip install 'kvstore[hf]' ({e})") from e
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def run(op: str, model: Path, tokens: list[int]) -> tuple[dict[str, object], float]:
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "connectors.hf.handoff", op, str(model), master,
+                              json.dumps(tokens), "16", "64"], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise click.ClickException(f"{op} failed: {out.stderr.strip().splitlines()[-1:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory(prefix="kvstore-handoff-") as d:
+        click.echo("building a tiny random Llama and a tokenizer locally (no downloads)...")
+        model = build_tiny_llama(Path(d) / "model", TinyModelSpec(layers=4, hidden=256, heads=4, kv_heads=2))
+        rng = random.Random()
+        tokens = [rng.randrange(2, 500) for _ in range(prompt_tokens)]
+        want, t_local = run("local", model, tokens)
+        stored, t_pre = run("prefill", model, tokens)
+        got, t_dec = run("decode", model, tokens)
+    same = got["tokens"] == want["tokens"]
+    click.echo(f"single process:          {t_local:.2f}s  tokens {want['tokens']}")
+    click.echo(f"prefill process:         {t_pre:.2f}s  stored {stored['chunks']} chunk(s) of 64 tokens")
+    click.echo(f"decode process:          {t_dec:.2f}s  {got['cached']} prompt tokens loaded from the store")
+    click.echo(f"decoded tokens:          {got['tokens']}")
+    click.echo("token-identical to the single-process run" if same else "MISMATCH with the single-process run")
+    if not same:
+        raise click.ClickException("handoff output differs")
