@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.testing import TinyModelSpec, build_tiny_llama  # noqa: E402
 from connectors.testing.engine import EngineProcess, kv_transfer_config  # noqa: E402
+from kvstore.errors import KVStoreError  # noqa: E402
 from kvstore.testing.cluster import Cluster  # noqa: E402
 
 SPEC = TinyModelSpec(layers=8, hidden=1024, heads=16, kv_heads=4, intermediate=2816, vocab=512,
@@ -57,10 +58,17 @@ def run(lengths: list[int], repeat: int, workdir: Path) -> dict[str, Any]:
                 ts = []
                 got[n] = []
                 for i, p in enumerate(ps):
-                    r = e.generate([p], 1, params=[params[n][i]] if params else None)
+                    try:
+                        r = e.generate([p], 1, params=[params[n][i]] if params else None)
+                    except KVStoreError as err:  # a peer that fails at a length is reported, not fatal
+                        res.setdefault("errors", {}).setdefault(name, {})[n] = str(err)
+                        print(f"  {name} at {n} tokens failed: {err}", flush=True)
+                        ts = []
+                        break
                     ts.append(float(r["seconds"]))
                     got[n].append(r["params"][0])
-                times[name][n] = ts
+                if ts:
+                    times[name][n] = ts
             e.call("wait_idle")
         print(f"  {name}: " + ", ".join(f"{n}={statistics.median(t) * 1e3:.0f}ms" for n, t in times[name].items()),
               flush=True)
@@ -77,7 +85,7 @@ def run(lengths: list[int], repeat: int, workdir: Path) -> dict[str, Any]:
         phase("example_save", ex, sets)
         phase("example_load", ex, sets)
     for n in lengths:
-        med = {k: statistics.median(v[n]) for k, v in times.items()}
+        med = {k: statistics.median(v[n]) for k, v in times.items() if n in v}
         res["rows"].append({"tokens": n, **{f"{k}_s": round(v, 4) for k, v in med.items()}})
     by = {r["tokens"]: r for r in res["rows"]}
     ref = 2048 if 2048 in by else lengths[-1]
@@ -87,6 +95,9 @@ def run(lengths: list[int], repeat: int, workdir: Path) -> dict[str, Any]:
         "producer_save_overhead": round(r["producer_save_s"] / r["recompute_s"] - 1, 4),
         f"vs_example_connector_{ref}": round(r["example_load_s"] / r["consumer_load_s"], 2),
     }
+    for n, row in by.items():
+        if n != ref and "consumer_load_s" in row:
+            res["ratios"][f"load_vs_recompute_{n}"] = round(row["recompute_s"] / row["consumer_load_s"], 2)
     return res
 
 
@@ -105,10 +116,10 @@ def main() -> None:
     res["wall_s"] = round(time.monotonic() - t0, 1)
     print(f"{'tokens':>7} {'recompute':>10} {'kvstore load':>13} {'prefill+save':>13} "
           f"{'Example save':>13} {'Example load':>13}")
+    cols = ("recompute_s", "consumer_load_s", "producer_save_s", "example_save_s", "example_load_s")
     for r in res["rows"]:
-        print(f"{r['tokens']:>7} {r['recompute_s'] * 1e3:>8.0f}ms {r['consumer_load_s'] * 1e3:>11.0f}ms "
-              f"{r['producer_save_s'] * 1e3:>11.0f}ms {r['example_save_s'] * 1e3:>11.0f}ms "
-              f"{r['example_load_s'] * 1e3:>11.0f}ms")
+        cells = [f"{r[c] * 1e3:>11.0f}ms" if c in r else f"{'failed':>13}" for c in cols]
+        print(f"{r['tokens']:>7}" + "".join(cells))
     print("ratios:", json.dumps(res["ratios"]))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
