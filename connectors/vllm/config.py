@@ -37,6 +37,10 @@ class ConnectorConfig:
     """Bearer token for the master, if it requires one."""
     kernel_threads: int = 1
     """Threads of the gather/scatter kernels (the engine's own threads do the math)."""
+    load_batch_bytes: int = 64 << 20
+    """Sync loads fetch layer 0 alone (so the forward starts early), then as many
+    further layers per store call as fit in this many bytes (fewer round trips
+    when the forward is short, bounded staging memory when it is long)."""
     model_id: str | None = None
     """Model identity in the key namespace; default vLLM's served model path/name.
     Set it when two engines load the same weights from different paths."""
@@ -52,6 +56,8 @@ class ConnectorConfig:
                 raise ConfigError(f"kv_connector_extra_config.{name} must be > 0")
         if float(self.handoff_wait) < 0:
             raise ConfigError("kv_connector_extra_config.handoff_wait must be >= 0")
+        if not isinstance(self.load_batch_bytes, int) or self.load_batch_bytes <= 0:
+            raise ConfigError("kv_connector_extra_config.load_batch_bytes must be a positive int")
         if not 1 <= int(self.kernel_threads) <= 64:
             raise ConfigError("kv_connector_extra_config.kernel_threads must be in [1, 64]")
 

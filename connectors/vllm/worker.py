@@ -111,7 +111,8 @@ class WorkerSide:
         self.head_dim = head_dim
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.load_enabled, self.save_enabled = load, save
-        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token)
+        # Chunk keys are content addressed, so the client may remember where they live.
+        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, cache_locations=True)
         self.cache: kernels.PagedCache | None = None
         self.handshake: KVStoreHandshake | None = None
         self.layer_index: dict[str, int] = {}
@@ -190,29 +191,44 @@ class WorkerSide:
         if len(keys) < c1:
             raise InvalidArgument(f"load of request {spec.req_id}: {len(spec.tokens)} tokens give "
                                   f"{len(keys)} chunks, {c1} needed")
-        staging = np.empty((c1 - c0) * self.obj_bytes, dtype=np.uint8)
+        per_layer = (c1 - c0) * self.obj_bytes
+        staging = np.empty(per_layer * self._group_size(per_layer), dtype=np.uint8)
         return _LoadPlan(spec, keys[c0:c1], c0, c1, staging, c1)
 
-    def _load_layer(self, plan: _LoadPlan, layer: int) -> None:
-        """Fetch and scatter ``layer`` of every chunk of ``plan`` before its first failure."""
+    def _group_size(self, per_layer: int) -> int:
+        """Layers per store call after layer 0, within ``load_batch_bytes``."""
+        return max(1, min(self.num_layers - 1, self.cfg.load_batch_bytes // max(per_layer, 1)))
+
+    def _layer_groups(self, per_layer: int) -> list[list[int]]:
+        """``[[0], [1..k], ...]``: layer 0 alone so the forward starts early, then batches."""
+        size = self._group_size(per_layer)
+        rest = list(range(1, self.num_layers))
+        return [[0]] + [rest[i:i + size] for i in range(0, len(rest), size)]
+
+    def _load_layers(self, plan: _LoadPlan, layers: list[int]) -> None:
+        """Fetch ``layers`` of every chunk of ``plan`` (before its first failure) in one call, scatter."""
         n = plan.bad_from - plan.c0
         if n <= 0:
             return
-        ob = self.obj_bytes
-        views = [plan.staging[i * ob:(i + 1) * ob] for i in range(n)]
+        ob, per_layer = self.obj_bytes, (plan.c1 - plan.c0) * self.obj_bytes
+        keys = [layer_key(k, layer) for layer in layers for k in plan.keys[:n]]
+        views = [plan.staging[j * per_layer + i * ob: j * per_layer + (i + 1) * ob]
+                 for j in range(len(layers)) for i in range(n)]
         try:
-            sizes = self.client.get_into_batch([layer_key(k, layer) for k in plan.keys[:n]], views)
+            sizes = self.client.get_into_batch(keys, views)
         except KVStoreError as e:
-            log.warning("kvstore load of request %s layer %d failed: %s", plan.spec.req_id, layer, e)
-            sizes = [None] * n
-        for i, got in enumerate(sizes):
-            if got != ob:
-                plan.bad_from = min(plan.bad_from, plan.c0 + i)
-                self.counters["load_chunk_misses"] += 1
-                break
-        self._scatter(plan, layer)
+            log.warning("kvstore load of request %s layers %s failed: %s", plan.spec.req_id, layers, e)
+            sizes = [None] * len(keys)
+        for j in range(len(layers)):
+            for i in range(n):
+                if sizes[j * n + i] != ob:
+                    plan.bad_from = min(plan.bad_from, plan.c0 + i)
+                    self.counters["load_chunk_misses"] += 1
+                    break
+        for j, layer in enumerate(layers):
+            self._scatter(plan, layer, plan.staging[j * per_layer:(j + 1) * per_layer])
 
-    def _scatter(self, plan: _LoadPlan, layer: int) -> None:
+    def _scatter(self, plan: _LoadPlan, layer: int, staging: np.ndarray) -> None:
         assert self.cache is not None
         bs, spec = self.block_size, plan.spec
         b_lo = spec.start // bs
@@ -220,7 +236,7 @@ class WorkerSide:
         if b_hi <= b_lo:
             return
         off = (b_lo - plan.c0 * self.bpc) * self.block_bytes
-        kernels.scatter(self.cache, spec.block_ids[: b_hi - b_lo], plan.staging[off:], layer=layer,
+        kernels.scatter(self.cache, spec.block_ids[: b_hi - b_lo], staging[off:], layer=layer,
                         whole_chunk=False, fmt="raw", threads=self.cfg.kernel_threads)
         self.counters["load_bytes"] += (b_hi - b_lo) * self.block_bytes
 
@@ -233,10 +249,12 @@ class WorkerSide:
     def _run_sync(self, job: _SyncJob, specs: list[LoadSpec]) -> None:
         try:
             job.plans = [self._plan(s) for s in specs]
-            for layer in range(self.num_layers):
+            per_layer = max((p.c1 - p.c0) * self.obj_bytes for p in job.plans)
+            for group in self._layer_groups(per_layer):
                 for plan in job.plans:
-                    self._load_layer(plan, layer)
-                job.layer_done[layer].set()
+                    self._load_layers(plan, group)
+                for layer in group:
+                    job.layer_done[layer].set()
         except Exception:  # noqa: BLE001 - a dying loader would hang the forward; report instead
             log.exception("kvstore sync load failed; the requests' blocks will be recomputed")
             for plan in job.plans:
@@ -269,8 +287,8 @@ class WorkerSide:
         failed: set[int] = set(spec.block_ids)
         try:
             plan = self._plan(spec)
-            for layer in range(self.num_layers):
-                self._load_layer(plan, layer)
+            for group in self._layer_groups((plan.c1 - plan.c0) * self.obj_bytes):
+                self._load_layers(plan, group)
             failed = self._failed_blocks(plan)
         except Exception:  # noqa: BLE001 - the request must still be reported, with its blocks failed
             log.exception("kvstore async load of request %s failed; it will be recomputed", spec.req_id)
