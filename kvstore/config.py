@@ -208,9 +208,13 @@ def build(cls: type[C], data: dict[str, Any], section: str) -> C:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         f = names[name]
-        if dataclasses.is_dataclass(f.type) or (isinstance(value, dict) and f.name != "extra"):
-            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-            kwargs[name] = build(type(sub), value, f"{section}.{name}" if section else name)
+        key = f"{section}.{name}" if section else name
+        factory = f.default_factory
+        section_cls = type(factory()) if factory is not dataclasses.MISSING else None
+        if section_cls is not None and dataclasses.is_dataclass(section_cls):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a table of settings, got {value!r}")
+            kwargs[name] = build(section_cls, value, key)
         else:
             kwargs[name] = value
     try:

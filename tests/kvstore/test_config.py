@@ -52,3 +52,10 @@ def test_config_is_frozen():
     c = StoreConfig(dram="1MiB")
     with pytest.raises(AttributeError):
         c.dram = 5  # type: ignore[misc]
+
+
+def test_section_shape_errors_name_the_key():
+    with pytest.raises(ConfigError, match="store must be a table"):
+        load_config(overrides={"store": 5})
+    with pytest.raises(ConfigError, match="store.dram"):
+        load_config(overrides={"store.dram": {"nested": 1}})
