@@ -36,8 +36,9 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str]) -> Proc:
-        self.popen = subprocess.Popen(self.args, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                      env=env, start_new_session=True)
+        with open(self.log, "ab") as out:  # the child keeps its own copy of the descriptor
+            self.popen = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True)
         return self
 
     @property
