@@ -195,9 +195,7 @@ def main() -> None:
                         tasks = [{"size": size, "n": n, "rounds": rounds, "path": path, "seed": i,
                                   "prefix": f"{path}-{name}-{clients}-{i}", "master": master,
                                   "port": redis_port} for i in range(clients)]
-                        t = time.perf_counter()
                         outs = pool.map(_worker, tasks)
-                        del t
                         gets = [x for o in outs for x in o["gets"]]
                         puts = [x for o in outs for x in o["puts"]]
                         wall = max(o["get_wall"] for o in outs)
