@@ -26,22 +26,11 @@ from kvstore.node.protocol import (
     pack_frame,
     parse_header,
 )
+from transport.wire import recv_bytes
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Op, list[Any]], list[Any]]
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError("peer closed the connection")
-        got += k
-    return bytes(buf)
 
 
 def _unpack(payload: bytes) -> Any:
@@ -80,8 +69,8 @@ class ControlServer:
         try:
             while True:
                 try:
-                    op, _flags, length = parse_header(_recv_exact(conn, HEADER.size))
-                    items = _unpack(_recv_exact(conn, length))
+                    op, _flags, length = parse_header(recv_bytes(conn, HEADER.size))
+                    items = _unpack(recv_bytes(conn, length))
                     if not isinstance(items, list) or len(items) > MAX_ITEMS:
                         raise ValueError(f"payload must be a list of at most {MAX_ITEMS} items")
                     results = self._handler(Op(op), items)
@@ -90,7 +79,7 @@ class ControlServer:
                     conn.sendall(pack_frame(REPLY_BIT, msgpack.packb(f"bad request: {e}"), FLAG_ERROR))
                     return
                 conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb(results)))
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, TransportError):  # the client went away
             return
         finally:
             with self._lock:
@@ -134,13 +123,13 @@ class ControlClient:
         try:
             sock.settimeout(timeout)
             sock.sendall(pack_frame(op, msgpack.packb(items)))
-            rop, flags, length = parse_header(_recv_exact(sock, HEADER.size))
+            rop, flags, length = parse_header(recv_bytes(sock, HEADER.size))
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            payload = _unpack(_recv_exact(sock, length))
+            payload = _unpack(recv_bytes(sock, length))
         except TimeoutError as e:
             sock.close()
             raise Timeout(f"{op.name} to node {self.address} timed out after {timeout:.1f}s") from e
-        except (OSError, ConnectionError, ValueError) as e:
+        except (OSError, ConnectionError, ValueError, TransportError) as e:
             sock.close()
             raise TransportError(f"{op.name} to node {self.address}: {e}") from e
         if flags & FLAG_ERROR:
