@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from kvstore.tiers.dram import DramTier, Lease
 from kvstore.units import format_size
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TierManager:
@@ -337,16 +339,12 @@ class TierManager:
         if len(dst) < size:
             lease.release()
             raise InvalidArgument(f"buffer of {len(dst)} bytes is smaller than the chunk ({size} bytes)")
-        try:
-            copy_verified(lease.view, dst[:size], lease.checksum, key, what="dram")
-        except Corruption as e:
-            self._on_dram_corrupt(key, lease.alloc, e)
-            return None
-        finally:
-            lease.release()
-        with self._lock:
-            self.counters["hits.dram"] += 1
-        return size
+
+        def copy(held: Lease) -> int:
+            copy_verified(held.view, dst[:size], held.checksum, key, what="dram")
+            return size
+
+        return self._read_leased(key, lease, copy)
 
     def view(self, key: bytes) -> np.ndarray | None:
         """Zero-copy read-only array (DRAM) or a fresh array (disk); ``None`` on a miss."""
@@ -357,23 +355,28 @@ class TierManager:
         if lease is None:
             size = self.size_of(key)
             if size is None:
-                with self._lock:
-                    self.counters["misses.not_found"] += 1
+                self.count("misses.not_found")
                 return None
             out = np.empty(size, dtype=np.uint8)
-            got = self.get_into(key, out.data)
-            return None if got is None else out
+            return None if self.get_into(key, out.data) is None else out
+
+        def zero_copy(held: Lease) -> np.ndarray:
+            verify(held.view, held.checksum, key, what="dram")
+            return held.alloc.ndarray_view()
+
+        return self._read_leased(key, lease, zero_copy)
+
+    def _read_leased(self, key: bytes, lease: Lease, read: Callable[[Lease], T]) -> T | None:
+        """Run ``read`` outside the lock, then release; a Corruption drops the chunk (a miss)."""
         try:
-            verify(lease.view, lease.checksum, key, what="dram")
-            arr = lease.alloc.ndarray_view()
+            out = read(lease)
         except Corruption as e:
             self._on_dram_corrupt(key, lease.alloc, e)
             return None
         finally:
             lease.release()
-        with self._lock:
-            self.counters["hits.dram"] += 1
-        return arr
+        self.count("hits.dram")
+        return out
 
     def _get_disk_locked(self, key: bytes, dst: memoryview) -> int | None:
         e = self.disk.entry(key) if self.disk is not None else None
