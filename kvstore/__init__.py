@@ -18,6 +18,8 @@ from kvstore.layout import KVLayout
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "Client",
     "Config",
     "Corruption",
     "InvalidArgument",
@@ -38,9 +40,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # LocalStore pulls in RocksDB; import it on first use only.
+    # LocalStore pulls in RocksDB and the clients gRPC: import them on first use only.
     if name == "LocalStore":
         from kvstore.store import LocalStore
 
         return LocalStore
-    raise AttributeError(name)
+    if name in ("Client", "AsyncClient"):
+        import kvstore.client
+
+        return getattr(kvstore.client, name)
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
