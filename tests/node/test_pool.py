@@ -221,3 +221,22 @@ def test_restarted_node_keeps_its_disk_chunks_and_forgets_the_rest(tmp_path):
         raise
     finally:
         c.stop()
+
+
+def test_async_client(cluster):
+    import asyncio
+
+    from kvstore import AsyncClient
+
+    async def main() -> None:
+        async with AsyncClient(cluster.master_address, timeout=5) as c:
+            keys = [b"as%d" % i for i in range(8)]
+            assert await c.put_batch([(k, value_for(k)) for k in keys]) == [True] * 8
+            got = await asyncio.gather(*(c.get(k) for k in keys))
+            assert [bytes(g) for g in got] == [value_for(k) for k in keys]
+            assert await c.longest_prefix(keys) == 8
+            buf = bytearray(len(value_for(keys[0])))
+            assert await c.get_into(keys[0], buf) == len(buf) and bytes(buf) == value_for(keys[0])
+            assert await c.remove(keys[0]) and not await c.exists(keys[0])
+
+    asyncio.run(main())
