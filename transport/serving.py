@@ -24,6 +24,9 @@ from transport.wire import (
     E_INVALID,
     E_MALFORMED,
     HEADER,
+    NOTIFY,
+    OK,
+    PING,
     REPLY,
     Header,
     Malformed,
@@ -169,3 +172,18 @@ class FrameServer:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 log.debug("%s: connection already shut", self._who)
+
+
+def control_handlers(t: Transport) -> dict[int, Handler]:
+    """NOTIFY and PING, served the same way by every socket backend."""
+
+    def on_notify(conn: socket.socket, h: Header, descs: list[WireDesc], aux: bytes) -> bool:
+        t.notifications.deliver(aux)
+        send_reply(conn, OK, h.req_id)
+        return True
+
+    def on_ping(conn: socket.socket, h: Header, descs: list[WireDesc], aux: bytes) -> bool:
+        send_reply(conn, OK, h.req_id)
+        return True
+
+    return {NOTIFY: on_notify, PING: on_ping}

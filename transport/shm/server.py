@@ -13,8 +13,8 @@ import struct
 from kvstore.checksum import checksum as xxh
 from kvstore.errors import InvalidArgument
 from transport.base import Transport
-from transport.serving import Handler, acquire_ranges, release_ranges, send_reply
-from transport.wire import NOTIFY, OK, PING, READ, REGION, REPLY, Header, WireDesc, pack_header
+from transport.serving import Handler, acquire_ranges, control_handlers, release_ranges, send_reply
+from transport.wire import OK, READ, REGION, REPLY, Header, WireDesc, pack_header
 
 _U64 = struct.Struct("<Q")
 
@@ -43,13 +43,4 @@ def handlers(t: Transport) -> dict[int, Handler]:
         send_reply(conn, OK, h.req_id, checksums=sums)
         return True
 
-    def on_notify(conn: socket.socket, h: Header, descs: list[WireDesc], aux: bytes) -> bool:
-        t.notifications.deliver(aux)
-        send_reply(conn, OK, h.req_id)
-        return True
-
-    def on_ping(conn: socket.socket, h: Header, descs: list[WireDesc], aux: bytes) -> bool:
-        send_reply(conn, OK, h.req_id)
-        return True
-
-    return {REGION: on_region, READ: on_sums, NOTIFY: on_notify, PING: on_ping}
+    return {REGION: on_region, READ: on_sums, **control_handlers(t)}

@@ -13,13 +13,11 @@ import struct
 
 from kvstore.checksum import checksum as xxh
 from transport.base import Transport
-from transport.serving import Handler, acquire_ranges, release_ranges, send_reply
+from transport.serving import Handler, acquire_ranges, control_handlers, release_ranges, send_reply
 from transport.wire import (
     E_CORRUPT,
     F_CHECKSUM,
-    NOTIFY,
     OK,
-    PING,
     READ,
     WRITE,
     Header,
@@ -63,13 +61,4 @@ def handlers(t: Transport) -> dict[int, Handler]:
             release_ranges(t, got)
         return True
 
-    def on_notify(conn: socket.socket, h: Header, descs: list[WireDesc], aux: bytes) -> bool:
-        t.notifications.deliver(aux)
-        send_reply(conn, OK, h.req_id)
-        return True
-
-    def on_ping(conn: socket.socket, h: Header, descs: list[WireDesc], aux: bytes) -> bool:
-        send_reply(conn, OK, h.req_id)
-        return True
-
-    return {WRITE: on_write, READ: on_read, NOTIFY: on_notify, PING: on_ping}
+    return {WRITE: on_write, READ: on_read, **control_handlers(t)}
