@@ -123,12 +123,13 @@ def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str
         conn.close()
 
 
-class FrameServer:
-    """Accept loop over a bound, listening socket; a daemon thread per connection."""
+class ConnectionServer:
+    """Accept loop over a bound, listening socket; ``serve(conn)`` on a daemon thread per
+    connection. ``close()`` wakes the accept loop and shuts every open connection."""
 
-    def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str) -> None:
+    def __init__(self, listener: socket.socket, serve: Callable[[socket.socket], None], who: str) -> None:
         self._listener = listener
-        self._handlers = handlers
+        self._serve_conn = serve
         self._who = who
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -153,15 +154,16 @@ class FrameServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            serve_connection(conn, self._handlers, self._who)
+            self._serve_conn(conn)
         finally:
             with self._lock:
                 self._conns.discard(conn)
+            conn.close()
 
     def close(self) -> None:
         self._closed = True
         try:
-            self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         except OSError:
             log.debug("%s: listener already shut", self._who)
         self._listener.close()
@@ -172,6 +174,14 @@ class FrameServer:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 log.debug("%s: connection already shut", self._who)
+        self._thread.join(timeout=5)
+
+
+class FrameServer(ConnectionServer):
+    """A :class:`ConnectionServer` speaking the data-plane frames to ``handlers``."""
+
+    def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str) -> None:
+        super().__init__(listener, lambda conn: serve_connection(conn, handlers, who), who)
 
 
 def control_handlers(t: Transport) -> dict[int, Handler]:

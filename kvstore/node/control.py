@@ -26,6 +26,7 @@ from kvstore.node.protocol import (
     pack_frame,
     parse_header,
 )
+from transport.serving import ConnectionServer
 from transport.wire import recv_bytes
 
 log = logging.getLogger(__name__)
@@ -43,27 +44,12 @@ class ControlServer:
 
     def __init__(self, host: str, port: int, handler: Handler) -> None:
         self._handler = handler
-        self._lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind((host, port))
-        self._lsock.listen(128)
-        self.address = f"{host}:{self._lsock.getsockname()[1]}"
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept, name="node-control", daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._lsock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="node-control-conn", daemon=True).start()
+        lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((host, port))
+        lsock.listen(128)
+        self.address = f"{host}:{lsock.getsockname()[1]}"
+        self._server = ConnectionServer(lsock, self._serve, "node-control")
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -81,26 +67,9 @@ class ControlServer:
                 conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb(results)))
         except (ConnectionError, OSError, TransportError):  # the client went away
             return
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._lsock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        except OSError:
-            log.debug("listening socket already shut down")
-        self._lsock.close()
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                log.debug("control connection already gone")
-        self._thread.join(timeout=5)
+        self._server.close()
 
 
 class ControlClient:
