@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,57 +42,47 @@ MiB = 1 << 20
 SIZES = {"1MiB": MiB, "4MiB": 4 * MiB, "32MiB": 32 * MiB}
 
 
+def _timed(op: Callable[[bytes], object], keys: list[bytes], rounds: int) -> tuple[list[float], float]:
+    """Per-call latencies of ``op`` over ``keys`` ``rounds`` times, and the wall time."""
+    out: list[float] = []
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for k in keys:
+            t = time.perf_counter()
+            op(k)
+            out.append(time.perf_counter() - t)
+    return out, time.perf_counter() - start
+
+
 def _worker(task: dict[str, Any]) -> dict[str, Any]:
     """Runs in a client process: put ``n`` values, then get each back ``rounds`` times."""
     size, n, rounds, path, prefix = task["size"], task["n"], task["rounds"], task["path"], task["prefix"]
     value = np.random.default_rng(task["seed"]).integers(0, 256, size, dtype=np.uint8).tobytes()
     keys = [f"{prefix}-{i}".encode() for i in range(n)]
-    puts: list[float] = []
-    gets: list[float] = []
+
+    def check(got: Any) -> None:  # a benchmark that silently missed would measure nothing
+        if got is None or (len(got) if not isinstance(got, int) else got) != size:
+            raise AssertionError(f"{path}: wrong or missing value ({got!r:.40})")
+
     into: list[float] = []
     if path == "redis":
         import redis
 
         r = redis.Redis(port=task["port"])
         r.ping()
-        for k in keys:
-            t = time.perf_counter()
-            r.set(k, value)
-            puts.append(time.perf_counter() - t)
-        start = time.perf_counter()
-        for _ in range(rounds):
-            for k in keys:
-                t = time.perf_counter()
-                got = r.get(k)
-                gets.append(time.perf_counter() - t)
-                assert got is not None and len(got) == size
-        wall = time.perf_counter() - start
+        puts, _ = _timed(lambda k: r.set(k, value), keys, 1)
+        gets, wall = _timed(lambda k: check(r.get(k)), keys, rounds)
         r.delete(*keys)
     else:
         from kvstore.client import Client
 
         with Client(task["master"], same_host=(path != "kvstore-tcp"), timeout=60,
                     cache_locations=(path == "kvstore-cached")) as c:
-            for k in keys:
-                t = time.perf_counter()
-                c.put(k, value)
-                puts.append(time.perf_counter() - t)
-            start = time.perf_counter()
-            for _ in range(rounds):
-                for k in keys:
-                    t = time.perf_counter()
-                    got = c.get(k)
-                    gets.append(time.perf_counter() - t)
-                    assert got is not None and len(got) == size
-            wall = time.perf_counter() - start
+            puts, _ = _timed(lambda k: c.put(k, value), keys, 1)
+            gets, wall = _timed(lambda k: check(c.get(k)), keys, rounds)
             # get_into: into a buffer the caller reuses (what an engine does; no fresh-page faults)
-            buf = np.empty(size, dtype=np.uint8)
-            buf[:] = 0
-            for _ in range(rounds):
-                for k in keys:
-                    t = time.perf_counter()
-                    assert c.get_into(k, buf) == size
-                    into.append(time.perf_counter() - t)
+            buf = np.zeros(size, dtype=np.uint8)
+            into, _ = _timed(lambda k: check(c.get_into(k, buf)), keys, rounds)
             c.remove_batch(keys, force=True)
     return {"puts": puts, "gets": gets, "get_wall": wall, "get_bytes": size * len(gets), "get_into": into}
 
