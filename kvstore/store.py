@@ -52,14 +52,15 @@ class LocalStore:
     """Embedded tiered store. Build from a :class:`StoreConfig` or keyword arguments."""
 
     def __init__(self, config: StoreConfig | None = None, *, arena_buffer: Any = None,
-                 **kwargs: Any) -> None:
+                 generations_buffer: Any = None, **kwargs: Any) -> None:
         if config is not None and kwargs:
             raise InvalidArgument("pass either a StoreConfig or keyword arguments, not both")
         self.config = config if config is not None else StoreConfig(**kwargs)
         c = self.config
-        # ``arena_buffer``: memory to build the DRAM arena on (e.g. a shared segment).
+        # ``arena_buffer``/``generations_buffer``: memory for the DRAM arena and its
+        # extent-generation table (shared segments same-host clients map).
         arena = Arena(c.dram, alignment=c.alignment, pin=c.pin_memory, prefault=c.prefault,
-                      buffer=arena_buffer)
+                      buffer=arena_buffer, generations=generations_buffer)
         disk = None
         if c.disk_dir is not None:
             try:
@@ -194,6 +195,11 @@ class LocalStore:
         (nothing is stored).
         """
         self._m.commit(check_key(key), alloc, checksum, pin=pin)
+
+    def location(self, key: Key) -> tuple[int, int, int, int] | None:
+        """``(offset, size, checksum, generation)`` of a DRAM-resident chunk, or ``None``
+        (see :meth:`kvstore.memory.Arena.generation`)."""
+        return self._m.dram.location(check_key(key))
 
     def acquire(self, key: Key) -> Lease | None:
         """Hold the value in the arena for an in-place read; ``None`` on a miss.

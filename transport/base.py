@@ -23,6 +23,10 @@ call                     blocks?   contract
 ``T.read(p, descs)``     no        copies the peer's ranges into local ranges -> ``h``
 ``T.notify(p, msg)``     no        delivers ``msg`` into the peer's :attr:`notifications` -> ``h``
 ``T.notifications``      --        inbox the receiver waits on (``wait_for(msg)``)
+``T.map_remote(p, rr)``  once      ``mappable`` backends only: a writable view of the peer's
+                                   region ``rr`` in this process (one-sided loads and stores;
+                                   the view stays valid while ``p`` is open, even if the peer
+                                   dies: check ``p.alive()``)
 ``T.close()``            briefly   stops serving, fails pending handles; idempotent
 =======================  ========  ==========================================================
 
@@ -79,6 +83,8 @@ class Capabilities:
     """Peers on other hosts are reachable."""
     in_process: bool = False
     """Peers must live in the same process (test transport)."""
+    mappable: bool = False
+    """Memory from :meth:`Transport.allocate` can be mapped by peers (:meth:`Transport.map_remote`)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,10 @@ class Peer:
     def close(self) -> None:
         """Drop connections to the peer. Idempotent; pending handles fail."""
         self.closed = True
+
+    def alive(self) -> bool:
+        """``False`` once the peer is known to be gone. Cheap (no round trip)."""
+        return not self.closed
 
 
 class Transport(ABC):
@@ -226,6 +236,19 @@ class Transport(ABC):
         self._post_read(peer, list(descs), h, checksum)
         return h
 
+    def map_remote(self, peer: Peer, remote: RemoteRegion, *, timeout: float | None = None) -> memoryview:
+        """A view of ``peer``'s allocated region ``remote`` mapped into this process.
+
+        Blocking the first time (the mapping is set up), cheap after that. Only for
+        ``capabilities.mappable`` backends and regions from the peer's :meth:`allocate`;
+        raises InvalidArgument otherwise.
+        """
+        self._check_open()
+        if not self.capabilities.mappable:
+            raise InvalidArgument(f"{self.scheme}:// regions cannot be mapped by peers")
+        return self._map_remote(peer, remote, _deadline(self.options.connect_timeout if timeout is None
+                                                        else timeout))
+
     def notify(self, peer: Peer, msg: bytes, *, timeout: float | None = None) -> Handle:
         """Post a notification to ``peer``. Non-blocking."""
         self._check_open()
@@ -275,6 +298,10 @@ class Transport(ABC):
 
     def _deregister(self, region: Region) -> None:  # noqa: B027 - optional hook
         """Backend hook: release what ``_register`` set up."""
+
+    def _map_remote(self, peer: Peer, remote: RemoteRegion, deadline: float | None) -> memoryview:
+        """Backend hook of ``mappable`` backends."""
+        raise InvalidArgument(f"{self.scheme}:// regions cannot be mapped by peers")
 
     @abstractmethod
     def _metadata(self) -> bytes: ...

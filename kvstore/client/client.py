@@ -17,9 +17,12 @@ retryable failures (a busy key, a master or node restarting) are retried with
 backoff until the deadline or ``retries``. Thread-safe; one client per process
 is enough.
 
-``cache_locations=True`` (content-addressed keys only) remembers where keys were
-written or found and reads them from that node without asking the master:
-one round trip less per get (see :mod:`kvstore.client.locations`).
+``cache_locations`` (on by default; an int sets the number of entries) remembers
+where keys were written or found and reads them from that node without asking
+the master. On the same host such a read is one-sided: one verified copy out of
+the node's mapped arena on the caller's thread, no round trip at all
+(:mod:`kvstore.client.samehost`); elsewhere it is one ACQUIRE to the node.
+See :mod:`kvstore.client.locations` and docs/design/hot-path.md.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import grpc
 import numpy as np
 
 from kvstore._types import byte_view
-from kvstore.checksum import checksum
+from kvstore.checksum import checksum, copy_hashed
 from kvstore.client.connections import GRPC_OPTIONS, Connections, NodeConn
-from kvstore.client.locations import LocationCache
+from kvstore.client.locations import Known, LocationCache
 from kvstore.client.releaser import Releaser
 from kvstore.errors import (
     Corruption,
@@ -50,7 +53,7 @@ from kvstore.errors import (
 )
 from kvstore.hostid import host_id
 from kvstore.master.errors import error_from_rpc
-from kvstore.node.protocol import Op, SlotStatus
+from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
 from kvstore.store import check_key
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
@@ -74,7 +77,7 @@ class Client:
         prefer: Sequence[str] = ("tcp",),
         token: str | None = None,
         host: str | None = None,
-        cache_locations: bool | int = False,
+        cache_locations: bool | int = True,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0, got {timeout}")
@@ -169,18 +172,18 @@ class Client:
                 self._revoke(resp.put_id, keys, todo, deadline)
                 raise InvalidArgument(f"master refused key {keys[i][:16]!r}: {mpb.ItemStatus.Name(p.status)}")
         failed: set[int] = set()
+        placed: dict[int, Known] = {}
         try:
             for node_id, idxs in todo.items():
-                failed |= self._write_node(nodes[node_id], idxs, keys, views, sums, deadline)
+                failed |= self._write_node(nodes[node_id], idxs, keys, views, sums, placed, deadline)
         except BaseException:
             self._revoke(resp.put_id, keys, todo, deadline)
             raise
         done = sorted({i for idxs in todo.values() for i in idxs} - failed)
         if self._locations is not None:
-            for node_id, idxs in todo.items():
-                for i in idxs:
-                    if i not in failed:
-                        self._locations.put(keys[i], nodes[node_id], len(views[i]), sums[i])
+            for i, known in placed.items():
+                if i not in failed:
+                    self._locations.put(keys[i], known)
         if failed:
             self._rpc(self._stub.PutRevoke, mpb.PutRevokeRequest(
                 put_id=resp.put_id, keys=[keys[i] for i in sorted(failed)]), deadline)
@@ -209,12 +212,18 @@ class Client:
             log.warning("put revoke failed (the master expires it): %s", e)
 
     def _write_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
-                    views: list[memoryview], sums: list[int], deadline: float) -> set[int]:
-        """Allocate, transfer and commit ``idxs`` on one node; returns the indices that failed."""
+                    views: list[memoryview], sums: list[int], placed: dict[int, Known],
+                    deadline: float) -> set[int]:
+        """Allocate, transfer and commit ``idxs`` on one node; returns the indices that failed
+        and adds where the others landed to ``placed``."""
         conn = self._conns.get(node)
-        slots = self._node_call(conn, Op.ALLOCATE, [[keys[i], len(views[i])] for i in idxs], deadline)
-        ok = [(i, s[1], s[2]) for i, s in zip(idxs, slots, strict=True) if s[0] == SlotStatus.OK]
-        failed = {i for i, s in zip(idxs, slots, strict=True) if s[0] != SlotStatus.OK}
+        slots = [Allocated(*s) for s in
+                 self._node_call(conn, Op.ALLOCATE, [[keys[i], len(views[i])] for i in idxs], deadline)]
+        ok = [(i, s.handle, s.offset) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
+        failed = {i for i, s in zip(idxs, slots, strict=True) if s.status != SlotStatus.OK}
+        for i, s in zip(idxs, slots, strict=True):
+            if s.status == SlotStatus.OK:
+                placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation)
         if not ok:
             return failed
         regions: list[Region] = []
@@ -309,8 +318,14 @@ class Client:
             known = {i: loc for i in todo if (loc := self._locations.get(keys[i])) is not None}
             if known:
                 self._prepare(known, views, out, dests)
-                got = self._read_replicas({i: [loc.node] for i, loc in known.items()}, keys, dests, known,
-                                          deadline)
+                got = self._read_one_sided(known, keys, dests)
+                rest = {i: loc for i, loc in known.items() if i not in got}
+                if rest:
+                    fresh = self._read_replicas({i: [loc.node] for i, loc in rest.items()}, keys, dests, rest,
+                                                deadline)
+                    for i, loc in fresh.items():
+                        self._locations.put(keys[i], loc)
+                    got.update(fresh)
                 for i in got:
                     out[i] = dests[i] if views is not None else out[i]
                 self._locations.forget([keys[i] for i in known if i not in got])
@@ -336,8 +351,7 @@ class Client:
                 if views is not None:
                     out[i] = dests[i]
                 if self._locations is not None:
-                    node = next(n for n in pending[i] if n.node_id == got[i])
-                    self._locations.put(keys[i], node, locs[i].size, locs[i].checksum)
+                    self._locations.put(keys[i], got[i])
             else:
                 out[i] = None
                 self.counters["misses.unavailable"] += 1
@@ -359,10 +373,38 @@ class Client:
             else:
                 dests[i] = views[i][: loc.size]
 
+    def _read_one_sided(self, known: dict[int, Known], keys: list[bytes],
+                        dests: list[memoryview | None]) -> dict[int, Known]:
+        """Read what same-host nodes hold at a remembered place, with no round trip.
+
+        Returns the indices read and verified; the rest take the leased path.
+        """
+        got: dict[int, Known] = {}
+        for i, loc in known.items():
+            if loc.offset < 0:
+                continue
+            try:
+                conn = self._conns.get(loc.node)
+            except TransportError:
+                continue
+            dst = dests[i]
+            if conn.mapped is None or dst is None:
+                continue
+            st = conn.mapped.read(keys[i], loc.offset, loc.size, loc.checksum, loc.generation, dst)
+            if st == SlotStatus.OK:
+                got[i] = loc
+                self.counters["hits"] += 1
+                self.counters["hits.one_sided"] += 1
+            elif st == SlotStatus.CORRUPT:
+                self.counters["one_sided.corrupt"] += 1
+            else:
+                self.counters["one_sided.stale"] += 1
+        return got
+
     def _read_replicas(self, pending: dict[int, list[mpb.NodeInfo]], keys: list[bytes],
-                       dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, str]:
-        """Read every pending key from its first replica that has it; ``{index: node_id}`` of hits."""
-        got: dict[int, str] = {}
+                       dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, Known]:
+        """Read every pending key from its first replica that has it; where each hit was read."""
+        got: dict[int, Known] = {}
         while pending:
             by_node: dict[str, list[int]] = defaultdict(list)
             nodes: dict[str, mpb.NodeInfo] = {}
@@ -375,10 +417,10 @@ class Client:
                     ok = self._read_node(nodes[node_id], idxs, keys, dests, locs, deadline)
                 except TransportError as e:
                     log.warning("node %s unreachable: %s", node_id, e)
-                    ok = set()
+                    ok = {}
                 for i in idxs:
                     if i in ok:
-                        got[i] = node_id
+                        got[i] = ok[i]
                         self.counters["hits"] += 1
                     elif len(pending[i]) > 1:
                         nxt[i] = pending[i][1:]
@@ -386,33 +428,33 @@ class Client:
         return got
 
     def _read_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
-                   dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> set[int]:
-        """Read ``idxs`` from one node into ``dests``; returns the indices read and verified."""
+                   dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, Known]:
+        """Read ``idxs`` from one node into ``dests`` under read holds; the indices read and
+        verified, with where they were."""
         conn = self._conns.get(node)
-        slots = self._node_call(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline)
-        # [status, handle, offset, size, checksum] per key
-        held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s[0] == SlotStatus.OK]
-        if not held:
-            return set()
+        slots = [Acquired(*s) for s in self._node_call(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline)]
+        # The node must hold the version the master (or the cache) vouches for.
+        held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
+        wanted = [(i, s) for i, s in held if s.size == len(dests[i] or b"") and s.checksum == locs[i].checksum]
+        good: dict[int, Known] = {}
         regions: list[Region] = []
-        good: set[int] = set()
         try:
-            descs = []
-            for i, (_, _, offset, size, sum_) in held:
-                dst = dests[i]
-                assert dst is not None
-                if size != len(dst) or sum_ != locs[i].checksum:
-                    continue  # the node holds another version than the master vouches for
-                region = conn.transport.register(dst, name="get-dest")
-                regions.append(region)
-                descs.append(Desc(region, 0, conn.region, offset, size))
-            if descs:
-                self._transfer(conn, "read", descs, deadline)
-            for i, (_, _, _, size, sum_) in held:
-                dst = dests[i]
-                assert dst is not None
-                if size == len(dst) and checksum(dst, keys[i]) == sum_ == locs[i].checksum:
-                    good.add(i)
+            if conn.mapped is not None:  # same host: one verified copy out of the mapped arena
+                arena = conn.mapped.arena
+                landed = {i: copy_hashed(arena[s.offset:s.offset + s.size], dests[i], keys[i])  # type: ignore[arg-type]
+                          for i, s in wanted}
+            else:
+                descs = []
+                for i, s in wanted:
+                    region = conn.transport.register(dests[i], name="get-dest")
+                    regions.append(region)
+                    descs.append(Desc(region, 0, conn.region, s.offset, s.size))
+                if descs:
+                    self._transfer(conn, "read", descs, deadline)
+                landed = {i: checksum(dests[i], keys[i]) for i, _ in wanted}  # type: ignore[arg-type]
+            for i, s in held:
+                if landed.get(i) == s.checksum:
+                    good[i] = Known(node, s.size, s.checksum, s.offset, s.generation)
                 else:
                     self.counters["misses.corrupt"] += 1
                     log.warning("%s", Corruption(f"value of {keys[i][:16]!r} from node {node.node_id} "
@@ -420,7 +462,7 @@ class Client:
         finally:
             for r in regions:
                 conn.transport.deregister(r)
-            self._releaser.release(conn, [s[1] for _, s in held])
+            self._releaser.release(conn, [s.handle for _, s in held])
         return good
 
     # -- metadata ------------------------------------------------------------------------
@@ -447,12 +489,24 @@ class Client:
 
     def remove_batch(self, keys: Sequence[bytes | str], *, force: bool = False,
                      timeout: float | None = None) -> list[bool]:
-        """Remove keys; ``True`` per removed key. Leased keys raise TryAgain unless ``force``."""
+        """Remove keys; ``True`` per removed key. Leased keys raise TryAgain unless ``force``.
+
+        The nodes that held a removed key are told at once (not at their next
+        heartbeat), so no client's cached location serves it afterwards.
+        """
         ks = [check_key(k) for k in keys]
         if self._locations is not None:
             self._locations.forget(ks)
+        where = self._retrying(lambda d: self._rpc(self._stub.Lookup, mpb.LookupRequest(keys=ks), d), timeout)
         resp = self._retrying(
             lambda d: self._rpc(self._stub.Remove, mpb.RemoveRequest(keys=ks, force=force), d), timeout)
+        holders: dict[str, tuple[mpb.NodeInfo, list[bytes]]] = {}
+        for k, st, loc in zip(ks, resp.statuses, where.locations, strict=True):
+            if st == mpb.OK:
+                for n in loc.nodes:
+                    holders.setdefault(n.node_id, (n, []))[1].append(k)
+        for node, removed in holders.values():
+            self._tell_removed(node, removed)
         out = []
         for k, st in zip(ks, resp.statuses, strict=True):
             if st == mpb.LEASED:
@@ -461,6 +515,14 @@ class Client:
                 raise InvalidArgument(f"key {k[:16]!r} is pinned; unpin it first")
             out.append(st == mpb.OK)
         return out
+
+    def _tell_removed(self, node: mpb.NodeInfo, keys: list[bytes]) -> None:
+        """Drop removed keys on their node now; if it can't be reached, its next heartbeat does."""
+        try:
+            conn = self._conns.get(node)
+            conn.control.call(Op.REMOVE, keys, self.timeout)
+        except KVStoreError as e:
+            log.info("node %s not told of %d removal(s) now (its heartbeat will): %s", node.node_id, len(keys), e)
 
     def stats(self, *, timeout: float | None = None) -> mpb.StatsResponse:
         """The master's view: nodes with tiers, object/lease/pin counts, counters."""

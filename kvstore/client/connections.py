@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
-from kvstore.errors import TransportError
+from kvstore.client.samehost import MappedNode
+from kvstore.errors import KVStoreError, TransportError
 from kvstore.node.control import ControlClient
+from kvstore.node.protocol import Maps, Op, SlotStatus
 from kvstore.v1 import master_pb2 as mpb
 from transport.base import Peer, Transport
 from transport.regions import RemoteRegion
 from transport.registry import create
+
+log = logging.getLogger(__name__)
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -27,6 +32,8 @@ class NodeConn:
     peer: Peer
     region: RemoteRegion
     control: ControlClient
+    mapped: MappedNode | None = None
+    """The node's arena mapped into this process (same host): one-sided reads."""
 
     def close(self) -> None:
         self.peer.close()
@@ -87,6 +94,8 @@ class Connections:
             raise TransportError(f"connect to node {node.node_id} over {ep.scheme}: {e}") from e
         conn = NodeConn(node.node_id, node.epoch, ep.scheme, t, peer, RemoteRegion.from_bytes(ep.region),
                         ControlClient(node.control_address, self.timeout))
+        if t.capabilities.mappable:
+            conn.mapped = self._map(conn)
         with self._lock:
             old = self._conns.pop(key, None)
             # Drop connections to earlier epochs of this node.
@@ -96,6 +105,19 @@ class Connections:
         if old is not None:
             old.close()
         return conn
+
+    def _map(self, conn: NodeConn) -> MappedNode | None:
+        """Map the node's arena and generation table; ``None`` (leased reads only) if it can't."""
+        try:
+            info = Maps(*conn.control.call(Op.MAPS, [conn.scheme], self.timeout)[0])
+            if info.status != SlotStatus.OK or info.granule <= 0:
+                return None
+            gens = RemoteRegion.from_bytes(info.generations)
+            return MappedNode(conn.peer, conn.transport.map_remote(conn.peer, conn.region, timeout=self.timeout),
+                              conn.transport.map_remote(conn.peer, gens, timeout=self.timeout), info.granule)
+        except (KVStoreError, OSError, TypeError, ValueError) as e:
+            log.warning("node %s: no one-sided reads (%s); every read takes a lease", conn.node_id, e)
+            return None
 
     def drop(self, conn: NodeConn) -> None:
         """Forget a connection that failed (the next call reconnects)."""

@@ -1,11 +1,15 @@
-"""Opt-in cache of where keys live, so reads can skip the master's Lookup.
+"""The client's cache of where keys live, so reads skip the master's Lookup.
 
-Only for content-addressed keys (such as chunk keys), whose bytes never change
-while the key exists. A cached read asks the remembered node directly; the
-node's size and checksum must equal the cached ones and the bytes must verify,
-else the client falls back to a Lookup. What it gives up: a key removed through
-the master stays readable from its node until the removal reaches that node
-(one heartbeat). Thread-safe, bounded (least recently used entries go first).
+Keys are immutable while they exist (a put of an existing key changes nothing),
+so a remembered location stays right until the key leaves that node. A cached
+read goes to the remembered node directly: same host, one-sided out of the
+mapped arena if the extent generation still matches (kvstore.client.samehost);
+otherwise through ACQUIRE, where the node's size and checksum must equal the
+cached ones. Either way the bytes must verify, and any mismatch forgets the
+entry and falls back to a Lookup. A removal through :meth:`Client.remove` is
+sent to the holding nodes at once, which bumps the extent generation, so no
+cached location serves a removed key. Thread-safe, bounded (least recently used
+entries go first).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ class Known:
     node: mpb.NodeInfo
     size: int
     checksum: int
+    offset: int = -1
+    """Offset in the node's arena (``-1``: unknown, or not in DRAM)."""
+    generation: int = 0
+    """Extent generation at ``offset`` when the location was learned."""
 
 
 class LocationCache:
@@ -37,9 +45,9 @@ class LocationCache:
                 self._entries.move_to_end(key)
             return e
 
-    def put(self, key: bytes, node: mpb.NodeInfo, size: int, checksum: int) -> None:
+    def put(self, key: bytes, known: Known) -> None:
         with self._lock:
-            self._entries[key] = Known(node, size, checksum)
+            self._entries[key] = known
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)

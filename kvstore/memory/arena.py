@@ -111,6 +111,7 @@ class Arena:
         prefault: bool = True,
         name: str = "dram",
         buffer: Any = None,
+        generations: Any = None,
     ) -> None:
         if capacity <= 0:
             raise InvalidArgument(f"arena {name}: capacity must be > 0, got {capacity}")
@@ -145,6 +146,10 @@ class Arena:
         self._mv = self._np.data
         self.address = int(self._np.ctypes.data)
         self._alloc = ExtentAllocator(capacity, alignment)
+        # One uint64 per granule: the extent generation of an extent starting there
+        # (see :meth:`generation`). ``generations``: memory for it that peers can map.
+        slots = self._alloc.capacity // self._alloc.alignment + 1
+        self._gens = generation_table(slots, generations)
         self._live: dict[int, Allocation] = {}
         self._lock = threading.Lock()
         self.pinned = _pin_host(self.address, self.capacity, pin, name)
@@ -197,7 +202,32 @@ class Arena:
                 return None
             a = Allocation(self, off, nbytes, self._alloc.rounded(nbytes))
             self._live[off] = a
+            self._gens[off // self._alloc.alignment] += 1
             return a
+
+    def generation(self, offset: int) -> int:
+        """The extent generation at ``offset``: bumped when an extent starting there is
+        allocated and when its content is retired (:meth:`retire`).
+
+        A reader that remembers ``(offset, generation)`` of a value and finds the same
+        generation before and after copying knows the extent still held that value
+        throughout (the node writes the table; same-host clients map it read-only).
+        """
+        return int(self._gens[offset // self._alloc.alignment])
+
+    def retire(self, a: Allocation) -> None:
+        """Mark ``a``'s content as no longer the stored value (removed, evicted, replaced).
+
+        Bumps its extent generation so one-sided readers holding the old one fall back
+        to a leased read; the bytes themselves stay valid while references remain.
+        """
+        with self._lock:
+            self._gens[a.offset // self._alloc.alignment] += 1
+
+    @property
+    def generations(self) -> np.ndarray:
+        """The generation table (uint64 per :attr:`alignment` granule)."""
+        return self._gens
 
     def _release(self, a: Allocation) -> None:
         with self._lock:
@@ -246,6 +276,23 @@ class Arena:
 
     def __exit__(self, *exc: Any) -> None:
         self.close(force=exc[0] is not None)
+
+
+GENERATION_BYTES = 8
+
+
+def generation_table_bytes(capacity: int, alignment: int) -> int:
+    """Bytes of the generation table of an arena of ``capacity`` bytes."""
+    return (align_up(capacity, alignment) // alignment + 1) * GENERATION_BYTES
+
+
+def generation_table(slots: int, buffer: Any = None) -> np.ndarray:
+    """A zeroed uint64 table of ``slots`` entries, over ``buffer`` when given."""
+    if buffer is None:
+        return np.zeros(slots, dtype=np.uint64)
+    table = np.frombuffer(buffer, dtype=np.uint64, count=slots)
+    table[:] = 0
+    return table
 
 
 def _cuda_runtime() -> Any | None:

@@ -28,6 +28,7 @@ import grpc
 
 from kvstore.config import NodeConfig, StoreConfig
 from kvstore.hostid import host_id
+from kvstore.memory.arena import generation_table_bytes
 from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, NodeService
@@ -35,6 +36,7 @@ from kvstore.store import LocalStore
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
 from transport.base import Transport
+from transport.regions import Region
 from transport.registry import create
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,14 @@ class StoreNode:
         self.transports: list[Transport] = [create(_transport_uri(u, node.host)) for u in node.transports]
         # The arena lives in the memory the first same-host transport serves best
         # (a shared segment peers map): same-host clients then copy straight from it.
-        shared = next((t for t in self.transports if t.capabilities.same_host_only), None)
+        # Beside it, the arena's extent-generation table, which same-host clients map to
+        # read chunks one-sided (docs/design/hot-path.md).
+        shared = next((t for t in self.transports if t.capabilities.mappable), None)
         self._arena_region = shared.allocate(store.dram, name="arena") if shared is not None else None
-        buf = self._arena_region.obj if self._arena_region is not None else None
-        self.store = LocalStore(store, arena_buffer=buf)
+        self._gens_region = shared.allocate(generation_table_bytes(store.dram, store.alignment),
+                                            name="generations") if shared is not None else None
+        self.store = LocalStore(store, arena_buffer=_obj(self._arena_region),
+                                generations_buffer=_obj(self._gens_region))
         self.regions = {}
         for t in self.transports:
             if t is shared and self._arena_region is not None:
@@ -74,7 +80,9 @@ class StoreNode:
             else:
                 self.regions[t.scheme] = t.register(self.store.arena.buffer, name="arena")
         self.holds = Holds(node.hold_ttl)
-        self.service = NodeService(self.store, self.holds)
+        maps = {shared.scheme: self._gens_region.remote().to_bytes()} \
+            if shared is not None and self._gens_region is not None else {}
+        self.service = NodeService(self.store, self.holds, maps)
         self._control = ControlServer(node.host, node.control_port, self.service.handle)
         self.control_address = self._control.address
         self.control_port = int(self.control_address.rpartition(":")[2])
@@ -190,6 +198,10 @@ class StoreNode:
                 next_beat = now + self.heartbeat_interval
             self.holds.reap()
             self._stop.wait(min(0.2, self.heartbeat_interval))
+
+
+def _obj(region: Region | None) -> Any:
+    return region.obj if region is not None else None
 
 
 def _rpc_text(e: Any) -> str:

@@ -3,7 +3,10 @@
 Every call is batched; results come back in request order. Bytes never travel
 here: a put is ALLOCATE -> the client writes into the node's registered arena
 through the transfer engine -> COMMIT (the node verifies the checksum); a get
-is ACQUIRE -> the client reads -> RELEASE.
+is ACQUIRE -> the client reads -> RELEASE. A same-host client that knows a
+chunk's location (offset and extent generation, from ALLOCATE or ACQUIRE) reads
+it one-sided out of the mapped arena instead, checking the node's generation
+table (MAPS) around the copy (docs/design/hot-path.md).
 
 Frame (both directions)::
 
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import NamedTuple
 
 HEADER = struct.Struct("<4sBBHI")
 MAGIC = b"KVNC"
-VERSION = 1
+VERSION = 2
 REPLY_BIT = 0x80
 FLAG_ERROR = 0x01
 MAX_FRAME = 64 << 20
@@ -32,11 +36,42 @@ MAX_ITEMS = 65536
 
 
 class Op(enum.IntEnum):
-    ALLOCATE = 1  # items: [key, size]          -> [status, handle, offset]
+    ALLOCATE = 1  # items: [key, size]          -> Allocated
     COMMIT = 2  # items: [handle, key, checksum]  -> status
     ABORT = 3  # items: handle                    -> status
-    ACQUIRE = 4  # items: key                     -> [status, handle, offset, size, checksum]
+    ACQUIRE = 4  # items: key                     -> Acquired
     RELEASE = 5  # items: handle                  -> status
+    MAPS = 6  # items: scheme                     -> Maps
+    REMOVE = 7  # items: key                      -> status (OK or NOT_FOUND)
+
+
+class Allocated(NamedTuple):
+    """ALLOCATE result: where to write, and the extent generation of that space."""
+
+    status: int
+    handle: int = 0
+    offset: int = 0
+    generation: int = 0
+
+
+class Acquired(NamedTuple):
+    """ACQUIRE result: the held chunk's place in the arena, its checksum and generation."""
+
+    status: int
+    handle: int = 0
+    offset: int = 0
+    size: int = 0
+    checksum: int = 0
+    generation: int = 0
+
+
+class Maps(NamedTuple):
+    """MAPS result for a transport scheme whose memory same-host peers map: the
+    node's extent-generation table (a RemoteRegion descriptor) and its granule."""
+
+    status: int
+    generations: bytes = b""
+    granule: int = 0
 
 
 class SlotStatus(enum.IntEnum):

@@ -15,7 +15,7 @@ from prometheus_client import Histogram
 
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
 from kvstore.node.holds import Holds
-from kvstore.node.protocol import Op, SlotStatus
+from kvstore.node.protocol import Acquired, Allocated, Maps, Op, SlotStatus
 from kvstore.store import MAX_KEY_BYTES, LocalStore
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,19 @@ def _uint(v: Any) -> int | None:
 class NodeService:
     """``handle(op, items) -> results``. Thread-safe (the store and holds are)."""
 
-    def __init__(self, store: LocalStore, holds: Holds) -> None:
+    def __init__(self, store: LocalStore, holds: Holds, maps: dict[str, bytes] | None = None) -> None:
         self.store = store
         self.holds = holds
+        # scheme -> RemoteRegion bytes of the generation table, for mappable transports
+        self.maps = maps or {}
         self._ops = {
             Op.ALLOCATE: self.allocate,
             Op.COMMIT: self.commit,
             Op.ABORT: self.release,
             Op.ACQUIRE: self.acquire,
             Op.RELEASE: self.release,
+            Op.MAPS: self.map_info,
+            Op.REMOVE: self.remove,
         }
 
     def handle(self, op: Op, items: list[Any]) -> list[Any]:
@@ -59,17 +63,18 @@ class NodeService:
             key, size = (_key(item[0]), _uint(item[1])) if isinstance(item, list) and len(item) == 2 \
                 else (None, None)
             if key is None or not size:
-                out.append([SlotStatus.INVALID, 0, 0])
+                out.append(Allocated(SlotStatus.INVALID))
                 continue
             try:
                 alloc = self.store.reserve(size)
             except NoSpace:
-                out.append([SlotStatus.NO_SPACE, 0, 0])
+                out.append(Allocated(SlotStatus.NO_SPACE))
                 continue
             except InvalidArgument:
-                out.append([SlotStatus.INVALID, 0, 0])
+                out.append(Allocated(SlotStatus.INVALID))
                 continue
-            out.append([SlotStatus.OK, self.holds.add(alloc, key), alloc.offset])
+            out.append(Allocated(SlotStatus.OK, self.holds.add(alloc, key), alloc.offset,
+                                 self.store.arena.generation(alloc.offset)))
         return out
 
     def commit(self, items: list[Any]) -> list[Any]:
@@ -98,15 +103,27 @@ class NodeService:
         for item in items:
             key = _key(item)
             if key is None:
-                out.append([SlotStatus.INVALID, 0, 0, 0, 0])
+                out.append(Acquired(SlotStatus.INVALID))
                 continue
             lease = self.store.acquire(key)
             if lease is None:
-                out.append([SlotStatus.NOT_FOUND, 0, 0, 0, 0])
+                out.append(Acquired(SlotStatus.NOT_FOUND))
                 continue
             h = self.holds.add(lease, key)
-            out.append([SlotStatus.OK, h, lease.alloc.offset, lease.alloc.size, lease.checksum])
+            out.append(Acquired(SlotStatus.OK, h, lease.alloc.offset, lease.alloc.size, lease.checksum,
+                                lease.generation))
         return out
+
+    def map_info(self, items: list[Any]) -> list[Any]:
+        granule = self.store.arena.alignment
+        return [Maps(SlotStatus.OK, table, granule) if isinstance(i, str) and (table := self.maps.get(i))
+                else Maps(SlotStatus.INVALID) for i in items]
+
+    def remove(self, items: list[Any]) -> list[Any]:
+        """Drop keys the master already removed (sent by the client that removed them,
+        so one-sided readers stop at once instead of at the next heartbeat)."""
+        return [SlotStatus.INVALID if (k := _key(i)) is None
+                else SlotStatus.OK if self.store.remove(k) else SlotStatus.NOT_FOUND for i in items]
 
     def release(self, items: list[Any]) -> list[Any]:
         return [SlotStatus.OK if (h := _uint(i)) is not None and self.holds.release(h) else SlotStatus.EXPIRED

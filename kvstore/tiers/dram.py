@@ -34,6 +34,8 @@ class Lease:
 
     alloc: Allocation
     checksum: int
+    generation: int = 0
+    """The extent generation while the lease was taken (see :meth:`Arena.generation`)."""
 
     @property
     def view(self) -> memoryview:
@@ -83,7 +85,7 @@ class DramTier(Tier):
             old = self._slots.get(key)
             self._slots[key] = _Slot(alloc, checksum)
         if old is not None:
-            old.alloc.release()
+            self._retire(old)
         return checksum
 
     def put_allocation(self, key: bytes, alloc: Allocation, checksum: int) -> None:
@@ -92,7 +94,20 @@ class DramTier(Tier):
             old = self._slots.get(key)
             self._slots[key] = _Slot(alloc, checksum)
         if old is not None:
-            old.alloc.release()
+            self._retire(old)
+
+    def location(self, key: bytes) -> tuple[int, int, int, int] | None:
+        """``(offset, size, checksum, generation)`` of ``key`` in the arena, or ``None``.
+
+        For one-sided readers: valid while :meth:`Arena.generation` at ``offset``
+        still returns ``generation``.
+        """
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                return None
+            a = slot.alloc
+            return a.offset, a.size, slot.checksum, self.arena.generation(a.offset)
 
     def lease(self, key: bytes) -> Lease | None:
         """Hold the chunk's bytes for a read outside any lock; ``None`` if absent."""
@@ -101,7 +116,7 @@ class DramTier(Tier):
             if slot is None:
                 return None
             slot.alloc.retain()
-            return Lease(slot.alloc, slot.checksum)
+            return Lease(slot.alloc, slot.checksum, self.arena.generation(slot.alloc.offset))
 
     def read_into(self, key: bytes, dst: memoryview) -> None:
         lease = self.lease(key)
@@ -129,7 +144,7 @@ class DramTier(Tier):
             if slot is None or slot.alloc is not alloc:
                 return False
             del self._slots[key]
-        slot.alloc.release()
+        self._retire(slot)
         return True
 
     def remove(self, key: bytes) -> bool:
@@ -137,8 +152,14 @@ class DramTier(Tier):
             slot = self._slots.pop(key, None)
         if slot is None:
             return False
-        slot.alloc.release()
+        self._retire(slot)
         return True
+
+    def _retire(self, slot: _Slot) -> None:
+        """The slot's bytes stop being the stored value: bump the extent generation
+        (one-sided readers notice) and drop the tier's reference."""
+        self.arena.retire(slot.alloc)
+        slot.alloc.release()
 
     def entry(self, key: bytes) -> Entry | None:
         slot = self._slots.get(key)

@@ -12,8 +12,9 @@ from kvstore.config import NodeConfig, StoreConfig
 from kvstore.errors import InvalidArgument
 from kvstore.node.control import ControlClient
 from kvstore.node.daemon import StoreNode
-from kvstore.node.protocol import HEADER, MAGIC, Op, SlotStatus, pack_frame
+from kvstore.node.protocol import HEADER, MAGIC, Acquired, Allocated, Maps, Op, SlotStatus, pack_frame
 from kvstore.testing.cluster import free_port
+from transport.regions import RemoteRegion
 
 S = SlotStatus
 
@@ -21,7 +22,7 @@ S = SlotStatus
 @pytest.fixture
 def node():
     # No master: the node serves regardless and keeps trying to register.
-    n = StoreNode(NodeConfig(master=f"127.0.0.1:{free_port()}", transports=("tcp://",), metrics_port=-1,
+    n = StoreNode(NodeConfig(master=f"127.0.0.1:{free_port()}", transports=("shm://", "tcp://"), metrics_port=-1,
                              hold_ttl=1.0),
                   StoreConfig(dram="8MiB", prefault=False)).start(register_timeout=0.1)
     yield n
@@ -37,26 +38,37 @@ def ctl(node):
 
 def test_allocate_commit_acquire_release(node, ctl):
     data = np.arange(1000, dtype=np.uint8)
-    [[st, handle, offset]] = ctl.call(Op.ALLOCATE, [[b"k", data.nbytes]], 5)
-    assert st == S.OK
-    node.store.arena.buffer[offset:offset + data.nbytes] = data
-    assert ctl.call(Op.COMMIT, [[handle, b"k", checksum(data, b"k")]], 5) == [S.OK]
-    got = ctl.call(Op.ACQUIRE, [b"k", b"missing"], 5)
-    assert got[0][0] == S.OK and got[0][3] == 1000 and got[0][4] == checksum(data, b"k")
-    assert got[1][0] == S.NOT_FOUND
-    assert ctl.call(Op.RELEASE, [got[0][1], 999], 5) == [S.OK, S.EXPIRED]
+    [slot] = [Allocated(*s) for s in ctl.call(Op.ALLOCATE, [[b"k", data.nbytes]], 5)]
+    assert slot.status == S.OK and slot.generation == node.store.arena.generation(slot.offset) > 0
+    node.store.arena.buffer[slot.offset:slot.offset + data.nbytes] = data
+    assert ctl.call(Op.COMMIT, [[slot.handle, b"k", checksum(data, b"k")]], 5) == [S.OK]
+    got = [Acquired(*s) for s in ctl.call(Op.ACQUIRE, [b"k", b"missing"], 5)]
+    assert got[0].status == S.OK and got[0].size == 1000 and got[0].checksum == checksum(data, b"k")
+    assert (got[0].offset, got[0].generation) == (slot.offset, slot.generation)  # a commit keeps it
+    assert got[1].status == S.NOT_FOUND
+    assert ctl.call(Op.RELEASE, [got[0].handle, 999], 5) == [S.OK, S.EXPIRED]
+    # REMOVE (sent by the client that removed the key through the master) retires the extent.
+    assert ctl.call(Op.REMOVE, [b"k", b"missing", 7], 5) == [S.OK, S.NOT_FOUND, S.INVALID]
+    assert node.store.arena.generation(slot.offset) != slot.generation and not node.store.exists(b"k")
+
+
+def test_maps_names_the_generation_table(node, ctl):
+    shm, tcp = (Maps(*m) for m in ctl.call(Op.MAPS, ["shm", "tcp"], 5))
+    assert shm.status == S.OK and shm.granule == node.store.arena.alignment
+    assert RemoteRegion.from_bytes(shm.generations).nbytes >= node.store.arena.generations.nbytes
+    assert tcp.status == S.INVALID  # not a memory peers map
 
 
 def test_bad_items_and_checksums(node, ctl):
     slots = ctl.call(Op.ALLOCATE, [[b"", 10], [b"x" * 300, 10], [b"z", 0], [b"big", 1 << 40], ["str", 5],
                                    [b"k"], 7], 5)
     assert [s[0] for s in slots] == [S.INVALID] * 7
-    [[_, handle, _]] = ctl.call(Op.ALLOCATE, [[b"k", 100]], 5)
+    [[_, handle, _, _]] = ctl.call(Op.ALLOCATE, [[b"k", 100]], 5)
     # Wrong checksum: refused, nothing stored, space returned.
     assert ctl.call(Op.COMMIT, [[handle, b"k", 1]], 5) == [S.CORRUPT]
     assert not node.store.exists(b"k")
     # Committing a handle under another key, or twice, is refused.
-    [[_, handle, _]] = ctl.call(Op.ALLOCATE, [[b"k", 100]], 5)
+    [[_, handle, _, _]] = ctl.call(Op.ALLOCATE, [[b"k", 100]], 5)
     assert ctl.call(Op.COMMIT, [[handle, b"other", 1]], 5) == [S.EXPIRED]
     assert ctl.call(Op.COMMIT, [[handle, b"k", 1]], 5) == [S.EXPIRED]
     assert ctl.call(Op.COMMIT, [[-1, b"k", 1], "junk"], 5) == [S.EXPIRED, S.INVALID]

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kvstore.errors import InvalidArgument, KVStoreError, TransportError
 from transport.base import Capabilities, Peer, Transport, TransportOptions
 from transport.handle import Handle
-from transport.regions import Desc, Region
+from transport.regions import Desc, Region, RemoteRegion
 from transport.serving import FrameServer
 from transport.shm.client import CMA_EXTRA, ShmPeer, run_stripe
 from transport.shm.memory import KIND_CMA, KIND_FD, address, segment
@@ -35,7 +35,8 @@ class ShmTransport(Transport):
     """See the module docstring."""
 
     scheme = "shm"
-    capabilities = Capabilities(same_host_only=True, zero_copy=True, device_memory=False, remote=False)
+    capabilities = Capabilities(same_host_only=True, zero_copy=True, device_memory=False, remote=False,
+                                mappable=True)
 
     def __init__(self, uri: str, options: TransportOptions | None = None) -> None:
         super().__init__(uri, options)
@@ -74,6 +75,11 @@ class ShmTransport(Transport):
                 m.close()
             except BufferError:
                 pass  # a caller still holds a view; the mapping goes with it
+
+    def _map_remote(self, peer: Peer, remote: RemoteRegion, deadline: float | None) -> memoryview:
+        if not remote.extra or remote.extra[0] != KIND_FD:
+            raise InvalidArgument(f"region {remote.region_id} of {peer.name} is not a shared segment")
+        return _shm(peer).mapping(remote, deadline)
 
     def _metadata(self) -> bytes:
         return _META.pack(_MAGIC, os.getpid()) + self._sock_name

@@ -18,7 +18,7 @@ from kvstore.checksum import checksum as xxh
 from kvstore.errors import Corruption, InvalidArgument, KVStoreError, TransportError
 from transport.base import Capabilities, Peer, Transport, TransportOptions
 from transport.handle import Handle
-from transport.regions import Desc
+from transport.regions import Desc, RemoteRegion
 
 _live: dict[str, InprocTransport] = {}
 _lock = threading.Lock()
@@ -29,13 +29,17 @@ class InprocPeer(Peer):
         super().__init__(f"inproc://{target.name}", target.name.encode())
         self.target = target
 
+    def alive(self) -> bool:
+        return not self.closed and not self.target._closed
+
 
 class InprocTransport(Transport):
     """See the module docstring."""
 
     scheme = "inproc"
     capabilities = Capabilities(
-        same_host_only=True, zero_copy=True, device_memory=False, remote=False, in_process=True
+        same_host_only=True, zero_copy=True, device_memory=False, remote=False, in_process=True,
+        mappable=True,
     )
 
     def __init__(self, uri: str, options: TransportOptions | None = None) -> None:
@@ -64,6 +68,12 @@ class InprocTransport(Transport):
         if target is None or target._closed:
             raise TransportError(f"no inproc transport named {metadata!r} in this process")
         return InprocPeer(target)
+
+    def _map_remote(self, peer: Peer, remote: RemoteRegion, deadline: float | None) -> memoryview:
+        r = _peer(peer).target._regions.get(remote.region_id)
+        if r is None or r.view is None:
+            raise InvalidArgument(f"region {remote.region_id} is not registered at {peer.name}")
+        return r.view
 
     def _job(self, h: Handle, fn: Callable[[], None]) -> None:
         def run() -> None:

@@ -1,0 +1,53 @@
+"""One-sided reads out of a same-host node's arena: no round trip, one verified copy.
+
+The node keeps its DRAM arena and an extent-generation table (one uint64 per
+allocation granule) in shared segments; a client on the same host maps both
+once per node (:meth:`transport.base.Transport.map_remote`). To read a chunk
+whose ``(offset, size, checksum, generation)`` it learned from an ALLOCATE or
+ACQUIRE reply, it copies straight out of the mapping on the caller's thread,
+hashing block by block as it copies (:func:`kvstore.checksum.copy_hashed`), and
+accepts the bytes only if
+
+* the node process is still there (its control socket has not hung up),
+* the extent generation is unchanged after the copy: the node bumps it when the
+  chunk leaves the extent (removed, evicted, demoted, replaced) and when the
+  extent is allocated again, so bytes that changed under the copy are noticed
+  (x86-64 keeps loads in order, and the node bumps before it lets anyone reuse
+  the memory), and
+* the key-seeded checksum of what landed matches.
+
+Anything else is not a hit: the caller falls back to the leased path (ACQUIRE),
+which never serves bytes either without verifying them. See
+docs/design/hot-path.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvstore.checksum import copy_hashed
+from kvstore.node.protocol import SlotStatus
+from transport.base import Peer
+
+
+class MappedNode:
+    """A same-host node's arena and generation table, mapped. Thread-safe (read-only use)."""
+
+    def __init__(self, peer: Peer, arena: memoryview, generations: memoryview, granule: int) -> None:
+        self.peer = peer
+        self.arena = arena
+        self.generations = np.frombuffer(generations, dtype=np.uint64)
+        self.granule = granule
+
+    def read(self, key: bytes, offset: int, size: int, checksum: int, generation: int,
+             dst: memoryview) -> int:
+        """Copy the chunk into ``dst[:size]``; a :class:`SlotStatus`: OK (verified),
+        EXPIRED (the location is stale: fall back) or CORRUPT (bytes failed the checksum)."""
+        slot = offset // self.granule
+        if (offset % self.granule or slot >= len(self.generations) or offset + size > len(self.arena)
+                or self.generations[slot] != generation):
+            return SlotStatus.EXPIRED
+        got = copy_hashed(self.arena[offset : offset + size], dst[:size], key)
+        if self.generations[slot] != generation or not self.peer.alive():
+            return SlotStatus.EXPIRED
+        return SlotStatus.OK if got == checksum else SlotStatus.CORRUPT

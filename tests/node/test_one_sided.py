@@ -1,0 +1,149 @@
+"""One-sided same-host reads: right bytes or a miss, never a stale or foreign value.
+
+A real master and node processes on loopback; clients in this process. A
+cached location is checked by extent generation and the key-seeded checksum;
+these tests move the chunk away under the cache (remove, eviction, extent
+reuse, node restart) and race readers against eviction.
+"""
+
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from kvstore.client import Client
+from kvstore.client.samehost import MappedNode
+from kvstore.memory import Arena
+from kvstore.node.protocol import SlotStatus
+from kvstore.testing.cluster import Cluster
+from transport.base import Peer
+
+pytestmark = pytest.mark.timeout(180)
+MiB = 1 << 20
+
+
+def value(seed: int, size: int = MiB) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    # 8 MiB of DRAM and no disk: a few 1 MiB puts evict and reuse extents.
+    c = Cluster(tmp_path, node_ttl="3s", dram="8MiB")
+    try:
+        yield c.start(nodes=1)
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
+
+
+def test_mapped_read_checks_generation_and_checksum():
+    from kvstore.checksum import checksum
+
+    arena = Arena(1 << 20, prefault=False)
+    a = arena.alloc(5000)
+    data = np.arange(5000, dtype=np.uint32).astype(np.uint8)
+    a.view()[:] = data.tobytes()
+    gen, sum_ = arena.generation(a.offset), checksum(data, b"k")
+    node = MappedNode(Peer("test", b""), arena.buffer.data, arena.generations.data, arena.alignment)
+    dst = bytearray(5000)
+    assert node.read(b"k", a.offset, 5000, sum_, gen, memoryview(dst)) == SlotStatus.OK
+    assert bytes(dst) == data.tobytes()
+    assert node.read(b"other", a.offset, 5000, sum_, gen, memoryview(dst)) == SlotStatus.CORRUPT
+    arena.retire(a)  # removed / evicted / replaced
+    assert node.read(b"k", a.offset, 5000, sum_, gen, memoryview(dst)) == SlotStatus.EXPIRED
+    a.release()
+    b = arena.alloc(5000)  # same extent, new allocation: another generation again
+    assert b.offset == a.offset and arena.generation(b.offset) not in (gen, gen + 1)
+    b.release()
+    arena.close()
+
+
+def test_same_host_reads_are_one_sided_after_the_first(cluster):
+    with Client(cluster.master_address) as writer, Client(cluster.master_address) as reader:
+        assert writer.put(b"k", value(1))
+        assert writer.get(b"k") == value(1)  # the writer knows where it put it
+        assert writer.counters["hits.one_sided"] == 1
+        buf = bytearray(MiB)
+        assert reader.get_into(b"k", buf) == MiB and bytes(buf) == value(1)  # Lookup + leased read
+        assert reader.counters["hits.one_sided"] == 0
+        for _ in range(3):
+            assert reader.get_into(b"k", buf) == MiB and bytes(buf) == value(1)
+        assert reader.counters["hits.one_sided"] == 3
+
+
+def test_removed_key_is_not_served_from_a_cached_location(cluster):
+    with Client(cluster.master_address) as a, Client(cluster.master_address) as b:
+        assert a.put(b"gone", value(2))
+        assert a.get(b"gone") == value(2)
+        assert b.remove(b"gone")
+        assert a.get(b"gone") is None
+        assert a.counters["one_sided.stale"] == 1
+
+
+def test_evicted_and_reused_extents_never_serve_another_value(cluster):
+    with Client(cluster.master_address) as a, Client(cluster.master_address) as b:
+        assert a.put(b"first", value(3))
+        assert a.get(b"first") == value(3)
+        # Fill the 8 MiB node many times over: "first" is evicted and its extent reused.
+        for i in range(24):
+            assert b.put(b"fill-%d" % i, value(100 + i))
+        got = a.get(b"first")
+        assert got is None or got == value(3)
+        assert a.counters["one_sided.stale"] >= 1 and a.counters["one_sided.corrupt"] == 0
+
+
+def test_node_restart_invalidates_cached_locations(cluster):
+    with Client(cluster.master_address, timeout=20) as a:
+        assert a.put(b"k", value(4))
+        assert a.get(b"k") == value(4)
+        cluster.nodes[0].signal(signal.SIGKILL)
+        cluster.nodes[0].popen.wait(10)
+        # The killed node's memory is still mapped here, with the right bytes: not a hit.
+        assert a.get(b"k") is None
+        cluster.start_node(0)
+        cluster.wait_nodes(1)
+        assert a.get(b"k") is None  # DRAM only: the restarted node does not hold it
+        assert a.put(b"k2", value(5)) and a.get(b"k2") == value(5)
+
+
+def test_readers_racing_eviction_get_the_value_or_a_miss(cluster):
+    keys = [b"race-%d" % i for i in range(4)]
+    wrong: list[bytes] = []
+    hits = [0]
+    stop = threading.Event()
+
+    with Client(cluster.master_address) as writer:
+        for i, k in enumerate(keys):
+            assert writer.put(k, value(10 + i))
+
+        def read() -> None:
+            with Client(cluster.master_address) as r:
+                buf = bytearray(MiB)
+                while not stop.is_set():
+                    for i, k in enumerate(keys):
+                        n = r.get_into(k, buf)
+                        if n is not None:
+                            hits[0] += 1
+                            if bytes(buf) != value(10 + i):
+                                wrong.append(k)
+
+        threads = [threading.Thread(target=read) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            # Churn: evict the race keys, put them back (new extents), over and over.
+            for rnd in range(15):
+                for j in range(6):
+                    writer.put(b"churn-%d-%d" % (rnd, j), value(1000 + j))
+                for i, k in enumerate(keys):
+                    writer.put(k, value(10 + i))  # False while still stored; re-stored once evicted
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+    assert not wrong
+    assert hits[0] > 0
