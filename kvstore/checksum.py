@@ -27,6 +27,12 @@ def checksum(data: Buffer, key: bytes = b"") -> int:
     return xxhash.xxh3_64_intdigest(data, seed=key_seed(key))
 
 
+def hasher(key: bytes = b"") -> xxhash.xxh3_64:
+    """An incremental XXH3-64 seeded by ``key``: ``update`` block by block, then
+    ``intdigest()`` equals :func:`checksum` of the concatenated blocks."""
+    return xxhash.xxh3_64(seed=key_seed(key))
+
+
 def verify(data: Buffer, expected: int, key: bytes = b"", what: str = "chunk") -> None:
     """Raise :class:`Corruption` when ``data`` does not hash to ``expected``."""
     got = checksum(data, key)
@@ -46,7 +52,7 @@ def copy_hashed(src: memoryview, dst: memoryview, key: bytes = b"") -> int:
     if n <= VERIFY_BLOCK:
         dst[:] = src
         return checksum(dst, key)
-    h = xxhash.xxh3_64(seed=key_seed(key))
+    h = hasher(key)
     for off in range(0, n, VERIFY_BLOCK):
         end = min(off + VERIFY_BLOCK, n)
         dst[off:end] = src[off:end]

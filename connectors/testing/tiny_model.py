@@ -72,7 +72,7 @@ def build_tokenizer(out: Path, vocab: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")  # type: ignore[no-untyped-call]
     fast.save_pretrained(str(out))
 
 
@@ -95,10 +95,11 @@ def build_tiny_llama(out: Path | str, spec: TinyModelSpec | None = None) -> Path
         vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.max_positions,
-        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, torch_dtype="float32",
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+        torch_dtype="float32",  # type: ignore[call-arg]  # transformers' stubs lag the accepted kwargs
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = LlamaForCausalLM(cfg).to(torch.float32)  # type: ignore[no-untyped-call,arg-type]
     # Random weights at the default 0.02 scale give near-uniform logits; a larger
     # scale makes greedy decoding depend strongly on the KV, so a wrong cache shows.
     with torch.no_grad():

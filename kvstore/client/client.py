@@ -429,41 +429,52 @@ class Client:
 
     def _read_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
                    dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, Known]:
-        """Read ``idxs`` from one node into ``dests`` under read holds; the indices read and
-        verified, with where they were."""
+        """Read ``idxs`` from one node into ``dests``; the indices read and verified, with
+        where they were."""
         conn = self._conns.get(node)
+        if conn.mapped is None:
+            return self._fetch_node(conn, node, idxs, keys, dests, locs, deadline)
+        # Same host: ACQUIRE holds the values in place, then one verified copy each out of
+        # the mapped arena; the node must hold the version the master (or the cache) vouches for.
         slots = [Acquired(*s) for s in self._node_call(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline)]
-        # The node must hold the version the master (or the cache) vouches for.
         held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
-        wanted = [(i, s) for i, s in held if s.size == len(dests[i] or b"") and s.checksum == locs[i].checksum]
         good: dict[int, Known] = {}
-        regions: list[Region] = []
         try:
-            if conn.mapped is not None:  # same host: one verified copy out of the mapped arena
-                arena = conn.mapped.arena
-                landed = {i: copy_hashed(arena[s.offset:s.offset + s.size], dests[i], keys[i])  # type: ignore[arg-type]
-                          for i, s in wanted}
-            else:
-                descs = []
-                for i, s in wanted:
-                    region = conn.transport.register(dests[i], name="get-dest")
-                    regions.append(region)
-                    descs.append(Desc(region, 0, conn.region, s.offset, s.size))
-                if descs:
-                    self._transfer(conn, "read", descs, deadline)
-                landed = {i: checksum(dests[i], keys[i]) for i, _ in wanted}  # type: ignore[arg-type]
             for i, s in held:
-                if landed.get(i) == s.checksum:
+                dst = dests[i]
+                if (dst is not None and s.size == len(dst) and s.checksum == locs[i].checksum
+                        and copy_hashed(conn.mapped.arena[s.offset:s.offset + s.size], dst, keys[i]) == s.checksum):
                     good[i] = Known(node, s.size, s.checksum, s.offset, s.generation)
                 else:
-                    self.counters["misses.corrupt"] += 1
-                    log.warning("%s", Corruption(f"value of {keys[i][:16]!r} from node {node.node_id} "
-                                                 "failed verification; treated as a miss"))
+                    self._corrupt(keys[i], node)
         finally:
-            for r in regions:
-                conn.transport.deregister(r)
             self._releaser.release(conn, [s.handle for _, s in held])
         return good
+
+    def _fetch_node(self, conn: NodeConn, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
+                    dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, Known]:
+        """Over the network: one FETCH round trip that names each key and the checksum it
+        must have, answered with the bytes (received and hashed in one pass)."""
+        try:
+            replies = conn.control.fetch([[keys[i], locs[i].checksum] for i in idxs], [keys[i] for i in idxs],
+                                         [dests[i] for i in idxs], deadline - time.monotonic())
+        except TransportError:
+            self._conns.drop(conn)
+            raise
+        good: dict[int, Known] = {}
+        for i, (reply, landed) in zip(idxs, replies, strict=True):
+            if reply.status != SlotStatus.OK:
+                continue
+            if landed is not None and landed == reply.checksum == locs[i].checksum:
+                good[i] = Known(node, reply.size, reply.checksum)
+            else:
+                self._corrupt(keys[i], node)
+        return good
+
+    def _corrupt(self, key: bytes, node: mpb.NodeInfo) -> None:
+        self.counters["misses.corrupt"] += 1
+        log.warning("%s", Corruption(f"value of {key[:16]!r} from node {node.node_id} "
+                                     "failed verification; treated as a miss"))
 
     # -- metadata ------------------------------------------------------------------------
 

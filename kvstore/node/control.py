@@ -12,26 +12,38 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
+from kvstore.checksum import VERIFY_BLOCK, hasher
 from kvstore.errors import InvalidArgument, Timeout, TransportError
 from kvstore.node.protocol import (
     FLAG_ERROR,
     HEADER,
     MAX_ITEMS,
     REPLY_BIT,
+    Fetched,
     Op,
+    SlotStatus,
     pack_frame,
     parse_header,
 )
 from transport.serving import ConnectionServer
-from transport.wire import recv_bytes
+from transport.wire import recv_bytes, recv_exact
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Op, list[Any]], list[Any]]
+class Streamed(NamedTuple):
+    """A handler's reply with bytes after the frame: ``tail`` is sent back to back right
+    after the results, then ``done()`` runs (it releases what kept the bytes in place)."""
+
+    results: list[Any]
+    tail: list[memoryview]
+    done: Callable[[], None]
+
+
+Handler = Callable[[Op, list[Any]], "list[Any] | Streamed"]
 
 
 def _unpack(payload: bytes) -> Any:
@@ -64,7 +76,15 @@ class ControlServer:
                     # The stream can no longer be trusted: answer once, then hang up.
                     conn.sendall(pack_frame(REPLY_BIT, msgpack.packb(f"bad request: {e}"), FLAG_ERROR))
                     return
-                conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb(results)))
+                if isinstance(results, Streamed):
+                    try:
+                        conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb(results.results)))
+                        for view in results.tail:  # straight out of the arena
+                            conn.sendall(view)
+                    finally:
+                        results.done()
+                else:
+                    conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb(results)))
         except (ConnectionError, OSError, TransportError):  # the client went away
             return
 
@@ -111,6 +131,48 @@ class ControlClient:
             self._idle.append(sock)
         return payload
 
+    def fetch(self, items: list[Any], keys: list[bytes], dests: list[memoryview | None],
+              timeout: float) -> list[tuple[Fetched, int | None]]:
+        """FETCH: one round trip; each OK value is received straight into its ``dests``
+        entry (hashed block by block as it lands). Per item: the reply and the
+        checksum of what landed (``None`` when nothing landed: a miss, or a value
+        that does not fit its destination, which is drained and dropped)."""
+        if timeout <= 0:
+            raise Timeout(f"deadline expired before FETCH to node {self.address}")
+        sock = self._take(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(pack_frame(Op.FETCH, msgpack.packb(items)))
+            rop, flags, length = parse_header(recv_bytes(sock, HEADER.size))
+            payload = _unpack(recv_bytes(sock, length))
+            if flags & FLAG_ERROR:
+                sock.close()
+                raise InvalidArgument(f"node {self.address} refused FETCH: {payload}")
+            if rop != Op.FETCH | REPLY_BIT or not isinstance(payload, list) or len(payload) != len(items):
+                sock.close()
+                raise TransportError(f"FETCH to node {self.address}: malformed reply")
+            out: list[tuple[Fetched, int | None]] = []
+            for reply, key, dst in zip(payload, keys, dests, strict=True):
+                f = Fetched(*reply)
+                if f.status != SlotStatus.OK:
+                    out.append((f, None))
+                    continue
+                if dst is not None and len(dst) == f.size:
+                    out.append((f, _recv_hashed(sock, dst, f.size, key, deadline)))
+                else:
+                    _drain(sock, memoryview(bytearray(min(f.size, VERIFY_BLOCK))), f.size, deadline)
+                    out.append((f, None))
+        except TimeoutError as e:
+            sock.close()
+            raise Timeout(f"FETCH to node {self.address} timed out after {timeout:.1f}s") from e
+        except (OSError, ConnectionError, ValueError, TypeError, TransportError) as e:
+            sock.close()
+            raise TransportError(f"FETCH to node {self.address}: {e}") from e
+        with self._lock:
+            self._idle.append(sock)
+        return out
+
     def _take(self, timeout: float) -> socket.socket:
         with self._lock:
             if self._idle:
@@ -127,3 +189,21 @@ class ControlClient:
             idle, self._idle = self._idle, []
         for s in idle:
             s.close()
+
+
+def _recv_hashed(sock: socket.socket, dst: memoryview, size: int, key: bytes, deadline: float) -> int:
+    """Receive ``size`` bytes into ``dst``, hashing each block while it is in cache."""
+    h = hasher(key)
+    for off in range(0, size, VERIFY_BLOCK):
+        block = dst[off : min(off + VERIFY_BLOCK, size)]
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        recv_exact(sock, block)
+        h.update(block)
+    return int(h.intdigest())
+
+
+def _drain(sock: socket.socket, scratch: memoryview, size: int, deadline: float) -> None:
+    """Read and drop ``size`` bytes (a value that does not fit where it was meant to go)."""
+    for off in range(0, size, len(scratch)):
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        recv_exact(sock, scratch[: min(len(scratch), size - off)])

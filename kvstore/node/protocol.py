@@ -3,7 +3,8 @@
 Every call is batched; results come back in request order. Bytes never travel
 here: a put is ALLOCATE -> the client writes into the node's registered arena
 through the transfer engine -> COMMIT (the node verifies the checksum); a get
-is ACQUIRE -> the client reads -> RELEASE. A same-host client that knows a
+is ACQUIRE -> the client reads -> RELEASE, or over the network one FETCH whose
+reply carries the bytes after the frame. A same-host client that knows a
 chunk's location (offset and extent generation, from ALLOCATE or ACQUIRE) reads
 it one-sided out of the mapped arena instead, checking the node's generation
 table (MAPS) around the copy (docs/design/hot-path.md).
@@ -43,6 +44,16 @@ class Op(enum.IntEnum):
     RELEASE = 5  # items: handle                  -> status
     MAPS = 6  # items: scheme                     -> Maps
     REMOVE = 7  # items: key                      -> status (OK or NOT_FOUND)
+    FETCH = 8  # items: [key, checksum]           -> Fetched, then the bytes of each OK item
+
+
+class Fetched(NamedTuple):
+    """FETCH result: the value's size and checksum. The bytes of every OK item follow
+    the reply frame back to back, in request order (one round trip, no hold)."""
+
+    status: int
+    size: int = 0
+    checksum: int = 0
 
 
 class Allocated(NamedTuple):

@@ -9,14 +9,17 @@ which the server answers with an error and a closed connection.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Histogram
 
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
+from kvstore.node.control import Streamed
 from kvstore.node.holds import Holds
-from kvstore.node.protocol import Acquired, Allocated, Maps, Op, SlotStatus
+from kvstore.node.protocol import Acquired, Allocated, Fetched, Maps, Op, SlotStatus
 from kvstore.store import MAX_KEY_BYTES, LocalStore
+from kvstore.tiers.dram import Lease
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class NodeService:
         self.holds = holds
         # scheme -> RemoteRegion bytes of the generation table, for mappable transports
         self.maps = maps or {}
-        self._ops = {
+        self._ops: dict[Op, Callable[[list[Any]], list[Any] | Streamed]] = {
             Op.ALLOCATE: self.allocate,
             Op.COMMIT: self.commit,
             Op.ABORT: self.release,
@@ -51,9 +54,10 @@ class NodeService:
             Op.RELEASE: self.release,
             Op.MAPS: self.map_info,
             Op.REMOVE: self.remove,
+            Op.FETCH: self.fetch,
         }
 
-    def handle(self, op: Op, items: list[Any]) -> list[Any]:
+    def handle(self, op: Op, items: list[Any]) -> list[Any] | Streamed:
         with _TIMERS[op].time():
             return self._ops[op](items)
 
@@ -113,6 +117,33 @@ class NodeService:
             out.append(Acquired(SlotStatus.OK, h, lease.alloc.offset, lease.alloc.size, lease.checksum,
                                 lease.generation))
         return out
+
+    def fetch(self, items: list[Any]) -> Streamed:
+        """Hold each value whose checksum is the one the client expects, and stream it
+        after the reply; the holds go once it is sent (or the client went away)."""
+        out: list[Any] = []
+        leases: list[Lease] = []
+        for item in items:
+            key, want = (_key(item[0]), _uint(item[1])) if isinstance(item, list) and len(item) == 2 \
+                else (None, None)
+            if key is None or want is None:
+                out.append(Fetched(SlotStatus.INVALID))
+                continue
+            lease = self.store.acquire(key)
+            if lease is None:
+                out.append(Fetched(SlotStatus.NOT_FOUND))
+            elif lease.checksum != want:  # another version than the client was told of
+                lease.release()
+                out.append(Fetched(SlotStatus.EXPIRED))
+            else:
+                leases.append(lease)
+                out.append(Fetched(SlotStatus.OK, lease.alloc.size, lease.checksum))
+
+        def done() -> None:
+            for lease in leases:
+                lease.release()
+
+        return Streamed(out, [lease.view for lease in leases], done)
 
     def map_info(self, items: list[Any]) -> list[Any]:
         granule = self.store.arena.alignment
