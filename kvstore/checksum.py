@@ -1,20 +1,33 @@
-"""Chunk checksums: XXH3-64 seeded by the chunk's key.
+"""Chunk checksums: XXH3-64 seeded by the chunk's key, over 256 KiB blocks.
 
 Seeding by the key binds bytes to the key they were stored under, so a chunk
 read back under a different key (a reused disk slot, a misrouted transfer) fails
-verification even if its bytes are intact. XXH3 runs at several times memcpy
-speed, so checking on every read costs little.
+verification even if its bytes are intact.
+
+A value is hashed in :data:`BLOCK`-sized blocks; its checksum is the hash of
+the blocks' hashes (for a value of one block, that block's hash: the plain
+XXH3-64 of the bytes). The block sums are what make partial reads verifiable:
+a reader of one layer of a chunk hashes only the blocks that layer covers and
+compares them with the block sums, which it checks against the checksum once
+(:func:`combine`). Hashing each block right after copying it reads the block
+from cache, so copy+verify runs in one pass over memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 import xxhash
 
 from kvstore._types import Buffer
-from kvstore.errors import Corruption
+from kvstore.errors import Corruption, InvalidArgument
 
-# Verify large copies block by block so each block is hashed while still in cache.
-VERIFY_BLOCK = 256 * 1024
+BLOCK = 256 * 1024
+"""Bytes per checksummed block (part of the stored format: changing it changes every checksum)."""
+VERIFY_BLOCK = BLOCK
+_ROOT_TWEAK = 0x6B7673746F726531  # the root hash never equals a block hash of the same seed
 
 
 def key_seed(key: bytes) -> int:
@@ -22,15 +35,34 @@ def key_seed(key: bytes) -> int:
     return xxhash.xxh3_64_intdigest(key)
 
 
+def nblocks(size: int) -> int:
+    """Number of checksummed blocks of a value of ``size`` bytes (at least one)."""
+    return max(1, -(-size // BLOCK))
+
+
+def block_sums(data: Buffer, key: bytes = b"") -> np.ndarray:
+    """The XXH3-64 of every :data:`BLOCK` of ``data`` (uint64 array), seeded by ``key``."""
+    mv = memoryview(data).cast("B")
+    seed = key_seed(key)
+    n = len(mv)
+    return np.array([xxhash.xxh3_64_intdigest(mv[off:off + BLOCK], seed=seed)
+                     for off in range(0, max(n, 1), BLOCK)], dtype=np.uint64)
+
+
+def combine(sums: np.ndarray, key: bytes = b"") -> int:
+    """The checksum of a value from its block sums."""
+    if len(sums) == 1:
+        return int(sums[0])
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(sums, dtype="<u8").tobytes(),
+                                    seed=key_seed(key) ^ _ROOT_TWEAK)
+
+
 def checksum(data: Buffer, key: bytes = b"") -> int:
-    """XXH3-64 of ``data`` seeded by ``key``. Never raises for valid buffers."""
-    return xxhash.xxh3_64_intdigest(data, seed=key_seed(key))
-
-
-def hasher(key: bytes = b"") -> xxhash.xxh3_64:
-    """An incremental XXH3-64 seeded by ``key``: ``update`` block by block, then
-    ``intdigest()`` equals :func:`checksum` of the concatenated blocks."""
-    return xxhash.xxh3_64(seed=key_seed(key))
+    """The key-seeded checksum of ``data``. Never raises for valid buffers."""
+    mv = memoryview(data).cast("B")
+    if len(mv) <= BLOCK:
+        return xxhash.xxh3_64_intdigest(mv, seed=key_seed(key))
+    return combine(block_sums(mv, key), key)
 
 
 def verify(data: Buffer, expected: int, key: bytes = b"", what: str = "chunk") -> None:
@@ -40,24 +72,23 @@ def verify(data: Buffer, expected: int, key: bytes = b"", what: str = "chunk") -
         raise Corruption(f"{what}: checksum mismatch (stored {expected:#018x}, read {got:#018x})")
 
 
-def copy_hashed(src: memoryview, dst: memoryview, key: bytes = b"") -> int:
-    """Copy ``src`` into ``dst`` (same length) and return the checksum of what landed.
-
-    Hashing block by block right after copying it reads each block from cache,
-    so copy+hash runs close to a bare memcpy.
-    """
+def copy_summed(src: memoryview, dst: memoryview, key: bytes = b"") -> np.ndarray:
+    """Copy ``src`` into ``dst`` (same length); the block sums of what landed."""
     n = len(src)
     if len(dst) != n:
         raise ValueError(f"copy_hashed: destination holds {len(dst)} bytes, source {n}")
-    if n <= VERIFY_BLOCK:
-        dst[:] = src
-        return checksum(dst, key)
-    h = hasher(key)
-    for off in range(0, n, VERIFY_BLOCK):
-        end = min(off + VERIFY_BLOCK, n)
+    seed = key_seed(key)
+    sums = np.empty(nblocks(n), dtype=np.uint64)
+    for i, off in enumerate(range(0, max(n, 1), BLOCK)):
+        end = min(off + BLOCK, n)
         dst[off:end] = src[off:end]
-        h.update(dst[off:end])
-    return int(h.intdigest())
+        sums[i] = xxhash.xxh3_64_intdigest(dst[off:end], seed=seed)
+    return sums
+
+
+def copy_hashed(src: memoryview, dst: memoryview, key: bytes = b"") -> int:
+    """Copy ``src`` into ``dst`` (same length) and return the checksum of what landed."""
+    return combine(copy_summed(src, dst, key), key)
 
 
 def copy_verified(
@@ -71,3 +102,87 @@ def copy_verified(
     got = copy_hashed(src, dst, key)
     if got != expected:
         raise Corruption(f"{what}: checksum mismatch (stored {expected:#018x}, read {got:#018x})")
+
+
+class BlockHasher:
+    """Incremental block sums: ``update`` bytes in order, then :meth:`sums`."""
+
+    def __init__(self, key: bytes = b"") -> None:
+        self._seed = key_seed(key)
+        self._key = key
+        self._h = xxhash.xxh3_64(seed=self._seed)
+        self._fill = 0
+        self._sums: list[int] = []
+
+    def update(self, data: memoryview) -> None:
+        pos = 0
+        while pos < len(data):
+            take = min(BLOCK - self._fill, len(data) - pos)
+            self._h.update(data[pos:pos + take])
+            self._fill += take
+            pos += take
+            if self._fill == BLOCK:
+                self._sums.append(self._h.intdigest())
+                self._h.reset()
+                self._fill = 0
+
+    def sums(self) -> np.ndarray:
+        tail = [self._h.intdigest()] if self._fill or not self._sums else []
+        return np.array(self._sums + tail, dtype=np.uint64)
+
+    def intdigest(self) -> int:
+        return combine(self.sums(), self._key)
+
+
+def hasher(key: bytes = b"") -> BlockHasher:
+    """An incremental hasher: ``update`` block by block, then ``intdigest()`` equals
+    :func:`checksum` of the concatenated data."""
+    return BlockHasher(key)
+
+
+def covering(offset: int, length: int) -> range:
+    """Indices of the blocks that bytes ``[offset, offset + length)`` of a value touch."""
+    return range(offset // BLOCK, -(-(offset + length) // BLOCK))
+
+
+def read_range_verified(key: bytes, sums: np.ndarray, size: int, offset: int, dst: memoryview,
+                        land: Callable[[int, memoryview], None],
+                        peek: Callable[[int, int], memoryview]) -> bool:
+    """Move bytes ``[offset, offset + len(dst))`` of a value into ``dst`` and verify every
+    block they touch against ``sums`` (already checked against the value's checksum).
+
+    ``land(pos, view)`` fills ``view`` with the value's bytes from ``pos``;
+    ``peek(pos, n)`` returns the ``n`` bytes from ``pos`` that do not land (the rest
+    of a block the range only partly covers), to be hashed. Both are called in
+    ascending ``pos`` order, covering each touched block exactly once (so a byte
+    stream can feed them). Returns ``False`` if any block failed; all blocks are
+    consumed even then.
+    """
+    seed, end, ok = key_seed(key), offset + len(dst), True
+    for b in covering(offset, len(dst)):
+        bs, be = b * BLOCK, min((b + 1) * BLOCK, size)
+        lo, hi = max(bs, offset), min(be, end)
+        h = xxhash.xxh3_64(seed=seed)
+        if lo > bs:
+            h.update(peek(bs, lo - bs))
+        view = dst[lo - offset : hi - offset]
+        land(lo, view)
+        h.update(view)
+        if be > hi:
+            h.update(peek(hi, be - hi))
+        ok = ok and h.intdigest() == int(sums[b])
+    return ok
+
+
+def check_ranges(ranges: Sequence[Any], what: str = "ranges") -> list[tuple[int, int]]:
+    """Validate ``(offset, length)`` pairs (ints, offset >= 0, length > 0); InvalidArgument."""
+    out = []
+    for r in ranges:
+        if (not isinstance(r, (tuple, list)) or len(r) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                or r[0] < 0 or r[1] <= 0):
+            raise InvalidArgument(f"{what}: each range is (offset >= 0, length > 0), got {r!r}")
+        out.append((int(r[0]), int(r[1])))
+    if not out:
+        raise InvalidArgument(f"{what}: at least one range")
+    return out

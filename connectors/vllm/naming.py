@@ -1,15 +1,14 @@
 """Key namespace and object keys of the vLLM connector (shared by both sides).
 
-Each chunk is stored as one object per layer, ``chunk_key || layer (uint16 BE)``:
-the client reads whole objects, so per-layer objects are what lets a load hand
-layer ``l`` to the engine before layer ``l + 1`` has arrived. Blocks are moved
+Each chunk is one object under its chunk key, layer-major: layer ``l`` is a
+byte range of it, so a load reads "layer ``l`` of these chunks" as ranged reads
+and hands it to the engine before layer ``l + 1`` has arrived. Blocks are moved
 in the kernels' ``"raw"`` format (vLLM's CPU blocks are opaque), so the raw
 layout fingerprint and the block size are part of the namespace's model string.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 from connectors.vllm.metadata import KVStoreHandshake
@@ -27,11 +26,6 @@ def namespace(hs: KVStoreHandshake, chunk_tokens: int, cache_salt: str | None) -
                       dtype=hs.dtype, chunk_tokens=chunk_tokens, kind="mla" if hs.kind == "mla" else "kv")
     return Namespace(model=hs.model, layout=layout, tp_rank=hs.tp_rank, tp_size=hs.tp_size,
                      cache_salt=cache_salt or "")
-
-
-def layer_key(chunk_key: bytes, layer: int) -> bytes:
-    """Object key of one layer of one chunk."""
-    return chunk_key + struct.pack(">H", layer)
 
 
 def keys_for(ns: Namespace, tokens: Sequence[int]) -> list[bytes]:

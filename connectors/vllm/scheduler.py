@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
-from connectors.vllm.naming import keys_for, layer_key, namespace
+from connectors.vllm.naming import keys_for, namespace
 from kvstore.client import Client
 from kvstore.errors import KVStoreError
 
@@ -94,8 +94,7 @@ class SchedulerSide:
         try:
             for hs in self.handshakes:
                 ns = namespace(hs, self.cfg.chunk_tokens, request.cache_salt)
-                keys = [layer_key(k, 0) for k in keys_for(ns, tokens)]
-                n = self.client.longest_prefix(keys, timeout=self.cfg.lookup_timeout)
+                n = self.client.longest_prefix(keys_for(ns, tokens), timeout=self.cfg.lookup_timeout)
                 hit = n if hit is None else min(hit, n)
         except KVStoreError as e:
             self.counters["lookup_errors"] += 1

@@ -32,7 +32,7 @@ import numpy as np
 
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
-from connectors.vllm.naming import keys_for, layer_key, namespace, namespace_model
+from connectors.vllm.naming import keys_for, namespace, namespace_model
 from kvstore import kernels
 from kvstore.client import Client
 from kvstore.errors import InvalidArgument, KVStoreError
@@ -206,16 +206,22 @@ class WorkerSide:
         return [[0]] + [rest[i:i + size] for i in range(0, len(rest), size)]
 
     def _load_layers(self, plan: _LoadPlan, layers: list[int]) -> None:
-        """Fetch ``layers`` of every chunk of ``plan`` (before its first failure) in one call, scatter."""
+        """Read ``layers`` of every chunk of ``plan`` (before its first failure) in one call, scatter.
+
+        A chunk is one object, layer-major: layer ``l`` is the byte range
+        ``[l * obj_bytes, (l + 1) * obj_bytes)`` of it, read straight into the
+        layer's slot of the staging buffer.
+        """
         n = plan.bad_from - plan.c0
         if n <= 0:
             return
         ob, per_layer = self.obj_bytes, (plan.c1 - plan.c0) * self.obj_bytes
-        keys = [layer_key(k, layer) for layer in layers for k in plan.keys[:n]]
+        keys = [k for _ in layers for k in plan.keys[:n]]
         views = [plan.staging[j * per_layer + i * ob: j * per_layer + (i + 1) * ob]
                  for j in range(len(layers)) for i in range(n)]
+        ranges = [[(layer * ob, ob)] for layer in layers for _ in range(n)]
         try:
-            sizes = self.client.get_into_batch(keys, views)
+            sizes = self.client.get_into_batch(keys, views, ranges=ranges)
         except KVStoreError as e:
             log.warning("kvstore load of request %s layers %s failed: %s", plan.spec.req_id, layers, e)
             sizes = [None] * len(keys)
@@ -339,11 +345,11 @@ class WorkerSide:
             keys = self._keys(spec.tokens, spec.cache_salt)[spec.first_chunk:]
             layer_bytes = len(spec.block_ids) * self.block_bytes
             ob = self.obj_bytes
-            # One batch for the whole step's chunks: a handful of round trips instead of five per
-            # chunk, which matters when the save thread shares the CPU with the forward pass.
-            items = [(layer_key(keys[i], layer), st.buf[layer * layer_bytes + i * ob:
-                                                          layer * layer_bytes + (i + 1) * ob])
-                     for i in range(spec.num_chunks) for layer in range(self.num_layers)]
+            # One object per chunk, layer-major (staging is [layer][block]: one copy per chunk
+            # here, on the save thread). One batch for the whole step's chunks.
+            by_layer = st.buf.reshape(self.num_layers, layer_bytes)
+            items = [(keys[i], np.ascontiguousarray(by_layer[:, i * ob:(i + 1) * ob]).reshape(-1))
+                     for i in range(spec.num_chunks)]
             try:
                 self.client.put_batch(items, timeout=self.cfg.timeout)
             except KVStoreError as e:

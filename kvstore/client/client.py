@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 
 from kvstore._types import byte_view
-from kvstore.checksum import checksum, copy_hashed
+from kvstore.checksum import block_sums, check_ranges, combine
 from kvstore.client.connections import GRPC_OPTIONS, Connections, NodeConn
 from kvstore.client.locations import Known, LocationCache
 from kvstore.client.releaser import Releaser
@@ -53,6 +53,7 @@ from kvstore.errors import (
 )
 from kvstore.hostid import host_id
 from kvstore.master.errors import error_from_rpc
+from kvstore.node.control import FetchRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
 from kvstore.store import check_key
 from kvstore.v1 import master_pb2 as mpb
@@ -61,6 +62,8 @@ from transport.regions import Desc, Region
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Ranges = list[list[tuple[int, int]] | None] | None
+"""Per key of a batch: the ``(offset, length)`` ranges to read (``None``: the whole value)."""
 
 
 class Client:
@@ -144,10 +147,12 @@ class Client:
                 raise InvalidArgument(f"value for key {k[:16]!r} is empty")
         if len(set(keys)) != len(keys):
             raise InvalidArgument("put_batch: duplicate keys in one batch")
-        sums = [checksum(v, k) for k, v in zip(keys, views, strict=True)]
-        return self._retrying(lambda d: self._put(keys, views, sums, d), timeout)
+        blocks = [block_sums(v, k) for k, v in zip(keys, views, strict=True)]
+        sums = [combine(b, k) for k, b in zip(keys, blocks, strict=True)]
+        return self._retrying(lambda d: self._put(keys, views, sums, blocks, d), timeout)
 
-    def _put(self, keys: list[bytes], views: list[memoryview], sums: list[int], deadline: float) -> list[bool]:
+    def _put(self, keys: list[bytes], views: list[memoryview], sums: list[int], blocks: list[np.ndarray],
+             deadline: float) -> list[bool]:
         req = mpb.PutStartRequest(
             items=[mpb.PutItem(key=k, size=len(v), checksum=c) for k, v, c in zip(keys, views, sums, strict=True)],
             replicas=self.replicas, client_host=self.host_id)
@@ -175,7 +180,7 @@ class Client:
         placed: dict[int, Known] = {}
         try:
             for node_id, idxs in todo.items():
-                failed |= self._write_node(nodes[node_id], idxs, keys, views, sums, placed, deadline)
+                failed |= self._write_node(nodes[node_id], idxs, keys, views, sums, blocks, placed, deadline)
         except BaseException:
             self._revoke(resp.put_id, keys, todo, deadline)
             raise
@@ -212,8 +217,8 @@ class Client:
             log.warning("put revoke failed (the master expires it): %s", e)
 
     def _write_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
-                    views: list[memoryview], sums: list[int], placed: dict[int, Known],
-                    deadline: float) -> set[int]:
+                    views: list[memoryview], sums: list[int], blocks: list[np.ndarray],
+                    placed: dict[int, Known], deadline: float) -> set[int]:
         """Allocate, transfer and commit ``idxs`` on one node; returns the indices that failed
         and adds where the others landed to ``placed``."""
         conn = self._conns.get(node)
@@ -223,7 +228,7 @@ class Client:
         failed = {i for i, s in zip(idxs, slots, strict=True) if s.status != SlotStatus.OK}
         for i, s in zip(idxs, slots, strict=True):
             if s.status == SlotStatus.OK:
-                placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation)
+                placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation, blocks[i])
         if not ok:
             return failed
         regions: list[Region] = []
@@ -286,30 +291,46 @@ class Client:
         on a miss (absent, or failed verification on every replica)."""
         return self.get_batch([key], timeout=timeout)[0]
 
-    def get_into(self, key: bytes | str, buffer: Any, *, timeout: float | None = None) -> int | None:
-        """Read into ``buffer``; returns the size, or ``None`` on a miss.
+    def get_into(self, key: bytes | str, buffer: Any, *, ranges: Sequence[tuple[int, int]] | None = None,
+                 timeout: float | None = None) -> int | None:
+        """Read into ``buffer``; returns the bytes written, or ``None`` on a miss.
 
+        ``ranges``: ``(offset, length)`` byte ranges of the value to read instead of
+        all of it (a layer of a chunk is one range); they land in ``buffer`` back to
+        back, in the order given, each verified against the value's block sums.
         :class:`InvalidArgument` before anything is written if ``buffer`` is
-        read-only or smaller than the value.
+        read-only or too small, or a range is empty or ends past the value.
         """
-        return self.get_into_batch([key], [buffer], timeout=timeout)[0]
+        return self.get_into_batch([key], [buffer], ranges=None if ranges is None else [ranges],
+                                   timeout=timeout)[0]
 
     def get_batch(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> list[bytearray | None]:
         ks = [check_key(k) for k in keys]
-        return self._retrying(lambda d: self._get(ks, None, d), timeout)  # type: ignore[arg-type,return-value]
+        return self._retrying(lambda d: self._get(ks, None, None, d), timeout)  # type: ignore[arg-type,return-value]
 
     def get_into_batch(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *,
+                       ranges: Sequence[Sequence[tuple[int, int]] | None] | None = None,
                        timeout: float | None = None) -> list[int | None]:
+        """:meth:`get_into` for many keys in one call (a key may repeat, e.g. with other
+        ranges). ``ranges``: one entry per key (``None``: the whole value)."""
         if len(keys) != len(buffers):
             raise InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+        if ranges is not None and len(ranges) != len(keys):
+            raise InvalidArgument(f"{len(keys)} keys but {len(ranges)} range lists")
         ks = [check_key(k) for k in keys]
         views = [byte_view(b, "buffer") for b in buffers]
         if any(v.readonly for v in views):
             raise InvalidArgument("buffer is read-only")
-        res = self._retrying(lambda d: self._get(ks, views, d), timeout)
+        rs = None if ranges is None else [None if r is None else check_ranges(r) for r in ranges]
+        if rs is not None:
+            for v, r in zip(views, rs, strict=True):
+                if r is not None and sum(n for _, n in r) > len(v):
+                    raise InvalidArgument(f"buffer of {len(v)} bytes is smaller than its ranges "
+                                          f"({sum(n for _, n in r)} bytes)")
+        res = self._retrying(lambda d: self._get(ks, views, rs, d), timeout)
         return [None if r is None else len(r) for r in res]
 
-    def _get(self, keys: list[bytes], views: list[memoryview] | None,
+    def _get(self, keys: list[bytes], views: list[memoryview] | None, ranges: Ranges,
              deadline: float) -> list[memoryview | bytearray | None]:
         out: list[Any] = [None] * len(keys)
         dests: list[memoryview | None] = [None] * len(keys)
@@ -317,12 +338,12 @@ class Client:
         if self._locations is not None:
             known = {i: loc for i in todo if (loc := self._locations.get(keys[i])) is not None}
             if known:
-                self._prepare(known, views, out, dests)
-                got = self._read_one_sided(known, keys, dests)
+                self._prepare(known, views, ranges, out, dests)
+                got = self._read_one_sided(known, keys, dests, ranges)
                 rest = {i: loc for i, loc in known.items() if i not in got}
                 if rest:
                     fresh = self._read_replicas({i: [loc.node] for i, loc in rest.items()}, keys, dests, rest,
-                                                deadline)
+                                                ranges, deadline)
                     for i, loc in fresh.items():
                         self._locations.put(keys[i], loc)
                     got.update(fresh)
@@ -344,8 +365,8 @@ class Client:
                 continue
             locs[i] = location
             pending[i] = list(location.nodes)
-        self._prepare(locs, views, out, dests)
-        got = self._read_replicas(pending, keys, dests, locs, deadline)
+        self._prepare(locs, views, ranges, out, dests)
+        got = self._read_replicas(pending, keys, dests, locs, ranges, deadline)
         for i in pending:
             if i in got:
                 if views is not None:
@@ -358,30 +379,37 @@ class Client:
         return out
 
     @staticmethod
-    def _prepare(locs: dict[int, Any], views: list[memoryview] | None, out: list[Any],
+    def _prepare(locs: dict[int, Any], views: list[memoryview] | None, ranges: Ranges, out: list[Any],
                  dests: list[memoryview | None]) -> None:
         """Size checks (before any byte moves) and destination buffers for ``locs``."""
         for i, loc in locs.items():
-            if views is not None and len(views[i]) < loc.size:
+            rs = ranges[i] if ranges is not None else None
+            if rs is not None:
+                for off, n in rs:
+                    if off + n > loc.size:
+                        raise InvalidArgument(f"range ({off}, {n}) ends past the value ({loc.size} bytes)")
+            elif views is not None and len(views[i]) < loc.size:
                 raise InvalidArgument(
                     f"buffer of {len(views[i])} bytes is smaller than the value ({loc.size} bytes)")
         for i, loc in locs.items():
+            rs = ranges[i] if ranges is not None else None
             if views is None:
                 if out[i] is None or len(out[i]) != loc.size:
                     out[i] = bytearray(loc.size)
                 dests[i] = memoryview(out[i])
             else:
-                dests[i] = views[i][: loc.size]
+                dests[i] = views[i][: loc.size if rs is None else sum(n for _, n in rs)]
 
     def _read_one_sided(self, known: dict[int, Known], keys: list[bytes],
-                        dests: list[memoryview | None]) -> dict[int, Known]:
+                        dests: list[memoryview | None], ranges: Ranges) -> dict[int, Known]:
         """Read what same-host nodes hold at a remembered place, with no round trip.
 
         Returns the indices read and verified; the rest take the leased path.
         """
         got: dict[int, Known] = {}
         for i, loc in known.items():
-            if loc.offset < 0:
+            rs = ranges[i] if ranges is not None else None
+            if loc.offset < 0 or (rs is not None and loc.sums is None):
                 continue
             try:
                 conn = self._conns.get(loc.node)
@@ -390,7 +418,7 @@ class Client:
             dst = dests[i]
             if conn.mapped is None or dst is None:
                 continue
-            st = conn.mapped.read(keys[i], loc.offset, loc.size, loc.checksum, loc.generation, dst)
+            st = conn.mapped.read(keys[i], loc, dst, rs)
             if st == SlotStatus.OK:
                 got[i] = loc
                 self.counters["hits"] += 1
@@ -402,7 +430,8 @@ class Client:
         return got
 
     def _read_replicas(self, pending: dict[int, list[mpb.NodeInfo]], keys: list[bytes],
-                       dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, Known]:
+                       dests: list[memoryview | None], locs: dict[int, Any], ranges: Ranges,
+                       deadline: float) -> dict[int, Known]:
         """Read every pending key from its first replica that has it; where each hit was read."""
         got: dict[int, Known] = {}
         while pending:
@@ -414,7 +443,7 @@ class Client:
             nxt: dict[int, list[mpb.NodeInfo]] = {}
             for node_id, idxs in by_node.items():
                 try:
-                    ok = self._read_node(nodes[node_id], idxs, keys, dests, locs, deadline)
+                    ok = self._read_node(nodes[node_id], idxs, keys, dests, locs, ranges, deadline)
                 except TransportError as e:
                     log.warning("node %s unreachable: %s", node_id, e)
                     ok = {}
@@ -427,13 +456,13 @@ class Client:
             pending = nxt
         return got
 
-    def _read_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
-                   dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, Known]:
+    def _read_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes], dests: list[memoryview | None],
+                   locs: dict[int, Any], ranges: Ranges, deadline: float) -> dict[int, Known]:
         """Read ``idxs`` from one node into ``dests``; the indices read and verified, with
         where they were."""
         conn = self._conns.get(node)
         if conn.mapped is None:
-            return self._fetch_node(conn, node, idxs, keys, dests, locs, deadline)
+            return self._fetch_node(conn, node, idxs, keys, dests, locs, ranges, deadline)
         # Same host: ACQUIRE holds the values in place, then one verified copy each out of
         # the mapped arena; the node must hold the version the master (or the cache) vouches for.
         slots = [Acquired(*s) for s in self._node_call(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline)]
@@ -442,9 +471,11 @@ class Client:
         try:
             for i, s in held:
                 dst = dests[i]
-                if (dst is not None and s.size == len(dst) and s.checksum == locs[i].checksum
-                        and copy_hashed(conn.mapped.arena[s.offset:s.offset + s.size], dst, keys[i]) == s.checksum):
-                    good[i] = Known(node, s.size, s.checksum, s.offset, s.generation)
+                loc = Known(node, s.size, s.checksum, s.offset, s.generation, np.frombuffer(s.sums, dtype="<u8"))
+                if (dst is not None and s.checksum == locs[i].checksum
+                        and conn.mapped.read(keys[i], loc, dst, ranges[i] if ranges is not None else None,
+                                             held=True) == SlotStatus.OK):
+                    good[i] = loc
                 else:
                     self._corrupt(keys[i], node)
         finally:
@@ -452,21 +483,23 @@ class Client:
         return good
 
     def _fetch_node(self, conn: NodeConn, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
-                    dests: list[memoryview | None], locs: dict[int, Any], deadline: float) -> dict[int, Known]:
+                    dests: list[memoryview | None], locs: dict[int, Any], ranges: Ranges,
+                    deadline: float) -> dict[int, Known]:
         """Over the network: one FETCH round trip that names each key and the checksum it
-        must have, answered with the bytes (received and hashed in one pass)."""
+        must have, answered with the bytes (received and verified in one pass)."""
+        reqs = [FetchRequest(keys[i], locs[i].checksum, dests[i], ranges[i] if ranges is not None else None)
+                for i in idxs]
         try:
-            replies = conn.control.fetch([[keys[i], locs[i].checksum] for i in idxs], [keys[i] for i in idxs],
-                                         [dests[i] for i in idxs], deadline - time.monotonic())
+            replies = conn.control.fetch(reqs, deadline - time.monotonic())
         except TransportError:
             self._conns.drop(conn)
             raise
         good: dict[int, Known] = {}
-        for i, (reply, landed) in zip(idxs, replies, strict=True):
+        for i, (reply, ok) in zip(idxs, replies, strict=True):
             if reply.status != SlotStatus.OK:
                 continue
-            if landed is not None and landed == reply.checksum == locs[i].checksum:
-                good[i] = Known(node, reply.size, reply.checksum)
+            if ok:
+                good[i] = Known(node, reply.size, reply.checksum, sums=np.frombuffer(reply.sums, dtype="<u8"))
             else:
                 self._corrupt(keys[i], node)
         return good

@@ -18,6 +18,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvstore.v1 import master_pb2 as mpb
 
 
@@ -30,6 +32,8 @@ class Known:
     """Offset in the node's arena (``-1``: unknown, or not in DRAM)."""
     generation: int = 0
     """Extent generation at ``offset`` when the location was learned."""
+    sums: np.ndarray | None = None
+    """Block sums (kvstore.checksum), needed to verify a partial read; ``None``: unknown."""
 
 
 class LocationCache:

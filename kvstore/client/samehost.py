@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvstore.checksum import copy_hashed
+from kvstore.checksum import combine, copy_hashed, nblocks, read_range_verified
+from kvstore.client.locations import Known
 from kvstore.node.protocol import SlotStatus
 from transport.base import Peer
 
@@ -39,15 +40,34 @@ class MappedNode:
         self.generations = np.frombuffer(generations, dtype=np.uint64)
         self.granule = granule
 
-    def read(self, key: bytes, offset: int, size: int, checksum: int, generation: int,
-             dst: memoryview) -> int:
-        """Copy the chunk into ``dst[:size]``; a :class:`SlotStatus`: OK (verified),
-        EXPIRED (the location is stale: fall back) or CORRUPT (bytes failed the checksum)."""
+    def read(self, key: bytes, loc: Known, dst: memoryview, ranges: list[tuple[int, int]] | None = None,
+             *, held: bool = False) -> int:
+        """Copy the chunk (or its ``ranges``, back to back) into ``dst``; a :class:`SlotStatus`:
+        OK (verified), EXPIRED (the location is stale: fall back) or CORRUPT (bytes
+        failed verification). ``held``: a read hold keeps the bytes in place, so the
+        generation is not checked."""
+        offset, size, generation = loc.offset, loc.size, loc.generation
         slot = offset // self.granule
-        if (offset % self.granule or slot >= len(self.generations) or offset + size > len(self.arena)
-                or self.generations[slot] != generation):
+        if offset % self.granule or slot >= len(self.generations) or offset + size > len(self.arena):
             return SlotStatus.EXPIRED
-        got = copy_hashed(self.arena[offset : offset + size], dst[:size], key)
-        if self.generations[slot] != generation or not self.peer.alive():
+        if not held and self.generations[slot] != generation:
             return SlotStatus.EXPIRED
-        return SlotStatus.OK if got == checksum else SlotStatus.CORRUPT
+        src = self.arena[offset : offset + size]
+        if ranges is None:
+            ok = copy_hashed(src, dst[:size], key) == loc.checksum
+        else:
+            sums = loc.sums
+            if sums is None or len(sums) != nblocks(size) or combine(sums, key) != loc.checksum:
+                return SlotStatus.EXPIRED
+
+            def land(pos: int, view: memoryview) -> None:
+                view[:] = src[pos : pos + len(view)]
+
+            ok, at = True, 0
+            for off, n in ranges:
+                ok = read_range_verified(key, sums, size, off, dst[at : at + n], land,
+                                         lambda pos, n: src[pos : pos + n]) and ok
+                at += n
+        if not held and (self.generations[slot] != generation or not self.peer.alive()):
+            return SlotStatus.EXPIRED
+        return SlotStatus.OK if ok else SlotStatus.CORRUPT

@@ -15,8 +15,17 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgpack
+import numpy as np
 
-from kvstore.checksum import VERIFY_BLOCK, hasher
+from kvstore.checksum import (
+    BLOCK,
+    VERIFY_BLOCK,
+    combine,
+    covering,
+    hasher,
+    nblocks,
+    read_range_verified,
+)
 from kvstore.errors import InvalidArgument, Timeout, TransportError
 from kvstore.node.protocol import (
     FLAG_ERROR,
@@ -131,14 +140,15 @@ class ControlClient:
             self._idle.append(sock)
         return payload
 
-    def fetch(self, items: list[Any], keys: list[bytes], dests: list[memoryview | None],
-              timeout: float) -> list[tuple[Fetched, int | None]]:
-        """FETCH: one round trip; each OK value is received straight into its ``dests``
-        entry (hashed block by block as it lands). Per item: the reply and the
-        checksum of what landed (``None`` when nothing landed: a miss, or a value
-        that does not fit its destination, which is drained and dropped)."""
+    def fetch(self, requests: list[FetchRequest], timeout: float) -> list[tuple[Fetched, bool]]:
+        """FETCH: one round trip; each OK value (or each of its ranges, back to back) is
+        received straight into the request's ``dst`` and verified against the
+        expected checksum as it lands. Per request: the reply, and whether verified
+        bytes landed (``False`` for a miss, a value that does not fit ``dst``, which
+        is drained and dropped, or bytes that failed verification)."""
         if timeout <= 0:
             raise Timeout(f"deadline expired before FETCH to node {self.address}")
+        items = [[r.key, r.checksum] if r.ranges is None else [r.key, r.checksum, r.ranges] for r in requests]
         sock = self._take(timeout)
         deadline = time.monotonic() + timeout
         try:
@@ -152,17 +162,7 @@ class ControlClient:
             if rop != Op.FETCH | REPLY_BIT or not isinstance(payload, list) or len(payload) != len(items):
                 sock.close()
                 raise TransportError(f"FETCH to node {self.address}: malformed reply")
-            out: list[tuple[Fetched, int | None]] = []
-            for reply, key, dst in zip(payload, keys, dests, strict=True):
-                f = Fetched(*reply)
-                if f.status != SlotStatus.OK:
-                    out.append((f, None))
-                    continue
-                if dst is not None and len(dst) == f.size:
-                    out.append((f, _recv_hashed(sock, dst, f.size, key, deadline)))
-                else:
-                    _drain(sock, memoryview(bytearray(min(f.size, VERIFY_BLOCK))), f.size, deadline)
-                    out.append((f, None))
+            out = [_receive(sock, Fetched(*reply), r, deadline) for reply, r in zip(payload, requests, strict=True)]
         except TimeoutError as e:
             sock.close()
             raise Timeout(f"FETCH to node {self.address} timed out after {timeout:.1f}s") from e
@@ -189,6 +189,49 @@ class ControlClient:
             idle, self._idle = self._idle, []
         for s in idle:
             s.close()
+
+
+class FetchRequest(NamedTuple):
+    """One value to FETCH: its key, the checksum it must have, where it lands (the whole
+    value, or its ``ranges`` back to back)."""
+
+    key: bytes
+    checksum: int
+    dst: memoryview | None
+    ranges: list[tuple[int, int]] | None = None
+
+
+def _receive(sock: socket.socket, f: Fetched, r: FetchRequest, deadline: float) -> tuple[Fetched, bool]:
+    """Take one reply's bytes off the stream; whether they landed verified in ``r.dst``."""
+    if f.status != SlotStatus.OK:
+        return f, False
+    spans = [(0, f.size)] if r.ranges is None else \
+        [(b.start * BLOCK, min(b.stop * BLOCK, f.size)) for off, n in r.ranges for b in [covering(off, n)]]
+    want = f.size if r.ranges is None else sum(n for _, n in r.ranges)
+    if r.dst is None or len(r.dst) != want:
+        for lo, hi in spans:
+            _drain(sock, memoryview(bytearray(min(hi - lo, BLOCK))), hi - lo, deadline)
+        return f, False
+    if r.ranges is None:
+        return f, _recv_hashed(sock, r.dst, f.size, r.key, deadline) == r.checksum
+    sums = np.frombuffer(f.sums, dtype="<u8")
+    trusted = len(sums) == nblocks(f.size) and combine(sums, r.key) == r.checksum
+    scratch = memoryview(bytearray(BLOCK))
+
+    def land(_pos: int, view: memoryview) -> None:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        recv_exact(sock, view)
+
+    def peek(_pos: int, n: int) -> memoryview:
+        land(_pos, scratch[:n])
+        return scratch[:n]
+
+    ok, at = trusted, 0
+    for off, n in r.ranges:
+        ok = read_range_verified(r.key, sums if trusted else np.zeros(nblocks(f.size), np.uint64), f.size, off,
+                                 r.dst[at:at + n], land, peek) and ok
+        at += n
+    return f, ok
 
 
 def _recv_hashed(sock: socket.socket, dst: memoryview, size: int, key: bytes, deadline: float) -> int:

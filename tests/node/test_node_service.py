@@ -7,10 +7,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from kvstore.checksum import checksum
+from kvstore.checksum import BLOCK, checksum
 from kvstore.config import NodeConfig, StoreConfig
 from kvstore.errors import InvalidArgument
-from kvstore.node.control import ControlClient
+from kvstore.node.control import ControlClient, FetchRequest
 from kvstore.node.daemon import StoreNode
 from kvstore.node.protocol import (
     HEADER,
@@ -133,19 +133,41 @@ def test_abandoned_holds_are_reclaimed(node, ctl):
 
 
 def test_fetch_streams_bytes_in_one_round_trip(node, ctl):
-    a, b = np.arange(300_000, dtype=np.uint32).view(np.uint8)[:700_000], np.full(5000, 7, np.uint8)
+    a = np.random.default_rng(0).integers(0, 256, 3 * BLOCK + 1000, dtype=np.uint8)
+    b = np.full(5000, 7, np.uint8)
     node.store.put(b"a", a)
     node.store.put(b"b", b)
+    ca, cb = checksum(a, b"a"), checksum(b, b"b")
     dst_a, dst_b, small = bytearray(len(a)), bytearray(len(b)), bytearray(10)
-    got = ctl.fetch([[b"a", checksum(a, b"a")], [b"missing", 1], [b"b", 12345], [b"b", checksum(b, b"b")],
-                     [b"b", checksum(b, b"b")], "junk"],
-                    [b"a", b"missing", b"b", b"b", b"b", b""],
-                    [memoryview(dst_a), None, memoryview(dst_b), memoryview(small), memoryview(dst_b), None], 5)
-    st = [f.status for f, _ in got]
-    assert st == [S.OK, S.NOT_FOUND, S.EXPIRED, S.OK, S.OK, S.INVALID]
-    assert got[0][1] == checksum(a, b"a") and bytes(dst_a) == a.tobytes()
-    assert got[3][1] is None  # did not fit its destination: drained, not landed
-    assert got[4][1] == checksum(b, b"b") and bytes(dst_b) == b.tobytes()
+    part = bytearray(10 + BLOCK + 20)
+    got = ctl.fetch([FetchRequest(b"a", ca, memoryview(dst_a)), FetchRequest(b"missing", 1, None),
+                     FetchRequest(b"b", 12345, memoryview(dst_b)), FetchRequest(b"b", cb, memoryview(small)),
+                     FetchRequest(b"b", cb, memoryview(dst_b)),
+                     # two ranges of "a" back to back: within a block, and across two blocks
+                     FetchRequest(b"a", ca, memoryview(part), [(5, 10), (2 * BLOCK - 7, BLOCK + 20)]),
+                     FetchRequest(b"a", ca, memoryview(bytearray(5)), [(len(a) - 2, 5)])], 5)
+    assert [(f.status, ok) for f, ok in got] == [
+        (S.OK, True), (S.NOT_FOUND, False), (S.EXPIRED, False),
+        (S.OK, False),  # did not fit its destination: drained, not landed
+        (S.OK, True), (S.OK, True),
+        (S.EXPIRED, False)]  # a range past the end
+    assert bytes(dst_a) == a.tobytes() and bytes(dst_b) == b.tobytes()
+    assert bytes(part) == a[5:15].tobytes() + a[2 * BLOCK - 7:3 * BLOCK + 13].tobytes()
     # The stream stayed in step, and every hold was let go.
     assert ctl.call(Op.ACQUIRE, [b"missing"], 5)[0][0] == S.NOT_FOUND
-    assert len(node.holds) == 0 and node.store.arena.live() and all(x.refs == 1 for x in node.store.arena.live())
+    assert len(node.holds) == 0 and all(x.refs == 1 for x in node.store.arena.live())
+    # A malformed ranged item is INVALID; the connection stays usable.
+    [(f, ok)] = ctl.fetch([FetchRequest(b"a", ca, memoryview(part), [(0, 0)])], 5)
+    assert f.status == S.INVALID and not ok
+
+
+def test_fetch_rejects_bytes_that_do_not_match_their_block_sums(node, ctl):
+    a = np.random.default_rng(1).integers(0, 256, 2 * BLOCK, dtype=np.uint8)
+    node.store.put(b"a", a)
+    off = node.store.location(b"a")[0]
+    node.store.arena.buffer[off + BLOCK + 3] ^= 0xFF  # a flipped byte in the second block
+    first, second = bytearray(100), bytearray(100)
+    got = ctl.fetch([FetchRequest(b"a", checksum(a, b"a"), memoryview(first), [(10, 100)]),
+                     FetchRequest(b"a", checksum(a, b"a"), memoryview(second), [(BLOCK, 100)])], 5)
+    assert [ok for _, ok in got] == [True, False]  # the intact block still verifies
+    assert bytes(first) == a[10:110].tobytes()

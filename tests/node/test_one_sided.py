@@ -12,8 +12,11 @@ import threading
 import numpy as np
 import pytest
 
+from kvstore.checksum import BLOCK, block_sums, checksum
 from kvstore.client import Client
+from kvstore.client.locations import Known
 from kvstore.client.samehost import MappedNode
+from kvstore.errors import InvalidArgument
 from kvstore.memory import Arena
 from kvstore.node.protocol import SlotStatus
 from kvstore.testing.cluster import Cluster
@@ -41,23 +44,25 @@ def cluster(tmp_path):
 
 
 def test_mapped_read_checks_generation_and_checksum():
-    from kvstore.checksum import checksum
-
     arena = Arena(1 << 20, prefault=False)
     a = arena.alloc(5000)
     data = np.arange(5000, dtype=np.uint32).astype(np.uint8)
     a.view()[:] = data.tobytes()
-    gen, sum_ = arena.generation(a.offset), checksum(data, b"k")
+    loc = Known(None, 5000, checksum(data, b"k"), a.offset, arena.generation(a.offset),  # type: ignore[arg-type]
+                block_sums(data, b"k"))
     node = MappedNode(Peer("test", b""), arena.buffer.data, arena.generations.data, arena.alignment)
     dst = bytearray(5000)
-    assert node.read(b"k", a.offset, 5000, sum_, gen, memoryview(dst)) == SlotStatus.OK
+    assert node.read(b"k", loc, memoryview(dst)) == SlotStatus.OK
     assert bytes(dst) == data.tobytes()
-    assert node.read(b"other", a.offset, 5000, sum_, gen, memoryview(dst)) == SlotStatus.CORRUPT
+    assert node.read(b"k", loc, memoryview(dst), [(10, 20), (0, 5)]) == SlotStatus.OK
+    assert bytes(dst[:25]) == data[10:30].tobytes() + data[:5].tobytes()
+    assert node.read(b"other", loc, memoryview(dst)) == SlotStatus.CORRUPT
     arena.retire(a)  # removed / evicted / replaced
-    assert node.read(b"k", a.offset, 5000, sum_, gen, memoryview(dst)) == SlotStatus.EXPIRED
+    assert node.read(b"k", loc, memoryview(dst)) == SlotStatus.EXPIRED
+    assert node.read(b"k", loc, memoryview(dst), held=True) == SlotStatus.OK  # a hold keeps the bytes
     a.release()
     b = arena.alloc(5000)  # same extent, new allocation: another generation again
-    assert b.offset == a.offset and arena.generation(b.offset) not in (gen, gen + 1)
+    assert b.offset == a.offset and arena.generation(b.offset) not in (loc.generation, loc.generation + 1)
     b.release()
     arena.close()
 
@@ -147,3 +152,29 @@ def test_readers_racing_eviction_get_the_value_or_a_miss(cluster):
                 t.join(30)
     assert not wrong
     assert hits[0] > 0
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "tcp"])
+def test_ranged_reads(cluster, same_host):
+    v = value(6, 4 * BLOCK + 123)
+    layer = BLOCK + 7  # ranges that do not fall on block boundaries
+    with Client(cluster.master_address) as w, Client(cluster.master_address, same_host=same_host) as r:
+        assert w.put(b"chunk", v)
+        for _ in range(2):  # first through Lookup (+ a hold or FETCH), then from the cache
+            buf = bytearray(2 * layer)
+            assert r.get_into(b"chunk", buf, ranges=[(2 * layer, layer), (0, layer)]) == 2 * layer
+            assert bytes(buf) == v[2 * layer:3 * layer] + v[:layer]
+        # "layer l of these chunks", one call, a key repeated with other ranges
+        bufs = [bytearray(layer), bytearray(len(v)), bytearray(1)]
+        got = r.get_into_batch([b"chunk", b"chunk", b"missing"], bufs,
+                               ranges=[[(layer, layer)], [(3 * layer, len(v) - 3 * layer)], [(0, 1)]])
+        assert got == [layer, len(v) - 3 * layer, None]
+        assert bytes(bufs[0]) == v[layer:2 * layer] and bytes(bufs[1][:got[1]]) == v[3 * layer:]
+        if same_host:
+            assert r.counters["hits.one_sided"] >= 3
+        # Bad input: refused before any byte moves.
+        buf = bytearray(b"\xaa" * 10)
+        for bad in ([(len(v) - 5, 10)], [(0, 0)], [(-1, 5)], [(0, 11)], []):
+            with pytest.raises(InvalidArgument):
+                r.get_into(b"chunk", buf, ranges=bad)
+        assert buf == bytearray(b"\xaa" * 10)
