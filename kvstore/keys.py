@@ -18,11 +18,29 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from kvstore.errors import InvalidArgument
 from kvstore.layout import KVLayout
+
+MAX_KEY_BYTES = 256
+Key = bytes | str
+
+
+def check_key(key: Any) -> bytes:
+    """Normalize a key to bytes, or raise :class:`InvalidArgument` saying why."""
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    elif isinstance(key, (bytearray, memoryview)):
+        key = bytes(key)
+    if not isinstance(key, bytes):
+        raise InvalidArgument(f"key must be bytes or str, got {type(key).__name__}")
+    if not 0 < len(key) <= MAX_KEY_BYTES:
+        raise InvalidArgument(f"key must be 1..{MAX_KEY_BYTES} bytes long, got {len(key)}")
+    return key
+
 
 KEY_BYTES = 32
 """Length of a chunk key (a SHA-256 digest)."""

@@ -24,29 +24,13 @@ import numpy as np
 from kvstore._types import Buffer, byte_view
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgument, NoSpace
+from kvstore.keys import Key, check_key
 from kvstore.memory import Allocation, Arena
 from kvstore.tiers import DiskTier, DramTier, TierManager
 from kvstore.tiers.dram import Lease
 from kvstore.units import format_size
 
 log = logging.getLogger(__name__)
-
-MAX_KEY_BYTES = 256
-Key = bytes | str
-
-
-def check_key(key: Any) -> bytes:
-    """Normalize a key to bytes, or raise :class:`InvalidArgument` saying why."""
-    if isinstance(key, str):
-        key = key.encode("utf-8")
-    elif isinstance(key, (bytearray, memoryview)):
-        key = bytes(key)
-    if not isinstance(key, bytes):
-        raise InvalidArgument(f"key must be bytes or str, got {type(key).__name__}")
-    if not 0 < len(key) <= MAX_KEY_BYTES:
-        raise InvalidArgument(f"key must be 1..{MAX_KEY_BYTES} bytes long, got {len(key)}")
-    return key
-
 
 class LocalStore:
     """Embedded tiered store. Build from a :class:`StoreConfig` or keyword arguments."""
@@ -188,13 +172,15 @@ class LocalStore:
             raise NoSpace(f"no DRAM room for {format_size(size)} (everything pinned or held)")
         return alloc
 
-    def commit(self, key: Key, alloc: Allocation, checksum: int, *, pin: bool = False) -> None:
+    def commit(self, key: Key, alloc: Allocation, checksum: int, *, pin: bool = False,
+               sums: np.ndarray | None = None) -> None:
         """Verify ``alloc``'s bytes against ``checksum`` and store them as ``key``.
 
-        Takes over the caller's reference. Raises :class:`Corruption` on mismatch
-        (nothing is stored).
+        ``sums``: the block sums the caller computed as the bytes landed (and checked
+        against ``checksum``); the bytes are then not hashed again. Takes over the
+        caller's reference. Raises :class:`Corruption` on mismatch (nothing is stored).
         """
-        self._m.commit(check_key(key), alloc, checksum, pin=pin)
+        self._m.commit(check_key(key), alloc, checksum, pin=pin, sums=sums)
 
     def location(self, key: Key) -> tuple[int, int, int, int] | None:
         """``(offset, size, checksum, generation)`` of a DRAM-resident chunk, or ``None``

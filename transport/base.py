@@ -99,6 +99,9 @@ class TransportOptions:
     """Seconds ``connect`` may take."""
     params: dict[str, str] = field(default_factory=dict)
     """Backend-specific settings (from ``?key=value`` in the URI)."""
+    listen: bool = True
+    """Serve peers. ``False``: an initiator only (no listening socket, no server threads;
+    :meth:`Transport.metadata` then raises), for processes that only connect out."""
 
 
 class Peer:
@@ -131,7 +134,7 @@ class Transport(ABC):
         opts = options or TransportOptions()
         params = dict(opts.params)
         params.update(parse_qsl(parts.query))
-        self.options = TransportOptions(opts.streams, opts.stripe_min, opts.connect_timeout, params)
+        self.options = TransportOptions(opts.streams, opts.stripe_min, opts.connect_timeout, params, opts.listen)
         if self.options.streams < 1:
             raise InvalidArgument(f"streams must be >= 1, got {self.options.streams}")
         self.uri = uri
@@ -200,6 +203,9 @@ class Transport(ABC):
     def metadata(self) -> bytes:
         """Opaque endpoint metadata for peers' :meth:`connect`."""
         self._check_open()
+        if not self.options.listen:
+            raise InvalidArgument(f"{self.uri} was created as an initiator only (listen=False): peers cannot "
+                                  "connect to it")
         return self._metadata()
 
     def connect(self, metadata: bytes, *, timeout: float | None = None) -> Peer:

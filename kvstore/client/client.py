@@ -1,13 +1,17 @@
 """``kvstore.Client``: the SDK for the pooled store.
 
 The client asks the master where chunks are (or should go) and moves bytes
-directly between its own buffers and the nodes' arenas through the transfer
-engine; the master never touches data. A node on the same host is reached
-through shared memory (one copy, straight into the destination); others over
-TCP (or UCX when preferred and installed).
+directly between its own buffers and the nodes' arenas; the master never
+touches data. A node on the same host is mapped into this process: reads copy
+straight out of its arena (one-sided once the location is known), writes copy
+straight into it. Other nodes are reached through their control channel: a
+read is one FETCH round trip that returns the bytes, a write one STORE that
+carries them (docs/design/hot-path.md). The client only initiates: it starts
+no listening server.
 
-Every value is checksummed by the client (XXH3-64 seeded by its key): the node
-verifies it before making a put visible, and the client verifies every get, so
+Every value is checksummed by the client (XXH3-64 seeded by its key, over 256 KiB
+blocks: :mod:`kvstore.checksum`): the node verifies it before making a put
+visible, and the client verifies every get (whole values or byte ranges), so
 bytes are checked end to end. A chunk that fails verification is a miss.
 
 Keys are immutable once written (as in Mooncake Store): ``put`` of a key that
@@ -52,13 +56,12 @@ from kvstore.errors import (
     TryAgain,
 )
 from kvstore.hostid import host_id
+from kvstore.keys import check_key
 from kvstore.master.errors import error_from_rpc
-from kvstore.node.control import FetchRequest
+from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
-from kvstore.store import check_key
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
-from transport.regions import Desc, Region
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,7 +80,6 @@ class Client:
         retries: int = 5,
         replicas: int = 1,
         same_host: bool = True,
-        prefer: Sequence[str] = ("tcp",),
         token: str | None = None,
         host: str | None = None,
         cache_locations: bool | int = True,
@@ -92,7 +94,7 @@ class Client:
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._channel = grpc.insecure_channel(master, options=GRPC_OPTIONS)
         self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
-        self._conns = Connections(self.host_id, same_host=same_host, prefer=tuple(prefer), timeout=timeout)
+        self._conns = Connections(self.host_id, same_host=same_host, timeout=timeout)
         self._releaser = Releaser()
         # Opt-in (content-addressed keys only): see kvstore.client.locations.
         self._locations = None if not cache_locations else LocationCache(
@@ -219,61 +221,48 @@ class Client:
     def _write_node(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
                     views: list[memoryview], sums: list[int], blocks: list[np.ndarray],
                     placed: dict[int, Known], deadline: float) -> set[int]:
-        """Allocate, transfer and commit ``idxs`` on one node; returns the indices that failed
-        and adds where the others landed to ``placed``."""
+        """Store ``idxs`` on one node; returns the indices that failed and adds where the
+        others landed to ``placed``.
+
+        Same host: ALLOCATE, one copy straight into the mapped arena on this thread,
+        COMMIT (the node verifies before the value becomes readable). Otherwise one
+        STORE whose request carries the bytes (the node receives them straight into
+        its arena, verifies and commits).
+        """
         conn = self._conns.get(node)
-        slots = [Allocated(*s) for s in
-                 self._node_call(conn, Op.ALLOCATE, [[keys[i], len(views[i])] for i in idxs], deadline)]
-        ok = [(i, s.handle, s.offset) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
-        failed = {i for i, s in zip(idxs, slots, strict=True) if s.status != SlotStatus.OK}
+        if conn.mapped is None:
+            try:
+                slots = conn.control.store([StoreRequest(keys[i], sums[i], views[i]) for i in idxs],
+                                           deadline - time.monotonic())
+            except TransportError:
+                self._conns.drop(conn)
+                raise
+            ok = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
+        else:
+            arena = conn.mapped.arena
+            slots = [Allocated(*s) for s in
+                     self._node_call(conn, Op.ALLOCATE, [[keys[i], len(views[i])] for i in idxs], deadline)]
+            held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
+            try:
+                for i, s in held:
+                    arena[s.offset:s.offset + len(views[i])] = views[i]
+            except BaseException:
+                self._abort_handles(conn, [s.handle for _, s in held], deadline)
+                raise
+            statuses = self._node_call(conn, Op.COMMIT, [[s.handle, keys[i], sums[i]] for i, s in held],
+                                       deadline) if held else []
+            ok = [(i, s) for (i, s), st in zip(held, statuses, strict=True) if st == SlotStatus.OK]
+            self.counters["puts.direct"] += len(ok)
         for i, s in zip(idxs, slots, strict=True):
-            if s.status == SlotStatus.OK:
-                placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation, blocks[i])
-        if not ok:
-            return failed
-        regions: list[Region] = []
-        try:
-            descs = []
-            for i, _handle, offset in ok:
-                region = self._register_source(conn, views[i])
-                regions.append(region)
-                descs.append(Desc(region, 0, conn.region, offset, len(views[i])))
-            self._transfer(conn, "write", descs, deadline)
-        except BaseException:
-            self._abort_handles(conn, [h for _, h, _ in ok], deadline)
-            raise
-        finally:
-            for r in regions:
-                conn.transport.deregister(r)
-        statuses = self._node_call(conn, Op.COMMIT, [[h, keys[i], sums[i]] for i, h, _ in ok], deadline)
-        for (i, _, _), st in zip(ok, statuses, strict=True):
-            if st != SlotStatus.OK:
-                log.warning("node %s refused commit of %r: %s", node.node_id, keys[i][:16],
-                            SlotStatus(st).name)
-                failed.add(i)
-        return failed
+            if s.status not in (SlotStatus.OK, SlotStatus.NO_SPACE):
+                log.warning("node %s refused %r: %s", node.node_id, keys[i][:16], SlotStatus(s.status).name)
+        for i, s in ok:
+            placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation, blocks[i])
+        return set(idxs) - {i for i, _ in ok}
 
     def _node_call(self, conn: NodeConn, op: Op, items: list[Any], deadline: float) -> list[Any]:
         try:
             return conn.control.call(op, items, deadline - time.monotonic())
-        except TransportError:
-            self._conns.drop(conn)
-            raise
-
-    def _register_source(self, conn: NodeConn, view: memoryview) -> Region:
-        if view.readonly:
-            staged = np.empty(len(view), dtype=np.uint8)
-            staged.data.cast("B")[:] = view
-            return conn.transport.register(staged, name="put-staging")
-        return conn.transport.register(view, name="put-source")
-
-    def _transfer(self, conn: NodeConn, op: str, descs: list[Desc], deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise Timeout(f"deadline expired before the {op} to node {conn.node_id}")
-        try:
-            post = conn.transport.write if op == "write" else conn.transport.read
-            post(conn.peer, descs, timeout=remaining).wait()
         except TransportError:
             self._conns.drop(conn)
             raise

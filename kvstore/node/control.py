@@ -32,6 +32,7 @@ from kvstore.node.protocol import (
     HEADER,
     MAX_ITEMS,
     REPLY_BIT,
+    Allocated,
     Fetched,
     Op,
     SlotStatus,
@@ -52,7 +53,24 @@ class Streamed(NamedTuple):
     done: Callable[[], None]
 
 
-Handler = Callable[[Op, list[Any]], "list[Any] | Streamed"]
+class Incoming:
+    """The bytes that follow a request frame (STORE), read in request order by the handler."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def recv_into(self, view: memoryview) -> None:
+        recv_exact(self._sock, view)
+
+    def drain(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, BLOCK) or 1))
+        while n > 0:
+            take = min(n, len(scratch))
+            recv_exact(self._sock, scratch[:take])
+            n -= take
+
+
+Handler = Callable[[Op, list[Any], Incoming], "list[Any] | Streamed"]
 
 
 def _unpack(payload: bytes) -> Any:
@@ -80,7 +98,7 @@ class ControlServer:
                     items = _unpack(recv_bytes(conn, length))
                     if not isinstance(items, list) or len(items) > MAX_ITEMS:
                         raise ValueError(f"payload must be a list of at most {MAX_ITEMS} items")
-                    results = self._handler(Op(op), items)
+                    results = self._handler(Op(op), items, Incoming(conn))
                 except (ValueError, TypeError, InvalidArgument, msgpack.UnpackException) as e:
                     # The stream can no longer be trusted: answer once, then hang up.
                     conn.sendall(pack_frame(REPLY_BIT, msgpack.packb(f"bad request: {e}"), FLAG_ERROR))
@@ -173,6 +191,36 @@ class ControlClient:
             self._idle.append(sock)
         return out
 
+    def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
+        """STORE: one round trip; the request frame is followed by each value's bytes, sent
+        straight from the caller's buffers. Per request: the node's result (OK: committed
+        at ``offset`` with ``generation``; NO_SPACE, CORRUPT, INVALID)."""
+        if timeout <= 0:
+            raise Timeout(f"deadline expired before STORE to node {self.address}")
+        sock = self._take(timeout)
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(pack_frame(Op.STORE, msgpack.packb([[r.key, len(r.value), r.checksum] for r in requests])))
+            for r in requests:
+                sock.sendall(r.value)
+            rop, flags, length = parse_header(recv_bytes(sock, HEADER.size))
+            payload = _unpack(recv_bytes(sock, length))
+        except TimeoutError as e:
+            sock.close()
+            raise Timeout(f"STORE to node {self.address} timed out after {timeout:.1f}s") from e
+        except (OSError, ConnectionError, ValueError, TransportError) as e:
+            sock.close()
+            raise TransportError(f"STORE to node {self.address}: {e}") from e
+        if flags & FLAG_ERROR:
+            sock.close()
+            raise InvalidArgument(f"node {self.address} refused STORE: {payload}")
+        if rop != Op.STORE | REPLY_BIT or not isinstance(payload, list) or len(payload) != len(requests):
+            sock.close()
+            raise TransportError(f"STORE to node {self.address}: malformed reply")
+        with self._lock:
+            self._idle.append(sock)
+        return [Allocated(*r) for r in payload]
+
     def _take(self, timeout: float) -> socket.socket:
         with self._lock:
             if self._idle:
@@ -189,6 +237,14 @@ class ControlClient:
             idle, self._idle = self._idle, []
         for s in idle:
             s.close()
+
+
+class StoreRequest(NamedTuple):
+    """One value to STORE: its key, its checksum, its bytes."""
+
+    key: bytes
+    checksum: int
+    value: memoryview
 
 
 class FetchRequest(NamedTuple):

@@ -4,7 +4,9 @@ Every call is batched; results come back in request order. Bytes never travel
 here: a put is ALLOCATE -> the client writes into the node's registered arena
 through the transfer engine -> COMMIT (the node verifies the checksum); a get
 is ACQUIRE -> the client reads -> RELEASE, or over the network one FETCH whose
-reply carries the bytes after the frame. A same-host client that knows a
+reply carries the bytes after the frame; a put over the network is one STORE
+whose request carries the bytes after the frame (the node allocates, receives
+straight into the arena, verifies and commits). A same-host client that knows a
 chunk's location (offset and extent generation, from ALLOCATE or ACQUIRE) reads
 it one-sided out of the mapped arena instead, checking the node's generation
 table (MAPS) around the copy (docs/design/hot-path.md).
@@ -45,6 +47,7 @@ class Op(enum.IntEnum):
     MAPS = 6  # items: scheme                     -> Maps
     REMOVE = 7  # items: key                      -> status (OK or NOT_FOUND)
     FETCH = 8  # items: [key, checksum(, ranges)] -> Fetched, then the bytes of each OK item
+    STORE = 9  # items: [key, size, checksum], then the bytes of each item -> Allocated (committed)
 
 
 class Fetched(NamedTuple):

@@ -14,12 +14,13 @@ from typing import Any
 
 from prometheus_client import Histogram
 
-from kvstore.checksum import BLOCK, check_ranges, covering
+from kvstore.checksum import BLOCK, check_ranges, combine, covering, hasher
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
-from kvstore.node.control import Streamed
+from kvstore.keys import MAX_KEY_BYTES
+from kvstore.node.control import Incoming, Streamed
 from kvstore.node.holds import Holds
 from kvstore.node.protocol import Acquired, Allocated, Fetched, Maps, Op, SlotStatus
-from kvstore.store import MAX_KEY_BYTES, LocalStore
+from kvstore.store import LocalStore
 from kvstore.tiers.dram import Lease
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class NodeService:
         self.holds = holds
         # scheme -> RemoteRegion bytes of the generation table, for mappable transports
         self.maps = maps or {}
+        self._streaming: dict[Op, Callable[[list[Any], Incoming], list[Any]]]
         self._ops: dict[Op, Callable[[list[Any]], list[Any] | Streamed]] = {
             Op.ALLOCATE: self.allocate,
             Op.COMMIT: self.commit,
@@ -76,10 +78,55 @@ class NodeService:
             Op.REMOVE: self.remove,
             Op.FETCH: self.fetch,
         }
+        self._streaming = {Op.STORE: self.store_stream}
 
-    def handle(self, op: Op, items: list[Any]) -> list[Any] | Streamed:
+    def handle(self, op: Op, items: list[Any], incoming: Incoming | None = None) -> list[Any] | Streamed:
         with _TIMERS[op].time():
+            if op in self._streaming:
+                if incoming is None:
+                    raise ValueError(f"{op.name} needs the bytes that follow its request")
+                return self._streaming[op](items, incoming)
             return self._ops[op](items)
+
+    def store_stream(self, items: list[Any], incoming: Incoming) -> list[Any]:
+        """STORE: receive each value straight into arena space, hashing blocks as they land,
+        and commit it if it verifies. A malformed item fails the whole request (the
+        bytes that follow can no longer be framed): ValueError, and the server hangs up."""
+        parsed = []
+        for item in items:
+            key, size, want = (_key(item[0]), _uint(item[1]), _uint(item[2])) \
+                if isinstance(item, list) and len(item) == 3 else (None, None, None)
+            if key is None or not size or want is None or size > self.store.arena.capacity:
+                raise ValueError(f"STORE item must be [key, 0 < size <= arena, checksum], got {item!r:.80}")
+            parsed.append((key, size, want))
+        out: list[Any] = []
+        for key, size, want in parsed:
+            try:
+                alloc = self.store.reserve(size)
+            except (NoSpace, InvalidArgument):
+                incoming.drain(size)
+                out.append(Allocated(SlotStatus.NO_SPACE))
+                continue
+            try:
+                h = hasher(key)
+                view = alloc.view()
+                for off in range(0, size, BLOCK):
+                    block = view[off:off + BLOCK]
+                    incoming.recv_into(block)
+                    h.update(block)
+            except BaseException:  # the client went away mid-value
+                alloc.release()
+                raise
+            sums = h.sums()
+            if combine(sums, key) != want:
+                alloc.release()
+                log.warning("store of %r refused: bytes do not match their checksum", key[:16])
+                out.append(Allocated(SlotStatus.CORRUPT))
+                continue
+            offset, generation = alloc.offset, self.store.arena.generation(alloc.offset)
+            self.store.commit(key, alloc, want, sums=sums)  # takes over the reference
+            out.append(Allocated(SlotStatus.OK, 0, offset, generation))
+        return out
 
     def allocate(self, items: list[Any]) -> list[Any]:
         out: list[Any] = []

@@ -197,13 +197,15 @@ class TierManager:
                 return None
             return self.dram.arena.try_alloc(n)
 
-    def commit(self, key: bytes, alloc: Allocation, checksum: int, pin: bool = False) -> None:
+    def commit(self, key: bytes, alloc: Allocation, checksum: int, pin: bool = False,
+               sums: np.ndarray | None = None) -> None:
         """Verify the bytes the caller put in ``alloc`` and make them readable as ``key``.
 
         Ownership of the caller's reference moves to the store, also on failure
         (a :class:`Corruption` releases it).
         """
-        sums = block_sums(alloc.view(), key)
+        if sums is None:
+            sums = block_sums(alloc.view(), key)
         if combine(sums, key) != checksum:
             alloc.release()
             raise Corruption(f"commit: checksum mismatch (declared {checksum:#018x}, "

@@ -10,7 +10,7 @@ import pytest
 from kvstore.checksum import BLOCK, checksum
 from kvstore.config import NodeConfig, StoreConfig
 from kvstore.errors import InvalidArgument
-from kvstore.node.control import ControlClient, FetchRequest
+from kvstore.node.control import ControlClient, FetchRequest, StoreRequest
 from kvstore.node.daemon import StoreNode
 from kvstore.node.protocol import (
     HEADER,
@@ -171,3 +171,22 @@ def test_fetch_rejects_bytes_that_do_not_match_their_block_sums(node, ctl):
                      FetchRequest(b"a", checksum(a, b"a"), memoryview(second), [(BLOCK, 100)])], 5)
     assert [ok for _, ok in got] == [True, False]  # the intact block still verifies
     assert bytes(first) == a[10:110].tobytes()
+
+
+def test_store_carries_the_bytes_in_one_round_trip(node, ctl):
+    a = np.random.default_rng(2).integers(0, 256, 2 * BLOCK + 17, dtype=np.uint8)
+    b = np.ones(100, np.uint8)
+    huge = np.zeros(6 << 20, np.uint8)  # more than the 8 MiB node has free (the rest is pinned)
+    node.store.put(b"filler", np.zeros(3 << 20, np.uint8), pin=True)
+    got = ctl.store([StoreRequest(b"huge", checksum(huge, b"huge"), huge.data),
+                     StoreRequest(b"a", checksum(a, b"a"), a.data), StoreRequest(b"b", 12345, b.data),
+                     StoreRequest(b"b2", checksum(b, b"b2"), b.data)], 5)
+    assert [s.status for s in got] == [S.NO_SPACE, S.OK, S.CORRUPT, S.OK]
+    assert node.store.get(b"a") == a.tobytes() and node.store.get(b"b2") == b.tobytes()
+    assert not node.store.exists(b"b") and not node.store.exists(b"huge")
+    assert (got[1].offset, got[1].generation) == node.store.location(b"a")[::3]
+    # A malformed item: the request is refused and the connection closed (the bytes that
+    # follow can no longer be framed); nothing is stored.
+    with pytest.raises(InvalidArgument):
+        ctl.store([StoreRequest(b"", 1, b.data)], 5)
+    assert ctl.call(Op.ACQUIRE, [b"a"], 5)[0][0] == S.OK  # a fresh connection works

@@ -1,6 +1,7 @@
 """The pooled store with real processes on loopback: master, nodes, clients."""
 
 import json
+import threading
 import signal
 import subprocess
 import sys
@@ -67,8 +68,12 @@ def test_same_host_and_tcp_paths_agree(cluster):
         assert tcp_client.get_into(b"big", buf) == data.nbytes
         assert np.array_equal(buf[: data.nbytes], data)
         assert shm_client.get(b"big") == data.tobytes()
-        assert shm_client._conns._conns and next(iter(shm_client._conns._conns.values())).scheme == "shm"
-        assert next(iter(tcp_client._conns._conns.values())).scheme == "tcp"
+        assert next(iter(shm_client._conns._conns.values())).mapped is not None  # the node's arena, mapped
+        assert next(iter(tcp_client._conns._conns.values())).mapped is None
+        assert shm_client.counters["puts.direct"] == 1
+        # Clients only initiate: no listening sockets or server threads in this process.
+        servers = [t.name for t in threading.enumerate() if "server" in t.name or "accept" in t.name]
+        assert not servers, servers
 
 
 def test_batches_prefix_and_remove(cluster):

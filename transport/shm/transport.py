@@ -41,10 +41,12 @@ class ShmTransport(Transport):
     def __init__(self, uri: str, options: TransportOptions | None = None) -> None:
         super().__init__(uri, options)
         self._sock_name = f"\0kvstore-shm-{os.getpid()}-{os.urandom(6).hex()}".encode()
-        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        lsock.bind(self._sock_name)
-        lsock.listen(64)
-        self._server = FrameServer(lsock, handlers(self), f"shm-server-{os.getpid()}")
+        self._server: FrameServer | None = None
+        if self.options.listen:
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            lsock.bind(self._sock_name)
+            lsock.listen(64)
+            self._server = FrameServer(lsock, handlers(self), f"shm-server-{os.getpid()}")
         self._pool = ThreadPoolExecutor(self.options.streams, thread_name_prefix="shm-copy")
         self._peers: list[ShmPeer] = []
 
@@ -134,7 +136,8 @@ class ShmTransport(Transport):
         self._submit(h, lambda: p.request(NOTIFY, [], msg, h.deadline))
 
     def _close(self) -> None:
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
         for p in self._peers:
             p.close()
         self._pool.shutdown(wait=False, cancel_futures=False)
