@@ -1,10 +1,10 @@
 """The pooled store with real processes on loopback: master, nodes, clients."""
 
 import json
-import threading
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
