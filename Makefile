@@ -11,6 +11,11 @@ STAMP := $(VENV)/.installed
 .PHONY: install run local-demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml setup.py Makefile
+	# The xxHash library (run-time AVX2/AVX-512 dispatch) for the native block checksums;
+	# without it kvstore uses the slower `xxhash` Python package (same values).
+	dpkg -s libxxhash-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && apt-get install -y -qq libxxhash-dev; } || \
+		echo "libxxhash-dev not installed (needs root + apt): checksums use the Python xxhash package"; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
@@ -40,7 +45,7 @@ test-fast: install
 bench: install
 	command -v fio >/dev/null && command -v redis-server >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq fio redis-server)
-	$(BIN)/pip install -q 'redis[hiredis]'
+	$(BIN)/pip install -q 'redis[hiredis]' matplotlib mooncake-transfer-engine-non-cuda
 	mkdir -p bench-results
 	$(BIN)/python benchmarks/tiers.py --quick --json bench-results/tiers.json
 	$(BIN)/pip install -q --no-deps nixl nixl-cu12  # NIXL baseline; --no-deps: it pulls torch it does not need here

@@ -32,11 +32,27 @@ class BuildPyWithCuda(build_py):
             shutil.copy2(src, dst / src.name)
 
 
+def _have_xxhash() -> bool:
+    """The xxHash library with its run-time SIMD dispatch (Debian: libxxhash-dev)."""
+    import sysconfig
+
+    inc = [Path(p) for p in ("/usr/include", "/usr/local/include", sysconfig.get_config_var("INCLUDEDIR") or "")]
+    libs = ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/usr/local/lib")
+    return any((d / "xxh_x86dispatch.h").exists() for d in inc) and any(
+        any(Path(d).glob("libxxhash.so*")) for d in libs)
+
+
+# Block checksums in C++ (csrc/checksum.cpp) where the xxHash library is installed;
+# kvstore.checksum uses the `xxhash` Python package otherwise (same values, slower).
+XXHASH = _have_xxhash()
+
 native = Pybind11Extension(
     "kvstore._native",
-    sources=["csrc/module.cpp", "csrc/paged_copy.cpp"],
+    sources=["csrc/module.cpp", "csrc/paged_copy.cpp"] + (["csrc/checksum.cpp"] if XXHASH else []),
     include_dirs=["csrc"],
-    depends=["csrc/paged_copy.h"],
+    depends=["csrc/paged_copy.h", "csrc/checksum.h"],
+    define_macros=[("KVS_HAVE_XXHASH", "1")] if XXHASH else [],
+    libraries=["xxhash"] if XXHASH else [],
     cxx_std=17,
     extra_compile_args=["-O3", "-fno-strict-aliasing"],
     extra_link_args=["-pthread"],

@@ -7,6 +7,9 @@
 #include <cstdint>
 
 #include "paged_copy.h"
+#ifdef KVS_HAVE_XXHASH
+#include "checksum.h"
+#endif
 
 namespace py = pybind11;
 
@@ -60,6 +63,18 @@ void copy_py(std::uint64_t dst, std::uint64_t src, std::int64_t nbytes, int thre
                      static_cast<std::size_t>(nbytes), threads);
 }
 
+#ifdef KVS_HAVE_XXHASH
+void block_sums_py(std::uint64_t dst, std::uint64_t src, std::int64_t nbytes, std::uint64_t seed,
+                   std::uint64_t sums, std::int64_t block, int threads) {
+  if (nbytes > 0 && src == 0) throw std::invalid_argument("block_sums: null source");
+  if (sums == 0) throw std::invalid_argument("block_sums: null output");
+  if (nbytes < 0 || block <= 0) throw std::invalid_argument("block_sums: negative size or non-positive block");
+  py::gil_scoped_release nogil;
+  kvs::block_sums(reinterpret_cast<std::uint8_t*>(dst), reinterpret_cast<const std::uint8_t*>(src), nbytes,
+                  seed, reinterpret_cast<std::uint64_t*>(sums), block, threads);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -76,4 +91,10 @@ PYBIND11_MODULE(_native, m) {
   m.def("copy", &copy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads"),
         "memcpy of nbytes from src to dst over up to `threads` threads (GIL released).");
   m.def("hardware_threads", &kvs::hardware_threads, "std::thread::hardware_concurrency().");
+#ifdef KVS_HAVE_XXHASH
+  m.def("block_sums", &block_sums_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("seed"),
+        py::arg("sums"), py::arg("block"), py::arg("threads"),
+        "XXH3-64 (seeded) of every `block` bytes of src, copying to dst first when dst != 0 "
+        "(GIL released; kvstore.checksum's format).");
+#endif
 }

@@ -246,6 +246,11 @@ void parallel_copy(void* dst, const void* src, std::size_t n, int threads) {
   });
 }
 
+void for_ranges(std::int64_t items, int threads,
+                const std::function<void(std::int64_t, std::int64_t)>& fn) {
+  parallel_ranges(items, std::clamp(threads, 1, kMaxThreads), fn);
+}
+
 int hardware_threads() {
   unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);

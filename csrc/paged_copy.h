@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 
 namespace kvs {
@@ -57,5 +58,10 @@ void paged_copy(const PagedPlan& p, bool scatter, int threads);
 void parallel_copy(void* dst, const void* src, std::size_t n, int threads);
 
 int hardware_threads();
+
+// fn(begin, end) over [0, items) split into up to `threads` contiguous ranges, run on
+// the warm worker pool (the caller runs the first range).
+void for_ranges(std::int64_t items, int threads,
+                const std::function<void(std::int64_t, std::int64_t)>& fn);
 
 }  // namespace kvs

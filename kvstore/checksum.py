@@ -30,6 +30,36 @@ VERIFY_BLOCK = BLOCK
 _ROOT_TWEAK = 0x6B7673746F726531  # the root hash never equals a block hash of the same seed
 
 
+def _load_native() -> Any:
+    """``kvstore._native`` when it was built with the xxHash library, else ``None``."""
+    try:
+        from kvstore import _native
+    except ImportError:
+        return None
+    return _native if hasattr(_native, "block_sums") else None
+
+
+_NATIVE = _load_native()
+_THREADS = 2
+"""Threads for one large value's block sums (the native path; values >= 4 MiB per thread)."""
+
+
+def backend() -> str:
+    """``"native"`` (C++ with xxHash's run-time SIMD dispatch) or ``"python"`` (the xxhash package)."""
+    return "native" if _NATIVE is not None else "python"
+
+
+def _address(mv: memoryview) -> int:
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if len(mv) else 0
+
+
+def _native_sums(dst: memoryview | None, src: memoryview, key: bytes) -> np.ndarray:
+    sums = np.empty(nblocks(len(src)), dtype=np.uint64)
+    _NATIVE.block_sums(_address(dst) if dst is not None else 0, _address(src), len(src), key_seed(key),
+                       int(sums.ctypes.data), BLOCK, _THREADS)
+    return sums
+
+
 def key_seed(key: bytes) -> int:
     """64-bit seed derived from a key (stable across processes and hosts)."""
     return xxhash.xxh3_64_intdigest(key)
@@ -43,6 +73,8 @@ def nblocks(size: int) -> int:
 def block_sums(data: Buffer, key: bytes = b"") -> np.ndarray:
     """The XXH3-64 of every :data:`BLOCK` of ``data`` (uint64 array), seeded by ``key``."""
     mv = memoryview(data).cast("B")
+    if _NATIVE is not None:
+        return _native_sums(None, mv, key)
     seed = key_seed(key)
     n = len(mv)
     return np.array([xxhash.xxh3_64_intdigest(mv[off:off + BLOCK], seed=seed)
@@ -77,6 +109,10 @@ def copy_summed(src: memoryview, dst: memoryview, key: bytes = b"") -> np.ndarra
     n = len(src)
     if len(dst) != n:
         raise ValueError(f"copy_hashed: destination holds {len(dst)} bytes, source {n}")
+    if dst.readonly:
+        raise ValueError("copy_hashed: destination is read-only")
+    if _NATIVE is not None:
+        return _native_sums(dst, src, key)
     seed = key_seed(key)
     sums = np.empty(nblocks(n), dtype=np.uint64)
     for i, off in enumerate(range(0, max(n, 1), BLOCK)):

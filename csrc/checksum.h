@@ -1,0 +1,15 @@
+// Block checksums (XXH3-64 per block) fused with an optional copy; see checksum.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace kvs {
+
+// sums[i] = XXH3-64(seed) of block i of the n bytes at src (of dst after copying
+// src there, when dst is not null). `sums` holds max(1, ceil(n / block)) entries.
+// Large values are split over up to `threads` pooled threads. Raises
+// std::invalid_argument for a negative size or block.
+void block_sums(std::uint8_t* dst, const std::uint8_t* src, std::int64_t n, std::uint64_t seed,
+                std::uint64_t* sums, std::int64_t block, int threads);
+
+}  // namespace kvs

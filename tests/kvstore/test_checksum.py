@@ -1,0 +1,70 @@
+"""Block checksums: one value for every way of computing them, and verified ranges."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvstore.checksum as C
+
+
+def _python_only(fn):
+    native, C._NATIVE = C._NATIVE, None
+    try:
+        return fn()
+    finally:
+        C._NATIVE = native
+
+
+sizes = st.one_of(st.integers(0, 3 * C.BLOCK + 17), st.sampled_from([C.BLOCK - 1, C.BLOCK, C.BLOCK + 1]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=sizes, key=st.binary(min_size=0, max_size=40), seed=st.integers(0, 2**32 - 1))
+def test_every_path_computes_the_same_checksum(n, key, seed):
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    want = _python_only(lambda: C.checksum(data, key))
+    assert C.checksum(data, key) == want
+    dst = np.empty_like(data)
+    assert C.copy_hashed(data.data, dst.data, key) == want and np.array_equal(dst, data)
+    h = C.hasher(key)
+    for off in range(0, n, 100_003):
+        h.update(data.data[off:off + 100_003])
+    assert h.intdigest() == want
+    assert C.combine(C.block_sums(data, key), key) == want
+    if n <= C.BLOCK:  # one block: the plain XXH3-64 of the bytes, as before block sums
+        import xxhash
+        assert want == xxhash.xxh3_64_intdigest(data.tobytes(), seed=C.key_seed(key))
+
+
+def test_native_backend_is_built():
+    if C.backend() != "native":
+        pytest.skip("kvstore._native was built without the xxHash library (libxxhash-dev); python path in use")
+    big = np.random.default_rng(0).integers(0, 256, 20 << 20, dtype=np.uint8)  # split over threads
+    assert C.checksum(big, b"k") == _python_only(lambda: C.checksum(big, b"k"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_ranges_verify_and_catch_a_flipped_byte(data):
+    n = data.draw(st.integers(1, 3 * C.BLOCK + 5))
+    value = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    sums = C.block_sums(value, b"k")
+    off = data.draw(st.integers(0, n - 1))
+    length = data.draw(st.integers(1, n - off))
+    src = memoryview(value.tobytes())
+
+    def read(source: memoryview) -> tuple[bool, bytes]:
+        dst = bytearray(length)
+        ok = C.read_range_verified(b"k", sums, n, off, memoryview(dst),
+                                   lambda p, v: v.__setitem__(slice(None), source[p:p + len(v)]),
+                                   lambda p, m: source[p:p + m])
+        return ok, bytes(dst)
+
+    assert read(src) == (True, value[off:off + length].tobytes())
+    # A flipped byte anywhere in a touched block (inside the range or not) fails it.
+    blocks = C.covering(off, length)
+    flip = data.draw(st.integers(blocks.start * C.BLOCK, min(blocks.stop * C.BLOCK, n) - 1))
+    bad = bytearray(src)
+    bad[flip] ^= 0x5A
+    assert read(memoryview(bytes(bad)))[0] is False
