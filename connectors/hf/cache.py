@@ -9,7 +9,7 @@ stored. Works with ``DynamicCache`` of transformers 4.45+ and 5.x (batch 1).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -98,9 +98,11 @@ def import_cache(client: Client, ns: Namespace, tokens: list[int], *, max_tokens
     dt = getattr(torch, lay.dtype)
     c, h, d = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim
     for layer in range(lay.num_layers):
-        ks, vs = [], []
+        ks: list[Any] = []
+        vs: list[Any] = []
         for b in bufs[:good]:
-            for which, out in (("k", ks), ("v", vs)):
+            pairs: tuple[tuple[Literal["k", "v"], list[Any]], ...] = (("k", ks), ("v", vs))
+            for which, out in pairs:
                 off, length = lay.kv_range(layer, which)
                 arr = torch.from_numpy(b[off:off + length].copy()).view(dt).view(c, h, d)
                 out.append(arr.transpose(0, 1))

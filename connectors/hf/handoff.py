@@ -19,7 +19,7 @@ def _model(model_dir: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
 
 
 def greedy(model: Any, tokens: list[int], n: int, cache: Any = None, cached: int = 0) -> list[int]:

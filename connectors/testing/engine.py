@@ -171,6 +171,7 @@ def _wait_idle(llm: Any) -> None:
 
 def _main(cfg: dict[str, Any]) -> None:
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     kw: dict[str, Any] = {}
     if cfg.get("kv"):
@@ -193,7 +194,7 @@ def _main(cfg: dict[str, Any]) -> None:
                 sps = [SamplingParams(temperature=0, max_tokens=cmd["max_tokens"], ignore_eos=True,
                                       extra_args={"kv_transfer_params": p} if p else None) for p in params]
                 t0 = time.perf_counter()
-                outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
                 dt = time.perf_counter() - t0
                 ttft = []
                 for o in outs:

@@ -74,7 +74,8 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None, **kwargs: Any) -> None:
-        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        super().__init__(vllm_config=vllm_config, role=role,
+                         kv_cache_config=kv_cache_config)  # type: ignore[arg-type]  # None before vLLM 0.31
         ktc = self._kv_transfer_config
         self.cfg = ConnectorConfig.from_extra(ktc.kv_connector_extra_config)
         block_size = vllm_config.cache_config.block_size
