@@ -207,7 +207,7 @@ class Arena:
 
     def generation(self, offset: int) -> int:
         """The extent generation at ``offset``: bumped when an extent starting there is
-        allocated and when its content is retired (:meth:`retire`).
+        allocated or freed and when its content is retired (:meth:`retire`).
 
         A reader that remembers ``(offset, generation)`` of a value and finds the same
         generation before and after copying knows the extent still held that value
@@ -236,6 +236,7 @@ class Arena:
             a._refs -= 1
             if a._refs == 0:
                 del self._live[a.offset]
+                self._gens[a.offset // self._alloc.alignment] += 1  # whatever it held is gone
                 self._alloc.free(a.offset, a.nbytes)
 
     def live(self) -> list[Allocation]:

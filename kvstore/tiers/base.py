@@ -16,6 +16,9 @@ policy decisions** (what to evict, where to put things): the
 ``view(key)``
     Zero-copy read-only view (capability ``zero_copy``) valid for as long as the
     returned object lives; verified. Tiers without the capability return ``None``.
+``put_padded(key, data, size, checksum)``
+    ``put`` of the first ``size`` bytes of ``data`` (an arena extent's full view may
+    be written as is).
 ``remove(key)``, ``contains(key)``, ``entry(key)``, ``keys()``
     Metadata; never touch data.
 ``fits(nbytes)``
@@ -82,6 +85,11 @@ class Tier(ABC):
     @abstractmethod
     def put(self, key: bytes, data: Buffer, checksum: int | None = None) -> int:
         """Store ``data``; returns its checksum (computed while copying when not given)."""
+
+    def put_padded(self, key: bytes, data: memoryview, size: int, checksum: int | None) -> int:
+        """Store the first ``size`` bytes of ``data`` (which may be longer: an arena
+        extent's full, aligned view, that a tier can write without a bounce copy)."""
+        return self.put(key, data[:size], checksum)
 
     @abstractmethod
     def read_into(self, key: bytes, dst: memoryview) -> None: ...
