@@ -16,8 +16,13 @@ InvalidArgument     bad input (key, size, buffer, config value)           no
 TransportError      the peer or link failed mid-operation                 yes
 ==================  ===================================================  =========
 
-gRPC status codes and native error codes are mapped to this tree in one place
-(:func:`from_errno` here; the gRPC mapping lives with the master's client).
+Status vocabularies map to this tree here, in one place: the per-item statuses
+of the master (``ItemStatus``), of the node control channel (``SlotStatus``) and
+of the transport's wire replies, by name (:data:`STATUS_ERRORS`,
+:func:`status_error`); OS errors (:func:`from_errno`). gRPC status codes of
+whole calls map in :mod:`kvstore.master.errors` (their names differ in meaning:
+gRPC's ALREADY_EXISTS is a refused request, the ItemStatus one a no-op).
+``tests/kvstore/test_statuses.py`` checks every vocabulary is covered.
 """
 
 from __future__ import annotations
@@ -93,3 +98,28 @@ def from_errno(err: OSError, what: str) -> KVStoreError:
     if code in (_errno.EIO, _errno.EBADMSG):
         return Corruption(msg)
     return KVStoreError(msg)
+
+
+STATUS_ERRORS: dict[str, type[KVStoreError] | None] = {
+    "OK": None,
+    "ALREADY_EXISTS": None,  # a put of a key that exists: nothing to write (keys are immutable)
+    "NOT_FOUND": NotFound,
+    "BUSY": TryAgain,  # another writer holds the key
+    "LEASED": TryAgain,  # a reader holds the key
+    "EXPIRED": TryAgain,  # a reservation, hold or cached location lapsed: start over
+    "NO_SPACE": NoSpace,
+    "CORRUPT": Corruption,
+    "PINNED": InvalidArgument,  # unpin first
+    "INVALID": InvalidArgument,
+    "MALFORMED": InvalidArgument,
+    "INTERNAL": TransportError,
+    "ITEM_STATUS_UNSPECIFIED": KVStoreError,
+}
+"""Per-item status name (any vocabulary) -> the error it means (``None``: not an error)."""
+
+
+def status_error(name: str, msg: str) -> KVStoreError | None:
+    """The error for a per-item status ``name`` (``None`` for OK-like ones); unknown
+    names are a plain :class:`KVStoreError`. The message ends with the status name."""
+    cls = STATUS_ERRORS.get(name, KVStoreError)
+    return None if cls is None else cls(f"{msg} ({name})")

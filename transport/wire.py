@@ -24,7 +24,8 @@ import struct
 import time
 from typing import NamedTuple
 
-from kvstore.errors import Corruption, InvalidArgument, KVStoreError, Timeout, TransportError
+from kvstore import errors
+from kvstore.errors import InvalidArgument, KVStoreError, Timeout, TransportError
 
 MAGIC = b"KVTP"
 VERSION = 1
@@ -36,6 +37,9 @@ OPS = frozenset({WRITE, READ, NOTIFY, REGION, PING, REPLY})
 F_CHECKSUM = 1
 
 OK, E_INVALID, E_CORRUPT, E_MALFORMED, E_INTERNAL = 0, 1, 2, 3, 4
+STATUS_NAMES = {OK: "OK", E_INVALID: "INVALID", E_CORRUPT: "CORRUPT", E_MALFORMED: "MALFORMED",
+                E_INTERNAL: "INTERNAL"}
+"""Reply status -> its name in :data:`kvstore.errors.STATUS_ERRORS`."""
 MAX_COUNT = 65536
 MAX_AUX = 64 * 1024
 
@@ -90,12 +94,8 @@ def parse_descs(data: bytes | memoryview, count: int) -> list[WireDesc]:
 
 
 def status_error(status: int, msg: str) -> KVStoreError:
-    """Map a REPLY status to the error tree."""
-    if status == E_CORRUPT:
-        return Corruption(msg)
-    if status in (E_INVALID, E_MALFORMED):
-        return InvalidArgument(msg)
-    return TransportError(msg)
+    """Map a non-OK REPLY status to the error tree (:data:`kvstore.errors.STATUS_ERRORS`)."""
+    return errors.status_error(STATUS_NAMES.get(status, "INTERNAL"), msg) or TransportError(msg)
 
 
 def settimeout(sock: socket.socket, deadline: float | None) -> None:

@@ -50,10 +50,10 @@ from kvstore.errors import (
     Corruption,
     InvalidArgument,
     KVStoreError,
-    NoSpace,
     Timeout,
     TransportError,
     TryAgain,
+    status_error,
 )
 from kvstore.hostid import host_id
 from kvstore.keys import check_key
@@ -172,12 +172,11 @@ class Client:
                 self.counters["puts.existing"] += 1
             elif p.status == mpb.BUSY:
                 busy.append(i)
-            elif p.status == mpb.NO_SPACE:
-                self._revoke(resp.put_id, keys, todo, deadline)
-                raise NoSpace(f"no node has room for {len(views[i])} bytes (key {keys[i][:16]!r})")
             else:
                 self._revoke(resp.put_id, keys, todo, deadline)
-                raise InvalidArgument(f"master refused key {keys[i][:16]!r}: {mpb.ItemStatus.Name(p.status)}")
+                name = mpb.ItemStatus.Name(p.status)
+                what = f"no node has room for {len(views[i])} bytes" if p.status == mpb.NO_SPACE else "refused"
+                raise status_error(name, f"put of key {keys[i][:16]!r}: {what}") or KVStoreError(name)
         failed: set[int] = set()
         placed: dict[int, Known] = {}
         try:
@@ -541,11 +540,10 @@ class Client:
         for node, removed in holders.values():
             self._tell_removed(node, removed)
         out = []
+        hint = {mpb.LEASED: "leased by a reader; retry or remove(force=True)", mpb.PINNED: "pinned; unpin it first"}
         for k, st in zip(ks, resp.statuses, strict=True):
-            if st == mpb.LEASED:
-                raise TryAgain(f"key {k[:16]!r} is leased by a reader; retry or remove(force=True)")
-            if st == mpb.PINNED:
-                raise InvalidArgument(f"key {k[:16]!r} is pinned; unpin it first")
+            if st in hint:
+                raise status_error(mpb.ItemStatus.Name(st), f"key {k[:16]!r} is {hint[st]}") or KVStoreError()
             out.append(st == mpb.OK)
         return out
 
