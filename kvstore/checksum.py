@@ -16,7 +16,7 @@ from cache, so copy+verify runs in one pass over memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
@@ -181,6 +181,26 @@ def covering(offset: int, length: int) -> range:
     return range(offset // BLOCK, -(-(offset + length) // BLOCK))
 
 
+class Segment(NamedTuple):
+    """One block a range touches: bytes ``[start, lo)`` and ``[hi, end)`` of the value
+    are read only to hash the block; ``[lo, hi)`` lands in the range's destination."""
+
+    block: int
+    start: int
+    lo: int
+    hi: int
+    end: int
+
+
+def segments(size: int, offset: int, length: int) -> list[Segment]:
+    """The blocks that bytes ``[offset, offset + length)`` of a ``size``-byte value touch."""
+    out = []
+    for b in covering(offset, length):
+        start, end = b * BLOCK, min((b + 1) * BLOCK, size)
+        out.append(Segment(b, start, max(start, offset), min(end, offset + length), end))
+    return out
+
+
 def read_range_verified(key: bytes, sums: np.ndarray, size: int, offset: int, dst: memoryview,
                         land: Callable[[int, memoryview], None],
                         peek: Callable[[int, int], memoryview]) -> bool:
@@ -194,19 +214,17 @@ def read_range_verified(key: bytes, sums: np.ndarray, size: int, offset: int, ds
     stream can feed them). Returns ``False`` if any block failed; all blocks are
     consumed even then.
     """
-    seed, end, ok = key_seed(key), offset + len(dst), True
-    for b in covering(offset, len(dst)):
-        bs, be = b * BLOCK, min((b + 1) * BLOCK, size)
-        lo, hi = max(bs, offset), min(be, end)
+    seed, ok = key_seed(key), True
+    for seg in segments(size, offset, len(dst)):
         h = xxhash.xxh3_64(seed=seed)
-        if lo > bs:
-            h.update(peek(bs, lo - bs))
-        view = dst[lo - offset : hi - offset]
-        land(lo, view)
+        if seg.lo > seg.start:
+            h.update(peek(seg.start, seg.lo - seg.start))
+        view = dst[seg.lo - offset : seg.hi - offset]
+        land(seg.lo, view)
         h.update(view)
-        if be > hi:
-            h.update(peek(hi, be - hi))
-        ok = ok and h.intdigest() == int(sums[b])
+        if seg.end > seg.hi:
+            h.update(peek(seg.hi, seg.end - seg.hi))
+        ok = ok and h.intdigest() == int(sums[seg.block])
     return ok
 
 

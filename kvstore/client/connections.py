@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from kvstore.client.samehost import MappedNode
 from kvstore.errors import KVStoreError
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 class NodeConn:
     node_id: str
     epoch: int
-    control: ControlClient
+    control: Any
+    """ControlClient (or AsyncControlClient in an AsyncClient)."""
     peer: Peer | None = None
     """The shm:// connection of a same-host node (keeps its segments mapped)."""
     mapped: MappedNode | None = None
@@ -59,6 +61,28 @@ class Connections:
         self._conns: dict[tuple[str, int], NodeConn] = {}
         self._lock = threading.Lock()
 
+    def cached(self, node: mpb.NodeInfo) -> NodeConn | None:
+        with self._lock:
+            conn = self._conns.get((node.node_id, node.epoch))
+        return conn if conn is not None and (conn.peer is None or not conn.peer.closed) else None
+
+    def shm_endpoint(self, node: mpb.NodeInfo) -> mpb.Endpoint | None:
+        """The node's shm:// endpoint if this client may map its memory (same host)."""
+        if not self.same_host or node.host != self.host_id:
+            return None
+        return next((e for e in node.endpoints if e.scheme == "shm"), None)
+
+    def add(self, conn: NodeConn) -> NodeConn:
+        """Keep ``conn`` (closing any earlier connection to that node)."""
+        with self._lock:
+            old = self._conns.pop((conn.node_id, conn.epoch), None)
+            for k in [k for k in self._conns if k[0] == conn.node_id]:
+                self._conns.pop(k).close()
+            self._conns[(conn.node_id, conn.epoch)] = conn
+        if old is not None:
+            old.close()
+        return conn
+
     def _shm_transport(self) -> Transport:
         with self._lock:
             if self._shm is None:
@@ -66,32 +90,26 @@ class Connections:
             return self._shm
 
     def get(self, node: mpb.NodeInfo) -> NodeConn:
-        key = (node.node_id, node.epoch)
-        with self._lock:
-            conn = self._conns.get(key)
-        if conn is not None and (conn.peer is None or not conn.peer.closed):
+        conn = self.cached(node)
+        if conn is not None:
             return conn
         conn = NodeConn(node.node_id, node.epoch, ControlClient(node.control_address, self.timeout))
-        shm = next((e for e in node.endpoints if e.scheme == "shm"), None)
-        if self.same_host and node.host == self.host_id and shm is not None:
-            self._map(conn, shm)
-        with self._lock:
-            old = self._conns.pop(key, None)
-            # Drop connections to earlier epochs of this node.
-            for k in [k for k in self._conns if k[0] == node.node_id]:
-                self._conns.pop(k).close()
-            self._conns[key] = conn
-        if old is not None:
-            old.close()
-        return conn
+        ep = self.shm_endpoint(node)
+        if ep is not None:
+            try:
+                info = Maps(*conn.control.call(Op.MAPS, ["shm"], self.timeout)[0])
+            except (KVStoreError, TypeError, ValueError) as e:
+                log.warning("node %s: same-host memory not mapped (%s); using its control channel", node.node_id, e)
+            else:
+                self.map(conn, ep, info)
+        return self.add(conn)
 
-    def _map(self, conn: NodeConn, ep: mpb.Endpoint) -> None:
-        """Map the node's arena and generation table; without them (logged) every read
-        and write goes through the control channel."""
+    def map(self, conn: NodeConn, ep: mpb.Endpoint, info: Maps) -> None:
+        """Map the node's arena and generation table (from its MAPS answer); without them
+        (logged) every read and write goes through the control channel."""
+        if info.status != SlotStatus.OK or info.granule <= 0:
+            return
         try:
-            info = Maps(*conn.control.call(Op.MAPS, ["shm"], self.timeout)[0])
-            if info.status != SlotStatus.OK or info.granule <= 0:
-                return
             t = self._shm_transport()
             conn.peer = t.connect(ep.metadata, timeout=self.timeout)
             arena = t.map_remote(conn.peer, RemoteRegion.from_bytes(ep.region), timeout=self.timeout)

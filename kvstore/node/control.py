@@ -16,16 +16,9 @@ from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
+import xxhash
 
-from kvstore.checksum import (
-    BLOCK,
-    VERIFY_BLOCK,
-    combine,
-    covering,
-    hasher,
-    nblocks,
-    read_range_verified,
-)
+from kvstore.checksum import BLOCK, combine, key_seed, nblocks, segments
 from kvstore.errors import InvalidArgument, Timeout, TransportError
 from kvstore.node.protocol import (
     FLAG_ERROR,
@@ -120,7 +113,10 @@ class ControlServer:
 
 
 class ControlClient:
-    """Calls a node's control server. Thread-safe: a pool of connections, one call each."""
+    """Calls a node's control server. Thread-safe: a pool of connections, one call each.
+
+    (:class:`kvstore.node.control_aio.AsyncControlClient` is the asyncio twin.)
+    """
 
     def __init__(self, address: str, connect_timeout: float = 5.0) -> None:
         host, _, port = address.rpartition(":")
@@ -132,31 +128,8 @@ class ControlClient:
 
     def call(self, op: Op, items: list[Any], timeout: float) -> list[Any]:
         """Send one batch and wait for its results; raises TransportError/Timeout."""
-        if timeout <= 0:
-            raise Timeout(f"deadline expired before {op.name} to node {self.address}")
-        sock = self._take(timeout)
-        deadline = time.monotonic() + timeout
-        try:
-            sock.settimeout(timeout)
-            sock.sendall(pack_frame(op, msgpack.packb(items)))
-            rop, flags, length = parse_header(recv_bytes(sock, HEADER.size))
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            payload = _unpack(recv_bytes(sock, length))
-        except TimeoutError as e:
-            sock.close()
-            raise Timeout(f"{op.name} to node {self.address} timed out after {timeout:.1f}s") from e
-        except (OSError, ConnectionError, ValueError, TransportError) as e:
-            sock.close()
-            raise TransportError(f"{op.name} to node {self.address}: {e}") from e
-        if flags & FLAG_ERROR:
-            sock.close()
-            raise InvalidArgument(f"node {self.address} refused {op.name}: {payload}")
-        if rop != op | REPLY_BIT or not isinstance(payload, list) or len(payload) != len(items):
-            sock.close()
-            raise TransportError(f"{op.name} to node {self.address}: malformed reply")
-        with self._lock:
-            self._idle.append(sock)
-        return payload
+        out: list[Any] = self._exchange(op, items, timeout)
+        return out
 
     def fetch(self, requests: list[FetchRequest], timeout: float) -> list[tuple[Fetched, bool]]:
         """FETCH: one round trip; each OK value (or each of its ranges, back to back) is
@@ -164,62 +137,56 @@ class ControlClient:
         expected checksum as it lands. Per request: the reply, and whether verified
         bytes landed (``False`` for a miss, a value that does not fit ``dst``, which
         is drained and dropped, or bytes that failed verification)."""
-        if timeout <= 0:
-            raise Timeout(f"deadline expired before FETCH to node {self.address}")
-        items = [[r.key, r.checksum] if r.ranges is None else [r.key, r.checksum, r.ranges] for r in requests]
-        sock = self._take(timeout)
-        deadline = time.monotonic() + timeout
-        try:
-            sock.settimeout(timeout)
-            sock.sendall(pack_frame(Op.FETCH, msgpack.packb(items)))
-            rop, flags, length = parse_header(recv_bytes(sock, HEADER.size))
-            payload = _unpack(recv_bytes(sock, length))
-            if flags & FLAG_ERROR:
-                sock.close()
-                raise InvalidArgument(f"node {self.address} refused FETCH: {payload}")
-            if rop != Op.FETCH | REPLY_BIT or not isinstance(payload, list) or len(payload) != len(items):
-                sock.close()
-                raise TransportError(f"FETCH to node {self.address}: malformed reply")
-            out = [_receive(sock, Fetched(*reply), r, deadline) for reply, r in zip(payload, requests, strict=True)]
-        except TimeoutError as e:
-            sock.close()
-            raise Timeout(f"FETCH to node {self.address} timed out after {timeout:.1f}s") from e
-        except (OSError, ConnectionError, ValueError, TypeError, TransportError) as e:
-            sock.close()
-            raise TransportError(f"FETCH to node {self.address}: {e}") from e
-        with self._lock:
-            self._idle.append(sock)
-        return out
+        def receive(sock: socket.socket, payload: list[Any], deadline: float) -> list[tuple[Fetched, bool]]:
+            out = []
+            for reply, r in zip(payload, requests, strict=True):
+                plan = ReceivePlan(Fetched(*reply), r)
+                for i, views in enumerate(plan.blocks):
+                    for v in views:
+                        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                        recv_exact(sock, v)
+                    plan.landed(i)
+                out.append((plan.reply, plan.ok()))
+            return out
+
+        got: list[tuple[Fetched, bool]] = self._exchange(Op.FETCH, fetch_items(requests), timeout, receive=receive)
+        return got
 
     def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
         """STORE: one round trip; the request frame is followed by each value's bytes, sent
         straight from the caller's buffers. Per request: the node's result (OK: committed
         at ``offset`` with ``generation``; NO_SPACE, CORRUPT, INVALID)."""
+        payload = self._exchange(Op.STORE, [[r.key, len(r.value), r.checksum] for r in requests], timeout,
+                                 tail=[r.value for r in requests])
+        return [Allocated(*r) for r in payload]
+
+    def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,
+                  receive: Callable[[socket.socket, list[Any], float], Any] | None = None) -> Any:
+        """One request (plus ``tail`` bytes) and its reply (plus what ``receive`` reads)."""
         if timeout <= 0:
-            raise Timeout(f"deadline expired before STORE to node {self.address}")
+            raise Timeout(f"deadline expired before {op.name} to node {self.address}")
         sock = self._take(timeout)
+        deadline = time.monotonic() + timeout
         try:
             sock.settimeout(timeout)
-            sock.sendall(pack_frame(Op.STORE, msgpack.packb([[r.key, len(r.value), r.checksum] for r in requests])))
-            for r in requests:
-                sock.sendall(r.value)
+            sock.sendall(pack_frame(op, msgpack.packb(items)))
+            for view in tail or ():
+                sock.sendall(view)
             rop, flags, length = parse_header(recv_bytes(sock, HEADER.size))
-            payload = _unpack(recv_bytes(sock, length))
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            payload = check_reply(op, rop, flags, _unpack(recv_bytes(sock, length)), len(items), self.address)
+            out = payload if receive is None else receive(sock, payload, deadline)
         except TimeoutError as e:
             sock.close()
-            raise Timeout(f"STORE to node {self.address} timed out after {timeout:.1f}s") from e
-        except (OSError, ConnectionError, ValueError, TransportError) as e:
+            raise Timeout(f"{op.name} to node {self.address} timed out after {timeout:.1f}s") from e
+        except (OSError, ConnectionError, ValueError, TypeError, TransportError) as e:
             sock.close()
-            raise TransportError(f"STORE to node {self.address}: {e}") from e
-        if flags & FLAG_ERROR:
-            sock.close()
-            raise InvalidArgument(f"node {self.address} refused STORE: {payload}")
-        if rop != Op.STORE | REPLY_BIT or not isinstance(payload, list) or len(payload) != len(requests):
-            sock.close()
-            raise TransportError(f"STORE to node {self.address}: malformed reply")
+            if isinstance(e, InvalidArgument):
+                raise
+            raise TransportError(f"{op.name} to node {self.address}: {e}") from e
         with self._lock:
             self._idle.append(sock)
-        return [Allocated(*r) for r in payload]
+        return out
 
     def _take(self, timeout: float) -> socket.socket:
         with self._lock:
@@ -237,6 +204,16 @@ class ControlClient:
             idle, self._idle = self._idle, []
         for s in idle:
             s.close()
+
+
+def check_reply(op: Op, rop: int, flags: int, payload: Any, n: int, address: str) -> list[Any]:
+    """The reply's results; InvalidArgument if the node refused the request,
+    TransportError if the reply is not one for it."""
+    if flags & FLAG_ERROR:
+        raise InvalidArgument(f"node {address} refused {op.name}: {payload}")
+    if rop != op | REPLY_BIT or not isinstance(payload, list) or len(payload) != n:
+        raise TransportError(f"{op.name} to node {address}: malformed reply")
+    return payload
 
 
 class StoreRequest(NamedTuple):
@@ -257,52 +234,69 @@ class FetchRequest(NamedTuple):
     ranges: list[tuple[int, int]] | None = None
 
 
-def _receive(sock: socket.socket, f: Fetched, r: FetchRequest, deadline: float) -> tuple[Fetched, bool]:
-    """Take one reply's bytes off the stream; whether they landed verified in ``r.dst``."""
-    if f.status != SlotStatus.OK:
-        return f, False
-    spans = [(0, f.size)] if r.ranges is None else \
-        [(b.start * BLOCK, min(b.stop * BLOCK, f.size)) for off, n in r.ranges for b in [covering(off, n)]]
-    want = f.size if r.ranges is None else sum(n for _, n in r.ranges)
-    if r.dst is None or len(r.dst) != want:
-        for lo, hi in spans:
-            _drain(sock, memoryview(bytearray(min(hi - lo, BLOCK))), hi - lo, deadline)
-        return f, False
-    if r.ranges is None:
-        return f, _recv_hashed(sock, r.dst, f.size, r.key, deadline) == r.checksum
-    sums = np.frombuffer(f.sums, dtype="<u8")
-    trusted = len(sums) == nblocks(f.size) and combine(sums, r.key) == r.checksum
-    scratch = memoryview(bytearray(BLOCK))
-
-    def land(_pos: int, view: memoryview) -> None:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        recv_exact(sock, view)
-
-    def peek(_pos: int, n: int) -> memoryview:
-        land(_pos, scratch[:n])
-        return scratch[:n]
-
-    ok, at = trusted, 0
-    for off, n in r.ranges:
-        ok = read_range_verified(r.key, sums if trusted else np.zeros(nblocks(f.size), np.uint64), f.size, off,
-                                 r.dst[at:at + n], land, peek) and ok
-        at += n
-    return f, ok
+def fetch_items(requests: list[FetchRequest]) -> list[Any]:
+    return [[r.key, r.checksum] if r.ranges is None else [r.key, r.checksum, r.ranges] for r in requests]
 
 
-def _recv_hashed(sock: socket.socket, dst: memoryview, size: int, key: bytes, deadline: float) -> int:
-    """Receive ``size`` bytes into ``dst``, hashing each block while it is in cache."""
-    h = hasher(key)
-    for off in range(0, size, VERIFY_BLOCK):
-        block = dst[off : min(off + VERIFY_BLOCK, size)]
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        recv_exact(sock, block)
-        h.update(block)
-    return int(h.intdigest())
+class ReceivePlan:
+    """Where the bytes that follow one FETCH reply go, block by block, and their check.
 
+    ``blocks[i]``: the views (in stream order) that receive the i-th checksummed
+    block the reply carries: slices of the destination, or scratch for the parts
+    of a block a range only partly covers. Call :meth:`landed` once block ``i``
+    has arrived (it is hashed while in cache), then :meth:`ok`.
+    """
 
-def _drain(sock: socket.socket, scratch: memoryview, size: int, deadline: float) -> None:
-    """Read and drop ``size`` bytes (a value that does not fit where it was meant to go)."""
-    for off in range(0, size, len(scratch)):
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        recv_exact(sock, scratch[: min(len(scratch), size - off)])
+    def __init__(self, reply: Fetched, r: FetchRequest) -> None:
+        self.reply, self.key, self.expected = reply, r.key, r.checksum
+        self.blocks: list[list[memoryview]] = []
+        self._want: list[int | None] = []  # per block: its sum (ranged), None (whole value)
+        self._got: list[int] = []
+        self._usable = reply.status == SlotStatus.OK
+        if not self._usable:
+            return
+        size = reply.size
+        want = size if r.ranges is None else sum(n for _, n in r.ranges)
+        if r.dst is None or len(r.dst) != want:  # does not fit: drain into scratch, land nothing
+            self._usable = False
+            spans = [(0, size)] if r.ranges is None else [(s.start, s.end) for off, n in r.ranges
+                                                           for s in segments(size, off, n)]
+            scratch = memoryview(bytearray(BLOCK))
+            for lo, hi in spans:
+                self.blocks += [[scratch[: min(BLOCK, hi - o)]] for o in range(lo, hi, BLOCK)]
+            return
+        if r.ranges is None:
+            for off in range(0, max(size, 1), BLOCK):
+                self.blocks.append([r.dst[off : min(off + BLOCK, size)]])
+                self._want.append(None)
+            return
+        sums = np.frombuffer(reply.sums, dtype="<u8")
+        if len(sums) != nblocks(size) or combine(sums, r.key) != r.checksum:
+            self._usable = False  # the block sums do not belong to the value asked for
+            sums = np.zeros(nblocks(size), dtype=np.uint64)
+        scratch = memoryview(bytearray(BLOCK))
+        at = 0
+        for off, n in r.ranges:
+            for seg in segments(size, off, n):
+                views = []
+                if seg.lo > seg.start:
+                    views.append(scratch[: seg.lo - seg.start])
+                views.append(r.dst[at + seg.lo - off : at + seg.hi - off])
+                if seg.end > seg.hi:
+                    views.append(scratch[seg.lo - seg.start : seg.lo - seg.start + seg.end - seg.hi])
+                self.blocks.append(views)
+                self._want.append(int(sums[seg.block]))
+            at += n
+
+    def landed(self, i: int) -> None:
+        h = xxhash.xxh3_64(seed=key_seed(self.key))
+        for v in self.blocks[i]:
+            h.update(v)
+        self._got.append(h.intdigest())
+
+    def ok(self) -> bool:
+        if not self._usable or len(self._got) != len(self.blocks):
+            return False
+        if self._want and self._want[0] is None:  # the whole value: its checksum from the block hashes
+            return combine(np.array(self._got, dtype=np.uint64), self.key) == self.expected
+        return all(g == w for g, w in zip(self._got, self._want, strict=True))

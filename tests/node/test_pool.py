@@ -228,20 +228,32 @@ def test_restarted_node_keeps_its_disk_chunks_and_forgets_the_rest(tmp_path):
         c.stop()
 
 
-def test_async_client(cluster):
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "tcp"])
+def test_async_client(cluster, same_host):
     import asyncio
 
     from kvstore import AsyncClient
 
     async def main() -> None:
-        async with AsyncClient(cluster.master_address, timeout=5) as c:
-            keys = [b"as%d" % i for i in range(8)]
+        async with AsyncClient(cluster.master_address, timeout=5, same_host=same_host) as c:
+            keys = [b"as%d-%d" % (same_host, i) for i in range(8)]
             assert await c.put_batch([(k, value_for(k)) for k in keys]) == [True] * 8
+            threads = threading.active_count()
             got = await asyncio.gather(*(c.get(k) for k in keys))
             assert [bytes(g) for g in got] == [value_for(k) for k in keys]
+            assert threading.active_count() == threads  # no thread per call
             assert await c.longest_prefix(keys) == 8
             buf = bytearray(len(value_for(keys[0])))
             assert await c.get_into(keys[0], buf) == len(buf) and bytes(buf) == value_for(keys[0])
+            # batched and ranged, a key repeated
+            v1 = value_for(keys[1])
+            parts = [bytearray(10), bytearray(len(v1))]
+            assert await c.get_into_batch([keys[1], keys[1]], parts, ranges=[[(5, 10)], None]) == [10, len(v1)]
+            assert bytes(parts[0]) == v1[5:15] and bytes(parts[1]) == v1
+            assert (c.counters["hits.one_sided"] > 0) == same_host
+            assert len((await c.stats()).nodes) == 3
+            assert await c.exists_batch(keys[:2]) == [True, True]
             assert await c.remove(keys[0]) and not await c.exists(keys[0])
+            assert await c.get(keys[0]) is None
 
     asyncio.run(main())

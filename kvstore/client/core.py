@@ -1,0 +1,466 @@
+"""The pool client's logic, without I/O: every call is a generator of effects.
+
+:class:`ClientCore` holds what a client knows (its location cache, counters,
+options) and writes each operation once, as a generator that yields the I/O it
+needs (:class:`Master`, :class:`NodeCall`, :class:`Fetch`, :class:`Store`,
+:class:`Connect`, :class:`Release`) and receives the results, or has the
+failure thrown in. :class:`~kvstore.client.Client` runs these flows with
+blocking calls, :class:`~kvstore.client.AsyncClient` with awaits; the same-host
+copies (CPU work on mapped memory) run inside the flows. The protocol and its
+consistency rules: docs/design/hot-path.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+
+from kvstore._types import byte_view
+from kvstore.checksum import block_sums, check_ranges, combine
+from kvstore.client.locations import Known, LocationCache
+from kvstore.errors import (
+    Corruption,
+    InvalidArgument,
+    KVStoreError,
+    TransportError,
+    TryAgain,
+    status_error,
+)
+from kvstore.hostid import host_id
+from kvstore.keys import check_key
+from kvstore.node.control import FetchRequest, StoreRequest
+from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
+from kvstore.v1 import master_pb2 as mpb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Ranges = list[list[tuple[int, int]] | None] | None
+"""Per key of a batch: the ``(offset, length)`` ranges to read (``None``: the whole value)."""
+
+
+class Master(NamedTuple):
+    """Call the master's ``method`` (a Master RPC name) -> its response."""
+
+    method: str
+    request: Any
+    deadline: float
+
+
+class Connect(NamedTuple):
+    """The connection to ``node`` (opened, and its memory mapped if on this host, once)."""
+
+    node: mpb.NodeInfo
+
+
+class NodeCall(NamedTuple):
+    """A control call on a node -> its per-item results."""
+
+    conn: Any
+    op: Op
+    items: list[Any]
+    deadline: float
+
+
+class Fetch(NamedTuple):
+    """FETCH from a node -> ``[(Fetched, landed_and_verified)]``."""
+
+    conn: Any
+    requests: list[FetchRequest]
+    deadline: float
+
+
+class Store(NamedTuple):
+    """STORE on a node -> ``[Allocated]``."""
+
+    conn: Any
+    requests: list[StoreRequest]
+    deadline: float
+
+
+class Release(NamedTuple):
+    """Hand read holds back to a node, off the caller's path (never fails) -> None."""
+
+    conn: Any
+    handles: list[int]
+
+
+Effect = Master | Connect | NodeCall | Fetch | Store | Release
+Flow = Generator[Effect, Any, T]
+
+
+class ClientCore:
+    """State and flows shared by the blocking and the asyncio client."""
+
+    def __init__(self, master: str = "127.0.0.1:5555", *, timeout: float = 10.0, retries: int = 5,
+                 replicas: int = 1, same_host: bool = True, token: str | None = None, host: str | None = None,
+                 cache_locations: bool | int = True) -> None:
+        if timeout <= 0:
+            raise InvalidArgument(f"timeout must be > 0, got {timeout}")
+        self.master = master
+        self.timeout = timeout
+        self.retries = retries
+        self.replicas = replicas
+        self.same_host = same_host
+        self.host_id = host or host_id()
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._locations = None if not cache_locations else LocationCache(
+            1 << 18 if cache_locations is True else int(cache_locations))
+        self.counters: Counter[str] = Counter()
+
+    # -- arguments (checked before anything is sent) ----------------------------------
+
+    @staticmethod
+    def _put_args(items: Sequence[tuple[bytes | str, Any]]) -> tuple[list[bytes], list[memoryview]]:
+        keys = [check_key(k) for k, _ in items]
+        views = [byte_view(v) for _, v in items]
+        for k, v in zip(keys, views, strict=True):
+            if len(v) == 0:
+                raise InvalidArgument(f"value for key {k[:16]!r} is empty")
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument("put_batch: duplicate keys in one batch")
+        return keys, views
+
+    @staticmethod
+    def _get_into_args(keys: Sequence[bytes | str], buffers: Sequence[Any],
+                       ranges: Sequence[Sequence[tuple[int, int]] | None] | None
+                       ) -> tuple[list[bytes], list[memoryview], Ranges]:
+        if len(keys) != len(buffers):
+            raise InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+        if ranges is not None and len(ranges) != len(keys):
+            raise InvalidArgument(f"{len(keys)} keys but {len(ranges)} range lists")
+        ks = [check_key(k) for k in keys]
+        views = [byte_view(b, "buffer") for b in buffers]
+        if any(v.readonly for v in views):
+            raise InvalidArgument("buffer is read-only")
+        rs = None if ranges is None else [None if r is None else check_ranges(r) for r in ranges]
+        for v, r in zip(views, rs or [], strict=False):
+            if r is not None and sum(n for _, n in r) > len(v):
+                raise InvalidArgument(f"buffer of {len(v)} bytes is smaller than its ranges "
+                                      f"({sum(n for _, n in r)} bytes)")
+        return ks, views, rs
+
+    # -- writes ------------------------------------------------------------------------
+
+    def _put_flow(self, keys: list[bytes], views: list[memoryview], deadline: float) -> Flow[list[bool]]:
+        blocks = [block_sums(v, k) for k, v in zip(keys, views, strict=True)]
+        sums = [combine(b, k) for k, b in zip(keys, blocks, strict=True)]
+        req = mpb.PutStartRequest(
+            items=[mpb.PutItem(key=k, size=len(v), checksum=c) for k, v, c in zip(keys, views, sums, strict=True)],
+            replicas=self.replicas, client_host=self.host_id)
+        resp = yield Master("PutStart", req, deadline)
+        result = [False] * len(keys)
+        todo: dict[str, list[int]] = defaultdict(list)
+        nodes: dict[str, mpb.NodeInfo] = {}
+        busy = []
+        for i, p in enumerate(resp.placements):
+            if p.status == mpb.OK:
+                for n in p.nodes:
+                    todo[n.node_id].append(i)
+                    nodes[n.node_id] = n
+            elif p.status == mpb.ALREADY_EXISTS:
+                self.counters["puts.existing"] += 1
+            elif p.status == mpb.BUSY:
+                busy.append(i)
+            else:
+                yield from self._revoke_flow(resp.put_id, keys, todo, deadline)
+                name = mpb.ItemStatus.Name(p.status)
+                what = f"no node has room for {len(views[i])} bytes" if p.status == mpb.NO_SPACE else "refused"
+                raise status_error(name, f"put of key {keys[i][:16]!r}: {what}") or KVStoreError(name)
+        failed: set[int] = set()
+        placed: dict[int, Known] = {}
+        try:
+            for node_id, idxs in todo.items():
+                failed |= yield from self._write_node_flow(nodes[node_id], idxs, keys, views, sums, blocks, placed,
+                                                           deadline)
+        except BaseException:
+            yield from self._revoke_flow(resp.put_id, keys, todo, deadline)
+            raise
+        done = sorted({i for idxs in todo.values() for i in idxs} - failed)
+        if self._locations is not None:
+            for i, known in placed.items():
+                if i not in failed:
+                    self._locations.put(keys[i], known)
+        if failed:
+            yield Master("PutRevoke", mpb.PutRevokeRequest(put_id=resp.put_id, keys=[keys[i] for i in sorted(failed)]),
+                         deadline)
+        if done:
+            end = yield Master("PutEnd", mpb.PutEndRequest(put_id=resp.put_id, keys=[keys[i] for i in done]), deadline)
+            for i, st in zip(done, end.statuses, strict=True):
+                if st != mpb.OK:
+                    raise TryAgain(f"put of {keys[i][:16]!r} lapsed ({mpb.ItemStatus.Name(st)}); retry")
+                result[i] = True
+        self.counters["puts"] += len(done)
+        if failed:
+            raise TransportError(f"{len(failed)} value(s) could not be stored on their node; retry")
+        if busy:
+            raise TryAgain(f"{len(busy)} key(s) are being written by another client")
+        return result
+
+    def _revoke_flow(self, put_id: int, keys: list[bytes], todo: dict[str, list[int]], deadline: float) -> Flow[None]:
+        idxs = sorted({i for v in todo.values() for i in v})
+        if not idxs:
+            return
+        try:
+            yield Master("PutRevoke", mpb.PutRevokeRequest(put_id=put_id, keys=[keys[i] for i in idxs]),
+                         max(deadline, time.monotonic() + 2))
+        except KVStoreError as e:  # the reservation expires on its own
+            log.warning("put revoke failed (the master expires it): %s", e)
+
+    def _write_node_flow(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes], views: list[memoryview],
+                         sums: list[int], blocks: list[np.ndarray], placed: dict[int, Known],
+                         deadline: float) -> Flow[set[int]]:
+        """Store ``idxs`` on one node; the indices that failed (where the others landed
+        goes into ``placed``).
+
+        Same host: ALLOCATE, one copy straight into the mapped arena, COMMIT (the node
+        verifies before the value becomes readable). Otherwise one STORE whose request
+        carries the bytes (the node receives them into its arena, verifies, commits).
+        """
+        conn = yield Connect(node)
+        if conn.mapped is None:
+            slots = yield Store(conn, [StoreRequest(keys[i], sums[i], views[i]) for i in idxs], deadline)
+            ok = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
+        else:
+            arena = conn.mapped.arena
+            slots = [Allocated(*s) for s in (yield NodeCall(conn, Op.ALLOCATE,
+                                                            [[keys[i], len(views[i])] for i in idxs], deadline))]
+            held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
+            try:
+                for i, s in held:
+                    arena[s.offset:s.offset + len(views[i])] = views[i]
+            except BaseException:
+                try:
+                    yield NodeCall(conn, Op.ABORT, [s.handle for _, s in held], max(deadline, time.monotonic() + 2))
+                except KVStoreError as e:  # the node reclaims them after its hold TTL
+                    log.warning("abort on node %s failed (reclaimed later): %s", node.node_id, e)
+                raise
+            statuses = (yield NodeCall(conn, Op.COMMIT, [[s.handle, keys[i], sums[i]] for i, s in held], deadline)
+                        ) if held else []
+            ok = [(i, s) for (i, s), st in zip(held, statuses, strict=True) if st == SlotStatus.OK]
+            self.counters["puts.direct"] += len(ok)
+        for i, s in zip(idxs, slots, strict=True):
+            if s.status not in (SlotStatus.OK, SlotStatus.NO_SPACE):
+                log.warning("node %s refused %r: %s", node.node_id, keys[i][:16], SlotStatus(s.status).name)
+        for i, s in ok:
+            placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation, blocks[i])
+        return set(idxs) - {i for i, _ in ok}
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _get_flow(self, keys: list[bytes], views: list[memoryview] | None, ranges: Ranges,
+                  deadline: float) -> Flow[list[Any]]:
+        """Per key: the destination that holds the verified bytes (a new bytearray when
+        ``views`` is None), or None on a miss."""
+        out: list[Any] = [None] * len(keys)
+        dests: list[memoryview | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        if self._locations is not None:
+            known = {i: loc for i in todo if (loc := self._locations.get(keys[i])) is not None}
+            if known:
+                self._prepare(known, views, ranges, out, dests)
+                got = yield from self._one_sided_flow(known, keys, dests, ranges)
+                rest = {i: loc for i, loc in known.items() if i not in got}
+                if rest:
+                    fresh = yield from self._replicas_flow({i: [loc.node] for i, loc in rest.items()}, keys, dests,
+                                                           rest, ranges, deadline)
+                    for i, loc in fresh.items():
+                        self._locations.put(keys[i], loc)
+                    got.update(fresh)
+                for i in got:
+                    out[i] = dests[i] if views is not None else out[i]
+                self._locations.forget([keys[i] for i in known if i not in got])
+                todo = [i for i in todo if i not in got]
+                self.counters["location_cache.hits"] += len(got)
+        if not todo:
+            return out
+        resp = yield Master("Lookup", mpb.LookupRequest(keys=[keys[i] for i in todo], client_host=self.host_id),
+                            deadline)
+        locs: dict[int, Any] = {}
+        pending: dict[int, list[mpb.NodeInfo]] = {}
+        for i, location in zip(todo, resp.locations, strict=True):
+            out[i] = None
+            if location.status != mpb.OK or not location.nodes:
+                self.counters["misses.not_found"] += 1
+                continue
+            locs[i] = location
+            pending[i] = list(location.nodes)
+        self._prepare(locs, views, ranges, out, dests)
+        got = yield from self._replicas_flow(pending, keys, dests, locs, ranges, deadline)
+        for i in pending:
+            if i in got:
+                if views is not None:
+                    out[i] = dests[i]
+                if self._locations is not None:
+                    self._locations.put(keys[i], got[i])
+            else:
+                out[i] = None
+                self.counters["misses.unavailable"] += 1
+        return out
+
+    @staticmethod
+    def _prepare(locs: dict[int, Any], views: list[memoryview] | None, ranges: Ranges, out: list[Any],
+                 dests: list[memoryview | None]) -> None:
+        """Size checks (before any byte moves) and destination buffers for ``locs``."""
+        for i, loc in locs.items():
+            rs = ranges[i] if ranges is not None else None
+            if rs is not None:
+                for off, n in rs:
+                    if off + n > loc.size:
+                        raise InvalidArgument(f"range ({off}, {n}) ends past the value ({loc.size} bytes)")
+            elif views is not None and len(views[i]) < loc.size:
+                raise InvalidArgument(
+                    f"buffer of {len(views[i])} bytes is smaller than the value ({loc.size} bytes)")
+        for i, loc in locs.items():
+            rs = ranges[i] if ranges is not None else None
+            if views is None:
+                if out[i] is None or len(out[i]) != loc.size:
+                    out[i] = bytearray(loc.size)
+                dests[i] = memoryview(out[i])
+            else:
+                dests[i] = views[i][: loc.size if rs is None else sum(n for _, n in rs)]
+
+    def _one_sided_flow(self, known: dict[int, Known], keys: list[bytes], dests: list[memoryview | None],
+                        ranges: Ranges) -> Flow[dict[int, Known]]:
+        """Read what same-host nodes hold at a remembered place, with no round trip.
+
+        Returns the indices read and verified; the rest take the leased path.
+        """
+        got: dict[int, Known] = {}
+        for i, loc in known.items():
+            rs = ranges[i] if ranges is not None else None
+            if loc.offset < 0 or (rs is not None and loc.sums is None):
+                continue
+            try:
+                conn = yield Connect(loc.node)
+            except TransportError:
+                continue
+            dst = dests[i]
+            if conn.mapped is None or dst is None:
+                continue
+            st = conn.mapped.read(keys[i], loc, dst, rs)
+            if st == SlotStatus.OK:
+                got[i] = loc
+                self.counters["hits"] += 1
+                self.counters["hits.one_sided"] += 1
+            elif st == SlotStatus.CORRUPT:
+                self.counters["one_sided.corrupt"] += 1
+            else:
+                self.counters["one_sided.stale"] += 1
+        return got
+
+    def _replicas_flow(self, pending: dict[int, list[mpb.NodeInfo]], keys: list[bytes],
+                       dests: list[memoryview | None], locs: dict[int, Any], ranges: Ranges,
+                       deadline: float) -> Flow[dict[int, Known]]:
+        """Read every pending key from its first replica that has it; where each hit was read."""
+        got: dict[int, Known] = {}
+        while pending:
+            by_node: dict[str, list[int]] = defaultdict(list)
+            nodes: dict[str, mpb.NodeInfo] = {}
+            for i, cands in pending.items():
+                by_node[cands[0].node_id].append(i)
+                nodes[cands[0].node_id] = cands[0]
+            nxt: dict[int, list[mpb.NodeInfo]] = {}
+            for node_id, idxs in by_node.items():
+                try:
+                    ok = yield from self._read_node_flow(nodes[node_id], idxs, keys, dests, locs, ranges, deadline)
+                except TransportError as e:
+                    log.warning("node %s unreachable: %s", node_id, e)
+                    ok = {}
+                for i in idxs:
+                    if i in ok:
+                        got[i] = ok[i]
+                        self.counters["hits"] += 1
+                    elif len(pending[i]) > 1:
+                        nxt[i] = pending[i][1:]
+            pending = nxt
+        return got
+
+    def _read_node_flow(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
+                        dests: list[memoryview | None], locs: dict[int, Any], ranges: Ranges,
+                        deadline: float) -> Flow[dict[int, Known]]:
+        """Read ``idxs`` from one node into ``dests``: the indices read and verified, with
+        where they were. Same host: ACQUIRE holds the values in place, one verified copy
+        each out of the mapped arena, RELEASE later. Otherwise one FETCH."""
+        conn = yield Connect(node)
+        rs_of = [ranges[i] if ranges is not None else None for i in idxs]
+        good: dict[int, Known] = {}
+        if conn.mapped is None:
+            replies = yield Fetch(conn, [FetchRequest(keys[i], locs[i].checksum, dests[i], rs)
+                                         for i, rs in zip(idxs, rs_of, strict=True)], deadline)
+            for i, (reply, ok) in zip(idxs, replies, strict=True):
+                if reply.status != SlotStatus.OK:
+                    continue
+                if ok:
+                    good[i] = Known(node, reply.size, reply.checksum, sums=np.frombuffer(reply.sums, dtype="<u8"))
+                else:
+                    self._corrupt(keys[i], node)
+            return good
+        slots = [Acquired(*s) for s in (yield NodeCall(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline))]
+        held = [(i, s, rs) for i, s, rs in zip(idxs, slots, rs_of, strict=True) if s.status == SlotStatus.OK]
+        try:
+            for i, s, rs in held:
+                dst = dests[i]
+                loc = Known(node, s.size, s.checksum, s.offset, s.generation, np.frombuffer(s.sums, dtype="<u8"))
+                # the node must hold the version the master (or the cache) vouches for
+                if (dst is not None and s.checksum == locs[i].checksum
+                        and conn.mapped.read(keys[i], loc, dst, rs, held=True) == SlotStatus.OK):
+                    good[i] = loc
+                else:
+                    self._corrupt(keys[i], node)
+        finally:
+            yield Release(conn, [s.handle for _, s, _ in held])
+        return good
+
+    def _corrupt(self, key: bytes, node: mpb.NodeInfo) -> None:
+        self.counters["misses.corrupt"] += 1
+        log.warning("%s", Corruption(f"value of {key[:16]!r} from node {node.node_id} "
+                                     "failed verification; treated as a miss"))
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def _exists_flow(self, keys: list[bytes], deadline: float) -> Flow[list[bool]]:
+        resp = yield Master("Lookup", mpb.LookupRequest(keys=keys), deadline)
+        return [loc.status == mpb.OK for loc in resp.locations]
+
+    def _prefix_flow(self, keys: list[bytes], deadline: float) -> Flow[int]:
+        if not keys:
+            return 0
+        resp = yield Master("LongestPrefix", mpb.LongestPrefixRequest(keys=keys), deadline)
+        return int(resp.count)
+
+    def _stats_flow(self, deadline: float) -> Flow[mpb.StatsResponse]:
+        resp: mpb.StatsResponse = yield Master("Stats", mpb.StatsRequest(), deadline)
+        return resp
+
+    def _remove_flow(self, keys: list[bytes], force: bool, deadline: float) -> Flow[list[bool]]:
+        """Remove through the master, then tell the holding nodes at once (so no cached
+        location serves the key); a node that can't be reached learns it at its next
+        heartbeat."""
+        if self._locations is not None:
+            self._locations.forget(keys)
+        where = yield Master("Lookup", mpb.LookupRequest(keys=keys), deadline)
+        resp = yield Master("Remove", mpb.RemoveRequest(keys=keys, force=force), deadline)
+        holders: dict[str, tuple[mpb.NodeInfo, list[bytes]]] = {}
+        for k, st, loc in zip(keys, resp.statuses, where.locations, strict=True):
+            if st == mpb.OK:
+                for n in loc.nodes:
+                    holders.setdefault(n.node_id, (n, []))[1].append(k)
+        for node, removed in holders.values():
+            try:
+                conn = yield Connect(node)
+                yield NodeCall(conn, Op.REMOVE, removed, time.monotonic() + self.timeout)
+            except KVStoreError as e:
+                log.info("node %s not told of %d removal(s) now (its heartbeat will): %s",
+                         node.node_id, len(removed), e)
+        out = []
+        hint = {mpb.LEASED: "leased by a reader; retry or remove(force=True)", mpb.PINNED: "pinned; unpin it first"}
+        for k, st in zip(keys, resp.statuses, strict=True):
+            if st in hint:
+                raise status_error(mpb.ItemStatus.Name(st), f"key {k[:16]!r} is {hint[st]}") or KVStoreError()
+            out.append(st == mpb.OK)
+        return out

@@ -1,0 +1,128 @@
+"""The node control channel's client on asyncio: :class:`ControlClient`'s calls, awaited.
+
+Same frames, same checks (:func:`~kvstore.node.control.check_reply`), same
+receive plans for FETCH (:class:`~kvstore.node.control.ReceivePlan`): bytes go
+straight from the socket into the caller's buffers (``sock_recv_into``), no
+thread involved. A pool of connections, one call each; use it from one event
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+
+from kvstore.errors import InvalidArgument, Timeout, TransportError
+from kvstore.node.control import (
+    FetchRequest,
+    ReceivePlan,
+    StoreRequest,
+    _unpack,
+    check_reply,
+    fetch_items,
+)
+from kvstore.node.protocol import HEADER, Allocated, Fetched, Op, pack_frame, parse_header
+
+
+class AsyncControlClient:
+    """Calls a node's control server from asyncio code. Not thread-safe (one loop)."""
+
+    def __init__(self, address: str, connect_timeout: float = 5.0) -> None:
+        host, _, port = address.rpartition(":")
+        self._addr = (host.strip("[]"), int(port))
+        self.address = address
+        self._connect_timeout = connect_timeout
+        self._idle: list[socket.socket] = []
+
+    async def call(self, op: Op, items: list[Any], timeout: float) -> list[Any]:
+        out: list[Any] = await self._exchange(op, items, timeout)
+        return out
+
+    async def fetch(self, requests: list[FetchRequest], timeout: float) -> list[tuple[Fetched, bool]]:
+        """See :meth:`ControlClient.fetch`."""
+        loop = asyncio.get_running_loop()
+
+        async def receive(sock: socket.socket, payload: list[Any]) -> list[tuple[Fetched, bool]]:
+            out = []
+            for reply, r in zip(payload, requests, strict=True):
+                plan = ReceivePlan(Fetched(*reply), r)
+                for i, views in enumerate(plan.blocks):
+                    for v in views:
+                        await _recv_exact(loop, sock, v)
+                    plan.landed(i)
+                out.append((plan.reply, plan.ok()))
+            return out
+
+        got: list[tuple[Fetched, bool]] = await self._exchange(Op.FETCH, fetch_items(requests), timeout,
+                                                               receive=receive)
+        return got
+
+    async def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
+        """See :meth:`ControlClient.store`."""
+        payload = await self._exchange(Op.STORE, [[r.key, len(r.value), r.checksum] for r in requests], timeout,
+                                       tail=[r.value for r in requests])
+        return [Allocated(*r) for r in payload]
+
+    async def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,
+                        receive: Callable[[socket.socket, list[Any]], Awaitable[Any]] | None = None) -> Any:
+        if timeout <= 0:
+            raise Timeout(f"deadline expired before {op.name} to node {self.address}")
+        loop = asyncio.get_running_loop()
+        sock = await self._take(loop, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(sock, pack_frame(op, msgpack.packb(items)))
+                for view in tail or ():
+                    await loop.sock_sendall(sock, view)
+                head = bytearray(HEADER.size)
+                await _recv_exact(loop, sock, memoryview(head))
+                rop, flags, length = parse_header(bytes(head))
+                body = bytearray(length)
+                await _recv_exact(loop, sock, memoryview(body))
+                payload = check_reply(op, rop, flags, _unpack(bytes(body)), len(items), self.address)
+                out = payload if receive is None else await receive(sock, payload)
+        except TimeoutError as e:
+            sock.close()
+            raise Timeout(f"{op.name} to node {self.address} timed out after {timeout:.1f}s") from e
+        except (OSError, ConnectionError, ValueError, TypeError, TransportError) as e:
+            sock.close()
+            if isinstance(e, InvalidArgument):
+                raise
+            raise TransportError(f"{op.name} to node {self.address}: {e}") from e
+        except BaseException:  # cancelled mid-frame: the stream is out of step
+            sock.close()
+            raise
+        self._idle.append(sock)
+        return out
+
+    async def _take(self, loop: asyncio.AbstractEventLoop, timeout: float) -> socket.socket:
+        if self._idle:
+            return self._idle.pop()
+        sock = socket.socket(socket.AF_INET6 if ":" in self._addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(min(timeout, self._connect_timeout)):
+                await loop.sock_connect(sock, self._addr)
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            raise TransportError(f"cannot reach node control {self.address}: {e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for s in idle:
+            s.close()
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
+    pos, n = 0, len(view)
+    while pos < n:
+        got = await loop.sock_recv_into(sock, view[pos:])
+        if got == 0:
+            raise TransportError(f"peer closed the connection after {pos} of {n} B")
+        pos += got
