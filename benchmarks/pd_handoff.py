@@ -56,7 +56,10 @@ def run(lengths: list[int], repeat: int, workdir: Path) -> dict[str, Any]:
         """Time each prompt once in a fresh engine (and, with ``again``, a second time:
         the prompt's KV is then in the engine's own prefix cache)."""
         got: dict[int, list[Any]] = {}
-        with EngineProcess(model, kv=kv, log=workdir / f"{name}.log", max_model_len=max_len) as e:
+        # Whole prompts in one step (no chunked prefill) for every engine: vLLM's ExampleConnector
+        # saves per step and cannot reassemble a chunked prefill (it fails at 8192 tokens otherwise).
+        with EngineProcess(model, kv=kv, log=workdir / f"{name}.log", max_model_len=max_len,
+                           max_num_batched_tokens=max_len) as e:
             e.generate(warm, 1)
             names = [name] + ([again] if again else [])
             for k in names:

@@ -58,9 +58,11 @@ class EngineProcess:
 
     def __init__(self, model_dir: Path | str, *, kv: dict[str, Any] | None = None,
                  log: Path | str | None = None, max_model_len: int = 4096,
+                 max_num_batched_tokens: int | None = None,
                  connector: str | None = None, start_timeout: float = 240.0,
                  extra_env: dict[str, str] | None = None) -> None:
-        cfg = {"model": str(model_dir), "kv": kv, "max_model_len": max_model_len}
+        cfg = {"model": str(model_dir), "kv": kv, "max_model_len": max_model_len,
+               "max_num_batched_tokens": max_num_batched_tokens}
         if connector == "example" and kv is None:
             raise KVStoreError("connector='example' needs a kv config")
         env = {**os.environ, **ENGINE_ENV, **(extra_env or {}),
@@ -178,6 +180,8 @@ def _main(cfg: dict[str, Any]) -> None:
         from vllm.config import KVTransferConfig
 
         kw["kv_transfer_config"] = KVTransferConfig(**cfg["kv"])
+    if cfg.get("max_num_batched_tokens"):
+        kw["max_num_batched_tokens"] = cfg["max_num_batched_tokens"]
     llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=32,
               max_model_len=cfg["max_model_len"], seed=0, **kw)
     _reply({"ready": True})
