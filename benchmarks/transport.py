@@ -7,7 +7,8 @@ a client process reads ``size`` bytes per batch from a serving process and
 reports GB/s and p50/p99 batch latency. In the same run it measures the limits:
 single-thread memcpy of the same sizes, a plain Python socket loopback
 (``sendall``/``recv_into``, 4 MiB buffers) and, when ``nixl`` is installed,
-NIXL's UCX backend moving the same sizes DRAM to DRAM between two processes.
+NIXL's UCX backend moving the same sizes DRAM to DRAM between two processes
+(READs over UCX's CMA transport, no busy-polling progress threads).
 Also the layer-wise stream: time until the first layer is usable at the
 consumer vs. the whole chunk. ``--json`` writes every number plus ``ratios``.
 """
@@ -228,24 +229,39 @@ def bench_nixl(sizes: list[int], quick: bool) -> dict[str, Any] | None:
     return None
 
 
-def nixl_target(nbytes: int) -> None:
+def _nixl_agent(name: str) -> Any:
+    """A NIXL agent with a UCX backend set up for two processes on one host."""
     from nixl._api import nixl_agent, nixl_agent_config  # noqa: PLC0415
 
-    agent = nixl_agent("kvbench-target", nixl_agent_config(backends=["UCX"]))
-    buf = np.ones(nbytes, dtype=np.uint8)
+    # No progress thread: the Python API runs it with a zero delay, so it busy-polls a whole
+    # core per agent; the caller progresses UCX itself (check_xfer_state / get_new_notifs).
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=[]))
+    # Same host, no peer-failure handling needed: "none" lets UCX keep its shared-memory
+    # lanes (sysv/posix, self) instead of falling back to tcp/lo; READs go over CMA either way.
+    agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
+    return agent
+
+
+def nixl_target(nbytes: int) -> None:
+    import select  # noqa: PLC0415
+
+    agent = _nixl_agent("kvbench-target")
+    buf = np.ones(nbytes, dtype=np.uint8)  # page-touched, like a filled KV cache
     agent.register_memory([(buf.ctypes.data, nbytes, 0, "")], "DRAM")
     print("\n" + agent.get_agent_metadata().hex(), buf.ctypes.data, flush=True)
-    sys.stdin.read()
+    while True:  # passive side: progress UCX now and then (connection wire-up) until stdin closes
+        if select.select([sys.stdin], [], [], 0.005)[0] and not sys.stdin.readline():
+            break
+        agent.get_new_notifs()
     sys.stdout.flush()
     os._exit(0)  # NIXL crashes in interpreter teardown; results are already out
 
 
 def nixl_initiator(sizes: list[int], quick: bool) -> None:
-    from nixl._api import nixl_agent, nixl_agent_config  # noqa: PLC0415
-
     meta_hex, raddr = sys.stdin.readline().split()
-    agent = nixl_agent("kvbench-initiator", nixl_agent_config(backends=["UCX"]))
+    agent = _nixl_agent("kvbench-initiator")
     buf = np.zeros(max(sizes), dtype=np.uint8)
+    buf.fill(0)  # fault the destination pages in before registering
     agent.register_memory([(buf.ctypes.data, buf.size, 0, "")], "DRAM")
     name = agent.add_remote_agent(bytes.fromhex(meta_hex))
     out = {}
@@ -262,7 +278,7 @@ def nixl_initiator(sizes: list[int], quick: bool) -> None:
         def once(h: Any = h) -> float:
             st = time.perf_counter()
             state = agent.transfer(h)
-            while state not in ("DONE", "ERR"):
+            while state not in ("DONE", "ERR"):  # without a progress thread this also progresses UCX
                 state = agent.check_xfer_state(h)
             if state == "ERR":
                 raise RuntimeError("nixl transfer failed")

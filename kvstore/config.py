@@ -94,6 +94,11 @@ class MasterConfig:
         metadata={"doc": "Address the gRPC service binds; 0.0.0.0 exposes it (set master.token_file)."},
     )
     port: int = field(default=5555, metadata={"doc": "gRPC port; 0 picks a free port (printed at start)."})
+    fast_port: int = field(
+        default=0,
+        metadata={"doc": "Port of the framed channel serving the same calls to clients' hot paths "
+                         "(advertised through Hello); 0 picks a free port, -1 disables."},
+    )
     metrics_port: int = field(
         default=0,
         metadata={"doc": "Prometheus /metrics HTTP port on master.host; 0 picks a free port, -1 disables."},
@@ -126,10 +131,10 @@ class MasterConfig:
                 raise ConfigError(f"master.{name} must be an integer, got {value!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"master.port must be in 0..65535, got {self.port}")
-        if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or not (
-            -1 <= self.metrics_port <= 65535
-        ):
-            raise ConfigError(f"master.metrics_port must be -1 (off) or 0..65535, got {self.metrics_port!r}")
+        for name in ("metrics_port", "fast_port"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 65535:
+                raise ConfigError(f"master.{name} must be -1 (off) or 0..65535, got {value!r}")
         if self.node_ttl < 0.1:
             raise ConfigError(f"master.node_ttl must be >= 100ms, got {self.node_ttl}s")
         if not 0 < self.heartbeat_interval <= self.node_ttl / 2:

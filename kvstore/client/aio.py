@@ -22,6 +22,7 @@ import grpc
 
 from kvstore.client.connections import GRPC_OPTIONS, Connections, NodeConn
 from kvstore.client.core import (
+    FAST_RETRY,
     ClientCore,
     Connect,
     Effect,
@@ -35,6 +36,7 @@ from kvstore.client.core import (
 from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.keys import check_key
 from kvstore.master.errors import error_from_rpc
+from kvstore.master.fast import AsyncFastMasterClient, resolve
 from kvstore.node.control_aio import AsyncControlClient
 from kvstore.node.protocol import Maps, Op
 from kvstore.v1 import master_pb2 as mpb
@@ -75,10 +77,15 @@ class AsyncClient(ClientCore):
             remaining = e.deadline - time.monotonic()
             if remaining <= 0:
                 raise Timeout(f"deadline expired before {e.method}")
-            try:
-                return await getattr(self._stub, e.method)(e.request, timeout=remaining, metadata=self._metadata)
-            except grpc.RpcError as err:
-                raise error_from_rpc(err) from err
+            fast = await self._fast_channel(remaining)
+            if fast is not None:
+                try:
+                    return await fast.call(e.method, e.request, remaining)
+                except TransportError:
+                    self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
+                    fast.close()
+                    raise
+            return await self._grpc(e.method, e.request, remaining)
         if isinstance(e, Connect):
             return await self._connect(e.node)
         if isinstance(e, Release):
@@ -99,6 +106,28 @@ class AsyncClient(ClientCore):
             self._conns.drop(e.conn)
             raise
         raise AssertionError(f"unknown effect {e!r}")
+
+    async def _grpc(self, method: str, request: Any, timeout: float) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+
+    async def _fast_channel(self, timeout: float) -> AsyncFastMasterClient | None:
+        """See :meth:`Client._fast_channel`."""
+        if self._fast is None and time.monotonic() >= self._fast_retry_at:
+            self._fast_retry_at = time.monotonic() + FAST_RETRY
+            try:
+                hello = await self._grpc("Hello", mpb.HelloRequest(), min(timeout, 2.0))
+            except KVStoreError as err:
+                if "UNIMPLEMENTED" in str(err):
+                    self._fast_retry_at = float("inf")  # a master without it
+                log.debug("no framed master channel (%s); using gRPC", err)
+                return None
+            if hello.fast_address:
+                self._fast = AsyncFastMasterClient(resolve(hello.fast_address, self.master), self._auth)
+        fast: AsyncFastMasterClient | None = self._fast
+        return fast
 
     async def _connect(self, node: mpb.NodeInfo) -> NodeConn:
         conn = self._conns.cached(node)
@@ -197,6 +226,8 @@ class AsyncClient(ClientCore):
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         self._conns.close()
+        if self._fast is not None:
+            self._fast.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -43,6 +43,7 @@ import grpc
 
 from kvstore.client.connections import GRPC_OPTIONS, Connections
 from kvstore.client.core import (
+    FAST_RETRY,
     ClientCore,
     Connect,
     Effect,
@@ -57,6 +58,7 @@ from kvstore.client.releaser import Releaser
 from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.keys import check_key
 from kvstore.master.errors import error_from_rpc
+from kvstore.master.fast import FastMasterClient, resolve
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
 
@@ -99,10 +101,15 @@ class Client(ClientCore):
             remaining = e.deadline - time.monotonic()
             if remaining <= 0:
                 raise Timeout(f"deadline expired before {e.method}")
-            try:
-                return getattr(self._stub, e.method)(e.request, timeout=remaining, metadata=self._metadata)
-            except grpc.RpcError as err:
-                raise error_from_rpc(err) from err
+            fast = self._fast_channel(remaining)
+            if fast is not None:
+                try:
+                    return fast.call(e.method, e.request, remaining)
+                except TransportError:
+                    self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
+                    fast.close()
+                    raise
+            return self._grpc(e.method, e.request, remaining)
         if isinstance(e, Connect):
             return self._conns.get(e.node)
         if isinstance(e, Release):
@@ -120,6 +127,29 @@ class Client(ClientCore):
             self._conns.drop(e.conn)
             raise
         raise AssertionError(f"unknown effect {e!r}")
+
+    def _grpc(self, method: str, request: Any, timeout: float) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+
+    def _fast_channel(self, timeout: float) -> FastMasterClient | None:
+        """The master's framed channel, asking it once (then after failures, at most every
+        FAST_RETRY seconds); None: use gRPC."""
+        if self._fast is None and time.monotonic() >= self._fast_retry_at:
+            self._fast_retry_at = time.monotonic() + FAST_RETRY
+            try:
+                hello = self._grpc("Hello", mpb.HelloRequest(), min(timeout, 2.0))
+            except KVStoreError as err:
+                if "UNIMPLEMENTED" in str(err):
+                    self._fast_retry_at = float("inf")  # a master without it
+                log.debug("no framed master channel (%s); using gRPC", err)
+                return None
+            if hello.fast_address:
+                self._fast = FastMasterClient(resolve(hello.fast_address, self.master), self._auth)
+        fast: FastMasterClient | None = self._fast
+        return fast
 
     def _retrying(self, make: Callable[[float], Flow[T]], timeout: float | None) -> T:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -221,6 +251,8 @@ class Client(ClientCore):
     def close(self) -> None:
         self._releaser.close()
         self._conns.close()
+        if self._fast is not None:
+            self._fast.close()
         self._channel.close()
 
     def __enter__(self) -> Client:

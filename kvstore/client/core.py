@@ -90,6 +90,8 @@ class Release(NamedTuple):
 
 
 Effect = Master | Connect | NodeCall | Fetch | Store | Release
+FAST_RETRY = 5.0
+"""Seconds before a client asks the master again for its framed channel after it failed."""
 Flow = Generator[Effect, Any, T]
 
 
@@ -108,6 +110,11 @@ class ClientCore:
         self.same_host = same_host
         self.host_id = host or host_id()
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._auth = f"Bearer {token}".encode() if token else None
+        # The master's framed channel (kvstore.master.fast), learned from Hello; re-asked
+        # at most every FAST_RETRY seconds after it failed; off for good on an old master.
+        self._fast: Any = None
+        self._fast_retry_at = 0.0
         self._locations = None if not cache_locations else LocationCache(
             1 << 18 if cache_locations is True else int(cache_locations))
         self.counters: Counter[str] = Counter()

@@ -58,6 +58,11 @@ def error_from_rpc(e: grpc.RpcError, what: str = "master") -> KVStoreError:
     """
     code = e.code() if hasattr(e, "code") else None
     details = (e.details() if hasattr(e, "details") else None) or str(e)
+    return error_from_status(code, details, what)
+
+
+def error_from_status(code: grpc.StatusCode | None, details: str, what: str = "master") -> KVStoreError:
+    """The error for a call answered with ``code`` (either channel of the master)."""
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     msg = f"{what}: {name}: {details}"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -19,6 +19,7 @@ import grpc
 
 from kvstore.config import MasterConfig
 from kvstore.errors import KVStoreError, TransportError
+from kvstore.master.fast import serve_fast
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
 from kvstore.master.servicer import Clock, MasterServicer, read_token
@@ -43,8 +44,10 @@ class MasterServer:
     """
 
     def __init__(self, server: grpc.aio.Server, servicer: MasterServicer, port: int,
-                 metrics_port: int | None, tick_s: float) -> None:
+                 metrics_port: int | None, tick_s: float, fast: asyncio.Server | None = None) -> None:
         self.server = server
+        self.fast = fast
+        self.fast_address = servicer.fast_address
         self.servicer = servicer
         self.state = servicer.state
         self.port = port
@@ -75,6 +78,8 @@ class MasterServer:
 
     async def _stop(self, grace: float) -> None:
         self._ticker.cancel()
+        if self.fast is not None:
+            self.fast.close()
         try:
             await self.server.stop(grace)
             self.servicer.flush()
@@ -147,10 +152,21 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
         if store is not None:
             store.close()
         raise TransportError(f"master: cannot start on {config.host}: {e}") from e
+    fast = None
+    if config.fast_port >= 0:
+        try:
+            fast = await serve_fast(servicer, config.host, config.fast_port)
+        except OSError as e:
+            await server.stop(None)
+            metrics.close()
+            if store is not None:
+                store.close()
+            raise TransportError(f"master: cannot bind its framed channel {config.host}:{config.fast_port} ({e}); "
+                                 "pick another master.fast_port (-1 turns it off)") from e
     servicer.flush()
     metrics.update(state.stats(clock()))
     tick_s = min(0.5, config.node_ttl / 4)
-    return MasterServer(server, servicer, port, metrics_port, tick_s)
+    return MasterServer(server, servicer, port, metrics_port, tick_s, fast)
 
 
 class MasterThread:

@@ -50,6 +50,20 @@ MAX_NODE_ID = 256
 
 
 
+METHODS = ("RegisterNode", "Heartbeat", "PutStart", "PutEnd", "PutRevoke", "Lookup", "LongestPrefix",
+           "ReleaseLeases", "Remove", "Pin", "Unpin", "Stats", "Hello")
+"""Every RPC of the Master service (kvstore/v1/master.proto)."""
+
+
+class CallError(Exception):
+    """A call answered with a gRPC status instead of a response."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class _Reject(Exception):
     """A request-level refusal: the whole call fails with ``code``."""
 
@@ -95,49 +109,55 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self.clock = clock or Clock()
         self._token = f"Bearer {token}".encode() if token else None
         self._unwritten: list[Any] = []
-        for name in ("RegisterNode", "Heartbeat", "PutStart", "PutEnd", "PutRevoke", "Lookup",
-                     "LongestPrefix", "ReleaseLeases", "Remove", "Pin", "Unpin", "Stats"):
-            setattr(self, name, self._wrap(name, getattr(self, "_" + name)))
+        self.fast_address = ""
+        """host:port of the framed channel (kvstore.master.fast), once it serves."""
+        self.methods: dict[str, Callable[[Any], Any]] = {name: getattr(self, "_" + name) for name in METHODS}
+        for name in METHODS:
+            setattr(self, name, self._wrap(name))
 
     # -- plumbing ---------------------------------------------------------------
 
-    def _wrap(self, name: str, fn: Callable[[Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
-        hist = self.metrics.rpc_seconds.labels(name)
+    def call(self, name: str, request: Any, authorization: bytes | None) -> Any:
+        """Run one call as either channel receives it: the response, or :class:`CallError`
+        with the gRPC status to answer."""
+        t0 = time.perf_counter()
+        try:
+            if self._token is not None:
+                self._check_token(authorization)
+            resp = self.methods[name](request)
+            self.flush()
+            return resp
+        except _Reject as e:
+            self.metrics.rpc_errors.labels(name, e.code.name).inc()
+            raise CallError(e.code, str(e)) from e
+        except KVStoreError as e:
+            code = status_for(e)
+            self.metrics.rpc_errors.labels(name, code.name).inc()
+            log.error("master %s failed: %s", name, e)
+            raise CallError(code, f"{NO_SPACE_MARKER} {e}" if isinstance(e, NoSpace) else str(e)) from e
+        finally:
+            self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - t0)
 
+    def _wrap(self, name: str) -> Callable[[Any, Any], Awaitable[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            t0 = time.perf_counter()
+            auth = next((v.encode() if isinstance(v, str) else bytes(v)
+                         for k, v in context.invocation_metadata() or () if k == "authorization"), None)
             try:
-                if self._token is not None:
-                    self._check_token(context)
-                resp = fn(request)
-                self.flush()
-                return resp
-            except _Reject as e:
-                self.metrics.rpc_errors.labels(name, e.code.name).inc()
-                await context.abort(e.code, str(e))
-            except KVStoreError as e:
-                code = status_for(e)
-                self.metrics.rpc_errors.labels(name, code.name).inc()
-                log.error("master %s failed: %s", name, e)
-                await context.abort(code, f"{NO_SPACE_MARKER} {e}" if isinstance(e, NoSpace)
-                                    else str(e))
-            finally:
-                hist.observe(time.perf_counter() - t0)
+                return self.call(name, request, auth)
+            except CallError as e:
+                await context.abort(e.code, e.message)
 
         return handler
 
-    def _check_token(self, context: grpc.aio.ServicerContext) -> None:
+    def _check_token(self, authorization: bytes | None) -> None:
         assert self._token is not None
-        for k, v in context.invocation_metadata() or ():
-            if k == "authorization":
-                got = v.encode() if isinstance(v, str) else bytes(v)
-                if hmac.compare_digest(got, self._token):
-                    return
-                raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
-                              "bad token; send metadata 'authorization: Bearer <master.token_file>'")
-        raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
-                      "this master requires a token; send metadata "
-                      "'authorization: Bearer <token from master.token_file>'")
+        if authorization is None:
+            raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
+                          "this master requires a token; send metadata "
+                          "'authorization: Bearer <token from master.token_file>'")
+        if not hmac.compare_digest(authorization, self._token):
+            raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
+                          "bad token; send metadata 'authorization: Bearer <master.token_file>'")
 
     def flush(self) -> None:
         """Write the state's journal in one batch; a failed write is retried on the next call."""
@@ -248,6 +268,9 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     def _Stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
         return stats_out(self.state.stats(self.clock()))
+
+    def _Hello(self, req: pb.HelloRequest) -> pb.HelloResponse:
+        return pb.HelloResponse(fast_address=self.fast_address)
 
     # -- periodic ---------------------------------------------------------------
 

@@ -299,6 +299,16 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class HelloRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HelloResponse(_message.Message):
+    __slots__ = ("fast_address",)
+    FAST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    fast_address: str
+    def __init__(self, fast_address: _Optional[str] = ...) -> None: ...
+
 class StatsResponse(_message.Message):
     __slots__ = ("nodes", "objects", "pending", "bytes", "leases", "pins", "counters")
     class CountersEntry(_message.Message):

@@ -94,6 +94,11 @@ class MasterStub:
                 request_serializer=kvstore_dot_v1_dot_master__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_master__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Hello = channel.unary_unary(
+                '/kvstore.v1.Master/Hello',
+                request_serializer=kvstore_dot_v1_dot_master__pb2.HelloRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_master__pb2.HelloResponse.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -176,6 +181,14 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hello(self, request, context):
+        """Where this master also serves the same calls over its framed channel (a client's
+        hot path: one small TCP frame per call instead of a gRPC round trip).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +251,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvstore_dot_v1_dot_master__pb2.StatsRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_master__pb2.StatsResponse.SerializeToString,
+            ),
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=kvstore_dot_v1_dot_master__pb2.HelloRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_master__pb2.HelloResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -564,6 +582,33 @@ class Master:
             '/kvstore.v1.Master/Stats',
             kvstore_dot_v1_dot_master__pb2.StatsRequest.SerializeToString,
             kvstore_dot_v1_dot_master__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Master/Hello',
+            kvstore_dot_v1_dot_master__pb2.HelloRequest.SerializeToString,
+            kvstore_dot_v1_dot_master__pb2.HelloResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ reuse, node restart) and race readers against eviction.
 
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -105,12 +106,16 @@ def test_node_restart_invalidates_cached_locations(cluster):
     with Client(cluster.master_address, timeout=20) as a:
         assert a.put(b"k", value(4))
         assert a.get(b"k") == value(4)
+        [old] = [n.epoch for n in a.stats().nodes]
         cluster.nodes[0].signal(signal.SIGKILL)
         cluster.nodes[0].popen.wait(10)
         # The killed node's memory is still mapped here, with the right bytes: not a hit.
         assert a.get(b"k") is None
         cluster.start_node(0)
-        cluster.wait_nodes(1)
+        deadline = time.monotonic() + 30
+        while [n.epoch for n in a.stats().nodes] in ([old], []):  # until the new process registered
+            assert time.monotonic() < deadline, "the restarted node did not register"
+            time.sleep(0.05)
         assert a.get(b"k") is None  # DRAM only: the restarted node does not hold it
         assert a.put(b"k2", value(5)) and a.get(b"k2") == value(5)
 

@@ -1,0 +1,99 @@
+"""The master's framed channel: same answers as gRPC, same token, hostile frames refused."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import grpc
+import msgpack
+import pytest
+
+from kvstore.config import MasterConfig
+from kvstore.errors import InvalidArgument, PermissionDenied
+from kvstore.master.fast import AUTH, FLAG_ERROR, HEADER, MAGIC, OPS, FastMasterClient, frame, parse
+from kvstore.master.server import MasterThread, serve_master
+from kvstore.v1 import master_pb2 as pb
+from kvstore.v1 import master_pb2_grpc as pb_grpc
+from transport.wire import recv_bytes
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+@pytest.fixture(scope="module")
+def master() -> Iterator[MasterThread]:
+    with serve_master(MasterConfig(port=0, metrics_port=-1, max_batch=100), token="s3cret") as m:
+        yield m
+
+
+def fast_address(m: MasterThread, token: str = "s3cret") -> str:
+    with grpc.insecure_channel(m.address) as ch:
+        hello = pb_grpc.MasterStub(ch).Hello(pb.HelloRequest(), metadata=[("authorization", f"Bearer {token}")])
+    assert hello.fast_address
+    return str(hello.fast_address)
+
+
+def test_same_calls_same_answers_with_the_token(master: MasterThread) -> None:
+    c = FastMasterClient(fast_address(master), b"Bearer s3cret")
+    try:
+        reg = c.call("RegisterNode", pb.RegisterNodeRequest(
+            node_id="n1", host="h1", control_address="127.0.0.1:1",
+            tiers=[pb.TierCapacity(name="dram", capacity=1 << 30)]), 5)
+        assert reg.epoch > 0
+        r = c.call("PutStart", pb.PutStartRequest(items=[pb.PutItem(key=key(1), size=10, checksum=3)],
+                                                   replicas=1, client_host="h1"), 5)
+        assert c.call("PutEnd", pb.PutEndRequest(put_id=r.put_id, keys=[key(1)]), 5).statuses == [pb.OK]
+        assert c.call("LongestPrefix", pb.LongestPrefixRequest(keys=[key(1), key(2)]), 5).count == 1
+        with grpc.insecure_channel(master.address) as ch:  # gRPC sees the same state
+            got = pb_grpc.MasterStub(ch).Lookup(pb.LookupRequest(keys=[key(1)]),
+                                                metadata=[("authorization", "Bearer s3cret")])
+        assert got.locations[0].status == pb.OK and got.locations[0].checksum == 3
+        # Limits and validation are the servicer's: a refused request, not a dropped channel.
+        with pytest.raises(InvalidArgument, match="max_batch"):
+            c.call("Lookup", pb.LookupRequest(keys=[key(i) for i in range(101)]), 5)
+        assert c.call("Stats", pb.StatsRequest(), 5).objects == 1
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("auth", [None, b"Bearer wrong"])
+def test_token_is_required(master: MasterThread, auth: bytes | None) -> None:
+    c = FastMasterClient(fast_address(master), auth)
+    with pytest.raises(PermissionDenied):
+        c.call("Stats", pb.StatsRequest(), 5)
+    c.close()
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\n\r\n" + b"x" * 20,                                      # not a frame
+    HEADER.pack(MAGIC, 1, OPS["Stats"], 0, 1 << 30),                           # oversize
+    frame(200, b""),                                                           # unknown op
+    frame(OPS["Lookup"], b"\xff\xff\xff"),                                     # not protobuf
+])
+def test_hostile_frames_get_an_error_and_a_closed_connection(master: MasterThread, data: bytes) -> None:
+    host, _, port = fast_address(master).rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(frame(AUTH, b"Bearer s3cret"))
+        parse(recv_bytes(s, HEADER.size), 0)
+        s.sendall(data)
+        _op, flags, length = parse(recv_bytes(s, HEADER.size), 1 << 16)
+        assert flags & FLAG_ERROR and msgpack.unpackb(recv_bytes(s, length))[0] == "INVALID_ARGUMENT"
+        assert s.recv(1) == b""  # closed
+    # ... and the master still serves.
+    c = FastMasterClient(fast_address(master), b"Bearer s3cret")
+    assert c.call("Stats", pb.StatsRequest(), 5) is not None
+    c.close()
+
+
+def test_off_means_clients_use_grpc(tmp_path) -> None:
+    from kvstore.client import Client
+
+    with serve_master(MasterConfig(port=0, metrics_port=-1, fast_port=-1)) as m:
+        with grpc.insecure_channel(m.address) as ch:
+            assert pb_grpc.MasterStub(ch).Hello(pb.HelloRequest()).fast_address == ""
+        with Client(m.address) as c:
+            assert c.longest_prefix([key(1)]) == 0 and c._fast is None
+    with serve_master(MasterConfig(port=0, metrics_port=-1)) as m, Client(m.address) as c:
+        assert c.longest_prefix([key(1)]) == 0 and c._fast is not None  # the framed channel
