@@ -53,3 +53,42 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {path}")
+
+
+def plot_lines(png: str | Path | None, title: str, xlabel: str, ylabel: str, xs: list[str],
+               series: dict[str, list[float | None]], *, log_y: bool = False) -> None:
+    """One line per system against ``xs`` (sizes, token counts) into ``png`` (skipped
+    without a path; a note without matplotlib)."""
+    if png is None:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (make bench installs it): no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, ys in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if max((len(x) for x in xs), default=0) > 6:  # long labels (layouts): slanted
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=7)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
+def png_for(json_path: str | Path | None) -> Path | None:
+    """``bench-results/x.json`` -> ``bench-results/x.png`` (None without a JSON path)."""
+    return None if json_path is None else Path(json_path).with_suffix(".png")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import print_table, write_json  # noqa: E402
+from _common import plot_lines, png_for, print_table, write_json  # noqa: E402
 
 from kvstore import kernels  # noqa: E402
 from kvstore.kernels import cpu  # noqa: E402
@@ -172,6 +172,18 @@ def main() -> None:
     print("\nratios (native 2 threads vs 2-thread memcpy; min = worst layout):")
     for k, v in res["ratios"].items():
         print(f"  {k:36s} {v:.2f}")
+    gathers = [r for r in res["rows"] if r["op"] == "gather" and r["format"] == "canonical"]
+    labels = list(dict.fromkeys(f"{r['layout']}/{r['block']}/{r['dtype']}" for r in gathers))
+
+    def line(backend: str, col: str = "GB/s") -> list[float | None]:
+        by = {f"{r['layout']}/{r['block']}/{r['dtype']}": r[col] for r in gathers if r["backend"] == backend}
+        return [by.get(x) for x in labels]
+
+    series = {b: line(b) for b in dict.fromkeys(r["backend"] for r in gathers)}
+    series["memcpy (2 threads)"] = [next((r["memcpy_2t"] for r in gathers
+                                          if f"{r['layout']}/{r['block']}/{r['dtype']}" == x), None) for x in labels]
+    plot_lines(png_for(args.json), "Paged gather (canonical) vs memcpy", "layout / block / dtype", "GB/s",
+               labels, series)
     res["seconds"] = time.perf_counter() - t0
     print(f"\n{res['seconds']:.1f} s")
     write_json(args.json, res)

@@ -26,6 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import plot_lines, png_for  # noqa: E402
+
 from connectors.testing import TinyModelSpec, build_tiny_llama  # noqa: E402
 from connectors.testing.engine import EngineProcess, kv_transfer_config  # noqa: E402
 from kvstore.client import Client  # noqa: E402
@@ -140,6 +142,12 @@ def main() -> None:
         cells = [f"{r[c] * 1e3:>11.0f}ms" if c in r else f"{'failed':>13}" for c in cols]
         print(f"{r['tokens']:>7}" + "".join(cells))
     print("ratios:", json.dumps(res["ratios"]))
+    toks = [str(r["tokens"]) for r in res["rows"]]
+    plot_lines(png_for(a.json), "Time to first token on the decode side", "prompt tokens", "ms", toks, {
+        name: [r[c] * 1e3 if c in r else None for r in res["rows"]]
+        for name, c in (("recompute", "recompute_s"), ("floor (own prefix cache)", "floor_s"),
+                        ("kvstore load", "consumer_load_s"), ("ExampleConnector load", "example_load_s"))},
+        log_y=True)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2))

@@ -38,7 +38,7 @@ import numpy as np
 
 # The repo root first: benchmarks/transport.py must not shadow the transport package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import print_table, summarize, write_json  # noqa: E402
+from _common import plot_lines, png_for, print_table, summarize, write_json  # noqa: E402
 
 from kvstore.testing.cluster import CLI, free_port  # noqa: E402
 
@@ -232,7 +232,7 @@ def main() -> None:
         runs = results["runs"]
         ratios = _ratios(runs, results["limits"], paths)
         ratios["longest_prefix_keys_per_s"] = rate
-        _plot(runs, paths, Path(args.json).with_suffix(".png") if args.json else None)
+        _plot(runs, paths, png_for(args.json))
         results["ratios"] = ratios
         print("\nratios")
         for k, v in ratios.items():
@@ -274,28 +274,9 @@ def _ratios(runs: dict[str, Any], limits: dict[str, Any], paths: list[str]) -> d
 
 
 def _plot(runs: dict[str, Any], paths: list[str], png: Path | None) -> None:
-    """get_into throughput (1 client) against size, one line per system."""
-    if png is None:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for path in paths:
-        op = "get" if path == "redis" else "get_into"
-        ax.plot(list(SIZES), [runs[f"{path}/{s}/1"][op]["gbps"] for s in SIZES], marker="o", label=path)
-    ax.set_xlabel("value size")
-    ax.set_ylabel("GB/s (1 client, into a reused buffer; Redis: GET)")
-    ax.set_title("Pooled store: get throughput")
-    ax.legend()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100, bbox_inches="tight")
-    print(f"wrote {png}")
+    """get throughput (1 client, into a reused buffer; Redis: GET) against size, one line per system."""
+    series = {p: [runs[f"{p}/{s}/1"]["get" if p == "redis" else "get_into"]["gbps"] for s in SIZES] for p in paths}
+    plot_lines(png, "Pooled store: get throughput, 1 client", "value size", "GB/s", list(SIZES), series)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 
 # The repo root first: benchmarks/transport.py must not shadow the transport package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import print_table, summarize, write_json  # noqa: E402
+from _common import plot_lines, png_for, print_table, summarize, write_json  # noqa: E402
 
 from kvstore import LocalStore  # noqa: E402
 from kvstore.memory import aligned_buffer  # noqa: E402
@@ -196,6 +196,15 @@ def main() -> None:
         "nvme_read_unaligned_vs_disk_4MiB": k4["read_unaligned"]["gbps"] / l4["disk_read_gbps"],
         "nvme_put_vs_disk_write_4MiB": k4["put"]["gbps"] / l4["disk_write_gbps"],
     }
+    names = list(SIZES)
+    plot_lines(png_for(args.json), "Tiers against their limits", "chunk size", "GB/s", names, {
+        "memcpy": [results["dram"][n]["memcpy"]["gbps"] for n in names],
+        "DRAM get_into": [results["dram"][n]["get_into"]["gbps"] for n in names],
+        "DRAM put": [results["dram"][n]["put"]["gbps"] for n in names],
+        "disk read limit": [results["limits"][n]["disk_read_gbps"] for n in names],
+        "disk read": [results["disk"][n]["read_aligned"]["gbps"] for n in names],
+        "disk write limit": [results["limits"][n]["disk_write_gbps"] for n in names],
+        "disk put": [results["disk"][n]["put"]["gbps"] for n in names]})
     print("\nratios")
     for k, v in results["ratios"].items():
         print(f"  {k:<36} {v:.2f}")
