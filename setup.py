@@ -48,7 +48,8 @@ XXHASH = _have_xxhash()
 
 native = Pybind11Extension(
     "kvstore._native",
-    sources=["csrc/module.cpp", "csrc/paged_copy.cpp"] + (["csrc/checksum.cpp"] if XXHASH else []),
+    sources=["csrc/module.cpp", "csrc/paged_copy.cpp"] + (["csrc/checksum.cpp", "csrc/xxh3_avx2.cpp"]
+                                                          if XXHASH else []),
     include_dirs=["csrc"],
     depends=["csrc/paged_copy.h", "csrc/checksum.h"],
     define_macros=[("KVS_HAVE_XXHASH", "1")] if XXHASH else [],

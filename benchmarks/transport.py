@@ -36,6 +36,9 @@ from transport.layerwise import LayerReceiver, LayerSender  # noqa: E402
 from transport.regions import Desc, RemoteRegion  # noqa: E402
 from transport.registry import create  # noqa: E402
 
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from _common import plot_lines, png_for  # noqa: E402
+
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [64 * KiB, 1 * MiB, 4 * MiB, 32 * MiB, 256 * MiB]
 URIS = {"tcp": "tcp://127.0.0.1:0", "shm": "shm://bench", "ucx": "ucx://127.0.0.1:0?error_handling=0"}  # same host: lets UCX use shm/CMA
@@ -333,6 +336,14 @@ def main() -> None:
     results["nixl"] = bench_nixl(sizes, args.quick)
     results["ratios"] = ratios(results)
     print_table(results)
+    names = [f"{s >> 20}MiB" if s >= MiB else f"{s >> 10}KiB" for s in sizes]
+
+    def line(d: dict[str, Any] | None) -> list[float | None]:
+        return [None if not d or f"{s}/1" not in d else float(d[f"{s}/1"]["gbps"]) for s in sizes]
+
+    plot_lines(png_for(args.json), "Transfer engine, one stream, DRAM to DRAM", "transfer size", "GB/s", names,
+               {"memcpy": line(results["memcpy"]), "python socket": line(results["socket"]),
+                **{f"{n}://": line(d) for n, d in results["backends"].items()}, "NIXL (UCX)": line(results["nixl"])})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

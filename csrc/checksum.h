@@ -1,6 +1,7 @@
 // Block checksums (XXH3-64 per block) fused with an optional copy; see checksum.cpp.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace kvs {
@@ -11,5 +12,8 @@ namespace kvs {
 // std::invalid_argument for a negative size or block.
 void block_sums(std::uint8_t* dst, const std::uint8_t* src, std::int64_t n, std::uint64_t seed,
                 std::uint64_t* sums, std::int64_t block, int threads);
+
+// XXH3-64 built for AVX2 (xxh3_avx2.cpp); call only when the CPU supports AVX2.
+std::uint64_t xxh3_avx2(const void* data, std::size_t n, std::uint64_t seed);
 
 }  // namespace kvs
