@@ -86,3 +86,12 @@ def status_for(err: KVStoreError) -> grpc.StatusCode:
     if isinstance(err, TransportError | TryAgain):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
+
+
+class CallError(Exception):
+    """A master call answered with a gRPC status instead of a response (either channel)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -14,7 +14,7 @@ Frame (both directions)::
     header  struct "<4sBBHI": magic b"KVMF", version, op, flags, payload length
     payload the call's protobuf message (error replies: msgpack [status name, message])
 
-``op`` is 1 + the call's index in :data:`~kvstore.master.servicer.METHODS`; op 0
+``op`` is 1 + the call's index in :data:`METHODS` (the .proto's order); op 0
 (AUTH) carries the client's ``authorization`` value once per connection. A reply
 sets :data:`REPLY_BIT` on the op, and :data:`FLAG_ERROR` when it is an error. A
 frame over ``master.max_message``, an unknown op or an undecodable message gets
@@ -37,7 +37,6 @@ from google.protobuf.message import DecodeError
 
 from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.master.errors import error_from_status
-from kvstore.master.servicer import METHODS, CallError, MasterServicer
 from kvstore.v1 import master_pb2 as pb
 from transport.wire import recv_bytes
 
@@ -50,6 +49,8 @@ AUTH = 0
 REPLY_BIT = 0x80
 FLAG_ERROR = 0x01
 _SERVICE = pb.DESCRIPTOR.services_by_name["Master"]
+METHODS = tuple(_SERVICE.methods_by_name)
+"""Every RPC of the Master service, in .proto order (op = 1 + index: append new RPCs last)."""
 REQUESTS = {name: getattr(pb, _SERVICE.methods_by_name[name].input_type.name) for name in METHODS}
 RESPONSES = {name: getattr(pb, _SERVICE.methods_by_name[name].output_type.name) for name in METHODS}
 OPS = {name: i + 1 for i, name in enumerate(METHODS)}
@@ -66,48 +67,6 @@ def parse(head: bytes, limit: int) -> tuple[int, int, int]:
     if length > limit:
         raise ValueError(f"frame of {length} bytes exceeds {limit}")
     return op, flags, length
-
-
-# -- server ---------------------------------------------------------------------------
-
-
-async def serve_fast(servicer: MasterServicer, host: str, port: int) -> asyncio.Server:
-    """Serve the framed channel on the current loop; sets ``servicer.fast_address``."""
-    limit = servicer.config.max_message
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        auth: bytes | None = None
-        try:
-            while True:
-                op, _flags, length = parse(await reader.readexactly(HEADER.size), limit)
-                body = await reader.readexactly(length)
-                if op == AUTH:
-                    auth = body
-                    writer.write(frame(AUTH | REPLY_BIT, b""))
-                    continue
-                if not 1 <= op <= len(METHODS):
-                    raise ValueError(f"unknown op {op}")
-                name = METHODS[op - 1]
-                try:
-                    resp = servicer.call(name, REQUESTS[name].FromString(body), auth)
-                    writer.write(frame(op | REPLY_BIT, resp.SerializeToString()))
-                except CallError as e:
-                    writer.write(frame(op | REPLY_BIT, msgpack.packb([e.code.name, e.message]), FLAG_ERROR))
-                await writer.drain()
-        except (ValueError, DecodeError) as e:  # the stream can no longer be trusted: answer, hang up
-            writer.write(frame(REPLY_BIT, msgpack.packb(["INVALID_ARGUMENT", f"bad request: {e}"]), FLAG_ERROR))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):  # the client went away
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, host, port)
-    bound = server.sockets[0].getsockname()
-    servicer.fast_address = f"{host}:{bound[1]}"
-    return server
 
 
 def resolve(advertised: str, master: str) -> str:

@@ -19,7 +19,7 @@ import grpc
 
 from kvstore.config import MasterConfig
 from kvstore.errors import KVStoreError, TransportError
-from kvstore.master.fast import serve_fast
+from kvstore.master.fast_server import serve_fast
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
 from kvstore.master.servicer import Clock, MasterServicer, read_token

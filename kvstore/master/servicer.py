@@ -36,7 +36,8 @@ from kvstore.master.convert import (
     statuses_out,
     tiers_in,
 )
-from kvstore.master.errors import NO_SPACE_MARKER, status_for
+from kvstore.master.errors import NO_SPACE_MARKER, CallError, status_for
+from kvstore.master.fast import METHODS
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
 from kvstore.master.state import MasterState
@@ -48,20 +49,6 @@ log = logging.getLogger(__name__)
 MAX_KEY = 256  # bytes; the proto contract
 MAX_NODE_ID = 256
 
-
-
-METHODS = ("RegisterNode", "Heartbeat", "PutStart", "PutEnd", "PutRevoke", "Lookup", "LongestPrefix",
-           "ReleaseLeases", "Remove", "Pin", "Unpin", "Stats", "Hello")
-"""Every RPC of the Master service (kvstore/v1/master.proto)."""
-
-
-class CallError(Exception):
-    """A call answered with a gRPC status instead of a response."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class _Reject(Exception):

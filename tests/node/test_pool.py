@@ -241,7 +241,7 @@ def test_async_client(cluster, same_host):
             threads = threading.active_count()
             got = await asyncio.gather(*(c.get(k) for k in keys))
             assert [bytes(g) for g in got] == [value_for(k) for k in keys]
-            assert threading.active_count() == threads  # no thread per call
+            assert threading.active_count() <= threads  # no thread per call (a prefault thread may end)
             assert await c.longest_prefix(keys) == 8
             buf = bytearray(len(value_for(keys[0])))
             assert await c.get_into(keys[0], buf) == len(buf) and bytes(buf) == value_for(keys[0])

@@ -1,0 +1,52 @@
+"""Serving the master's framed channel (the protocol and its clients: :mod:`kvstore.master.fast`)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import msgpack
+from google.protobuf.message import DecodeError
+
+from kvstore.master.errors import CallError
+from kvstore.master.fast import AUTH, FLAG_ERROR, HEADER, METHODS, REPLY_BIT, REQUESTS, frame, parse
+from kvstore.master.servicer import MasterServicer
+
+
+async def serve_fast(servicer: MasterServicer, host: str, port: int) -> asyncio.Server:
+    """Serve the framed channel on the current loop; sets ``servicer.fast_address``."""
+    limit = servicer.config.max_message
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        auth: bytes | None = None
+        try:
+            while True:
+                op, _flags, length = parse(await reader.readexactly(HEADER.size), limit)
+                body = await reader.readexactly(length)
+                if op == AUTH:
+                    auth = body
+                    writer.write(frame(AUTH | REPLY_BIT, b""))
+                    continue
+                if not 1 <= op <= len(METHODS):
+                    raise ValueError(f"unknown op {op}")
+                name = METHODS[op - 1]
+                try:
+                    resp = servicer.call(name, REQUESTS[name].FromString(body), auth)
+                    writer.write(frame(op | REPLY_BIT, resp.SerializeToString()))
+                except CallError as e:
+                    writer.write(frame(op | REPLY_BIT, msgpack.packb([e.code.name, e.message]), FLAG_ERROR))
+                await writer.drain()
+        except (ValueError, DecodeError) as e:  # the stream can no longer be trusted: answer, hang up
+            writer.write(frame(REPLY_BIT, msgpack.packb(["INVALID_ARGUMENT", f"bad request: {e}"]), FLAG_ERROR))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):  # the client went away
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    bound = server.sockets[0].getsockname()
+    servicer.fast_address = f"{host}:{bound[1]}"
+    return server
