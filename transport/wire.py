@@ -19,6 +19,7 @@ memory; anything malformed or oversize ends that connection only.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
@@ -123,4 +124,45 @@ def recv_bytes(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     if n:
         recv_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def connect_tcp(addr: tuple[str, int], timeout: float) -> socket.socket:
+    """A blocking TCP connection with Nagle off (request/reply channels). Raises OSError."""
+    sock = socket.create_connection(addr, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def connect_tcp_async(addr: tuple[str, int], timeout: float) -> socket.socket:
+    """:func:`connect_tcp` for asyncio: a non-blocking socket for ``loop.sock_*`` calls.
+    Raises OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, addr)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def recv_exact_async(sock: socket.socket, view: memoryview) -> None:
+    """:func:`recv_exact` on a non-blocking socket, straight into ``view``."""
+    loop = asyncio.get_running_loop()
+    pos, n = 0, len(view)
+    while pos < n:
+        got = await loop.sock_recv_into(sock, view[pos:])
+        if got == 0:
+            raise TransportError(f"peer closed the connection after {pos} of {n} B")
+        pos += got
+
+
+async def recv_bytes_async(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    if n:
+        await recv_exact_async(sock, memoryview(buf))
     return bytes(buf)

@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.master.errors import error_from_status
 from kvstore.v1 import master_pb2 as pb
-from transport.wire import recv_bytes
+from transport.wire import connect_tcp, connect_tcp_async, recv_bytes, recv_bytes_async
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,9 @@ class FastMasterClient:
             if self._idle:
                 return self._idle.pop()
         try:
-            sock = socket.create_connection(self._addr, timeout=min(timeout, 5.0))
+            sock = connect_tcp(self._addr, min(timeout, 5.0))
         except OSError as e:
             raise TransportError(f"cannot reach master {self.address}: {e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._auth is not None:
             try:
                 sock.settimeout(min(timeout, 5.0))
@@ -181,12 +180,12 @@ class AsyncFastMasterClient:
             raise Timeout(f"deadline expired before {name}")
         loop = asyncio.get_running_loop()
         op = OPS[name]
-        sock = await self._take(loop, timeout)
+        sock = await self._take(timeout)
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_sendall(sock, frame(op, request.SerializeToString()))
-                rop, flags, length = parse(await _recv(loop, sock, HEADER.size), self._limit)
-                out = decode_reply(name, op, rop, flags, await _recv(loop, sock, length), self.address)
+                rop, flags, length = parse(await recv_bytes_async(sock, HEADER.size), self._limit)
+                out = decode_reply(name, op, rop, flags, await recv_bytes_async(sock, length), self.address)
         except TimeoutError as e:
             sock.close()
             raise Timeout(f"{name} to master {self.address} timed out after {timeout:.1f}s") from e
@@ -204,35 +203,24 @@ class AsyncFastMasterClient:
             raise out
         return out
 
-    async def _take(self, loop: asyncio.AbstractEventLoop, timeout: float) -> socket.socket:
+    async def _take(self, timeout: float) -> socket.socket:
         if self._idle:
             return self._idle.pop()
-        sock = socket.socket(socket.AF_INET6 if ":" in self._addr[0] else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
-            async with asyncio.timeout(min(timeout, 5.0)):
-                await loop.sock_connect(sock, self._addr)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._auth is not None:
-                    await loop.sock_sendall(sock, frame(AUTH, self._auth))
-                    parse(await _recv(loop, sock, HEADER.size), 0)
-        except (OSError, TimeoutError, ValueError, TransportError) as e:
-            sock.close()
+            sock = await connect_tcp_async(self._addr, min(timeout, 5.0))
+        except (OSError, TimeoutError) as e:
             raise TransportError(f"cannot reach master {self.address}: {e}") from e
+        if self._auth is not None:
+            try:
+                async with asyncio.timeout(min(timeout, 5.0)):
+                    await asyncio.get_running_loop().sock_sendall(sock, frame(AUTH, self._auth))
+                    parse(await recv_bytes_async(sock, HEADER.size), 0)
+            except (OSError, TimeoutError, ValueError, TransportError) as e:
+                sock.close()
+                raise TransportError(f"master {self.address}: authentication frame failed: {e}") from e
         return sock
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
         for s in idle:
             s.close()
-
-
-async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, pos = memoryview(buf), 0
-    while pos < n:
-        got = await loop.sock_recv_into(sock, view[pos:])
-        if got == 0:
-            raise TransportError(f"master closed the connection after {pos} of {n} B")
-        pos += got
-    return bytes(buf)

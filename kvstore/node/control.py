@@ -33,7 +33,7 @@ from kvstore.node.protocol import (
     parse_header,
 )
 from transport.serving import ConnectionServer
-from transport.wire import recv_bytes, recv_exact
+from transport.wire import connect_tcp, recv_bytes, recv_exact
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,9 @@ class ControlClient:
             if self._idle:
                 return self._idle.pop()
         try:
-            sock = socket.create_connection(self._addr, timeout=min(timeout, self._connect_timeout))
+            return connect_tcp(self._addr, min(timeout, self._connect_timeout))
         except OSError as e:
             raise TransportError(f"cannot reach node control {self.address}: {e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
 
     def close(self) -> None:
         with self._lock:

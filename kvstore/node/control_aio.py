@@ -26,6 +26,7 @@ from kvstore.node.control import (
     fetch_items,
 )
 from kvstore.node.protocol import HEADER, Allocated, Fetched, Op, pack_frame, parse_header
+from transport.wire import connect_tcp_async, recv_bytes_async, recv_exact_async
 
 
 class AsyncControlClient:
@@ -44,7 +45,6 @@ class AsyncControlClient:
 
     async def fetch(self, requests: list[FetchRequest], timeout: float) -> list[tuple[Fetched, bool]]:
         """See :meth:`ControlClient.fetch`."""
-        loop = asyncio.get_running_loop()
 
         async def receive(sock: socket.socket, payload: list[Any]) -> list[tuple[Fetched, bool]]:
             out = []
@@ -52,7 +52,7 @@ class AsyncControlClient:
                 plan = ReceivePlan(Fetched(*reply), r)
                 for i, views in enumerate(plan.blocks):
                     for v in views:
-                        await _recv_exact(loop, sock, v)
+                        await recv_exact_async(sock, v)
                     plan.landed(i)
                 out.append((plan.reply, plan.ok()))
             return out
@@ -72,18 +72,15 @@ class AsyncControlClient:
         if timeout <= 0:
             raise Timeout(f"deadline expired before {op.name} to node {self.address}")
         loop = asyncio.get_running_loop()
-        sock = await self._take(loop, timeout)
+        sock = await self._take(timeout)
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_sendall(sock, pack_frame(op, msgpack.packb(items)))
                 for view in tail or ():
                     await loop.sock_sendall(sock, view)
-                head = bytearray(HEADER.size)
-                await _recv_exact(loop, sock, memoryview(head))
-                rop, flags, length = parse_header(bytes(head))
-                body = bytearray(length)
-                await _recv_exact(loop, sock, memoryview(body))
-                payload = check_reply(op, rop, flags, _unpack(bytes(body)), len(items), self.address)
+                rop, flags, length = parse_header(await recv_bytes_async(sock, HEADER.size))
+                payload = check_reply(op, rop, flags, _unpack(await recv_bytes_async(sock, length)), len(items),
+                                      self.address)
                 out = payload if receive is None else await receive(sock, payload)
         except TimeoutError as e:
             sock.close()
@@ -99,30 +96,15 @@ class AsyncControlClient:
         self._idle.append(sock)
         return out
 
-    async def _take(self, loop: asyncio.AbstractEventLoop, timeout: float) -> socket.socket:
+    async def _take(self, timeout: float) -> socket.socket:
         if self._idle:
             return self._idle.pop()
-        sock = socket.socket(socket.AF_INET6 if ":" in self._addr[0] else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
-            async with asyncio.timeout(min(timeout, self._connect_timeout)):
-                await loop.sock_connect(sock, self._addr)
+            return await connect_tcp_async(self._addr, min(timeout, self._connect_timeout))
         except (OSError, TimeoutError) as e:
-            sock.close()
             raise TransportError(f"cannot reach node control {self.address}: {e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
         for s in idle:
             s.close()
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
-    pos, n = 0, len(view)
-    while pos < n:
-        got = await loop.sock_recv_into(sock, view[pos:])
-        if got == 0:
-            raise TransportError(f"peer closed the connection after {pos} of {n} B")
-        pos += got
