@@ -26,7 +26,6 @@ from kvstore.errors import Corruption, InvalidArgument
 
 BLOCK = 256 * 1024
 """Bytes per checksummed block (part of the stored format: changing it changes every checksum)."""
-VERIFY_BLOCK = BLOCK
 _ROOT_TWEAK = 0x6B7673746F726531  # the root hash never equals a block hash of the same seed
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import threading
 import time
 from typing import Any
@@ -36,18 +35,17 @@ import msgpack
 from google.protobuf.message import DecodeError
 
 from kvstore.errors import KVStoreError, Timeout, TransportError
+from kvstore.framing import FLAG_ERROR, HEADER, REPLY_BIT, Framing
 from kvstore.master.errors import error_from_status
 from kvstore.v1 import master_pb2 as pb
 from transport.wire import connect_tcp, connect_tcp_async, recv_bytes, recv_bytes_async
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<4sBBHI")
 MAGIC = b"KVMF"
 VERSION = 1
+FRAMING = Framing(MAGIC, VERSION, "master")
 AUTH = 0
-REPLY_BIT = 0x80
-FLAG_ERROR = 0x01
 _SERVICE = pb.DESCRIPTOR.services_by_name["Master"]
 METHODS = tuple(_SERVICE.methods_by_name)
 """Every RPC of the Master service, in .proto order (op = 1 + index: append new RPCs last)."""
@@ -56,17 +54,8 @@ RESPONSES = {name: getattr(pb, _SERVICE.methods_by_name[name].output_type.name) 
 OPS = {name: i + 1 for i, name in enumerate(METHODS)}
 
 
-def frame(op: int, payload: bytes, flags: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, op, flags, len(payload)) + payload
-
-
-def parse(head: bytes, limit: int) -> tuple[int, int, int]:
-    magic, version, op, flags, length = HEADER.unpack(head)
-    if magic != MAGIC or version != VERSION:
-        raise ValueError(f"not a v{VERSION} master frame")
-    if length > limit:
-        raise ValueError(f"frame of {length} bytes exceeds {limit}")
-    return op, flags, length
+frame = FRAMING.pack
+parse = FRAMING.parse
 
 
 def resolve(advertised: str, master: str) -> str:

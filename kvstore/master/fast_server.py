@@ -8,8 +8,9 @@ import socket
 import msgpack
 from google.protobuf.message import DecodeError
 
+from kvstore.framing import FLAG_ERROR, HEADER, REPLY_BIT
 from kvstore.master.errors import CallError
-from kvstore.master.fast import AUTH, FLAG_ERROR, HEADER, METHODS, REPLY_BIT, REQUESTS, frame, parse
+from kvstore.master.fast import AUTH, METHODS, REQUESTS, frame, parse
 from kvstore.master.servicer import MasterServicer
 
 

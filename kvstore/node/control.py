@@ -20,11 +20,9 @@ import xxhash
 
 from kvstore.checksum import BLOCK, combine, key_seed, nblocks, segments
 from kvstore.errors import InvalidArgument, Timeout, TransportError
+from kvstore.framing import FLAG_ERROR, HEADER, REPLY_BIT
 from kvstore.node.protocol import (
-    FLAG_ERROR,
-    HEADER,
     MAX_ITEMS,
-    REPLY_BIT,
     Allocated,
     Fetched,
     Op,

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from kvstore.errors import InvalidArgument, Timeout, TransportError
+from kvstore.framing import HEADER
 from kvstore.node.control import (
     FetchRequest,
     ReceivePlan,
@@ -25,7 +26,7 @@ from kvstore.node.control import (
     check_reply,
     fetch_items,
 )
-from kvstore.node.protocol import HEADER, Allocated, Fetched, Op, pack_frame, parse_header
+from kvstore.node.protocol import Allocated, Fetched, Op, pack_frame, parse_header
 from transport.wire import connect_tcp_async, recv_bytes_async, recv_exact_async
 
 

@@ -26,14 +26,13 @@ ints and bytes only.
 from __future__ import annotations
 
 import enum
-import struct
 from typing import NamedTuple
 
-HEADER = struct.Struct("<4sBBHI")
+from kvstore.framing import Framing
+
 MAGIC = b"KVNC"
 VERSION = 2
-REPLY_BIT = 0x80
-FLAG_ERROR = 0x01
+FRAMING = Framing(MAGIC, VERSION, "node control")
 MAX_FRAME = 64 << 20
 MAX_ITEMS = 65536
 
@@ -102,15 +101,9 @@ class SlotStatus(enum.IntEnum):
     INVALID = 6  # malformed item (empty or long key, size 0, too big)
 
 
-def pack_frame(op: int, payload: bytes, flags: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, op, flags, len(payload)) + payload
+pack_frame = FRAMING.pack
 
 
 def parse_header(raw: bytes) -> tuple[int, int, int]:
     """``(op, flags, length)``; raises ValueError for a foreign or oversize frame."""
-    magic, version, op, flags, length = HEADER.unpack(raw)
-    if magic != MAGIC or version != VERSION:
-        raise ValueError(f"not a v{VERSION} node control frame")
-    if length > MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-    return op, flags, length
+    return FRAMING.parse(raw, MAX_FRAME)

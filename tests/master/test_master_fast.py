@@ -11,7 +11,8 @@ import pytest
 
 from kvstore.config import MasterConfig
 from kvstore.errors import InvalidArgument, PermissionDenied
-from kvstore.master.fast import AUTH, FLAG_ERROR, HEADER, MAGIC, OPS, FastMasterClient, frame, parse
+from kvstore.framing import FLAG_ERROR, HEADER
+from kvstore.master.fast import AUTH, MAGIC, OPS, FastMasterClient, frame, parse
 from kvstore.master.server import MasterThread, serve_master
 from kvstore.v1 import master_pb2 as pb
 from kvstore.v1 import master_pb2_grpc as pb_grpc

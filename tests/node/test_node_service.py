@@ -10,10 +10,10 @@ import pytest
 from kvstore.checksum import BLOCK, checksum
 from kvstore.config import NodeConfig, StoreConfig
 from kvstore.errors import InvalidArgument
+from kvstore.framing import HEADER
 from kvstore.node.control import ControlClient, FetchRequest, StoreRequest
 from kvstore.node.daemon import StoreNode
 from kvstore.node.protocol import (
-    HEADER,
     MAGIC,
     Acquired,
     Allocated,
