@@ -59,6 +59,7 @@ async def _serve(cfg: MasterConfig) -> None:
     metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" \
         if server.metrics_port is not None else ""
     store = f", data in {cfg.data_dir}" if cfg.data_dir else ", in memory only (no --data-dir)"
-    click.echo(f"kvstore master listening on {server.address}{metrics}{store}", nl=True)
+    fast = f", framed channel on {server.fast_address}" if server.fast_address else ""
+    click.echo(f"kvstore master listening on {server.address}{fast}{metrics}{store}", nl=True)
     await server.wait_stopped()
     click.echo("kvstore master stopped")
