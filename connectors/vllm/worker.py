@@ -82,6 +82,8 @@ class _LoadPlan:
     staging: np.ndarray
     bad_from: int
     """First chunk that failed in any layer (``c1`` while all is well)."""
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    """Set when the forward pass stopped waiting: nothing more is scattered."""
 
 
 @dataclass
@@ -90,6 +92,8 @@ class _SyncJob:
     specs: list[LoadSpec]
     plans: list[_LoadPlan] = field(default_factory=list)
     future: Future[None] | None = None
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    """The forward pass gave up waiting for a layer: the whole job is a failure."""
 
 
 @dataclass
@@ -184,8 +188,13 @@ class WorkerSide:
         if i is None:
             return
         if not job.layer_done[i].wait(self.cfg.timeout * 2):
-            log.warning("kvstore load of layer %s overran %.1fs; its blocks will be recomputed",
-                        layer_name, self.cfg.timeout * 2)
+            # The forward pass runs on without this layer: the whole load is abandoned (the
+            # loader scatters nothing more, so it never writes into blocks vLLM hands to
+            # another request) and every block of it is reported failed (vLLM recomputes).
+            job.abandoned.set()
+            self.counters["load_timeouts"] += 1
+            log.warning("kvstore load of layer %s overran %.1fs; the step's loads are abandoned and "
+                        "their blocks recomputed", layer_name, self.cfg.timeout * 2)
 
     def _plan(self, spec: LoadSpec) -> _LoadPlan:
         c = self.cfg.chunk_tokens
@@ -249,6 +258,8 @@ class WorkerSide:
 
     def _scatter(self, plan: _LoadPlan, layer: int, staging: np.ndarray) -> None:
         assert self.cache is not None
+        if plan.abandoned.is_set():
+            return
         bs, spec = self.block_size, plan.spec
         b_lo = spec.start // bs
         b_hi = min(spec.end // bs, plan.bad_from * self.bpc)
@@ -268,6 +279,8 @@ class WorkerSide:
     def _run_sync(self, job: _SyncJob, specs: list[LoadSpec]) -> None:
         try:
             job.plans = [self._plan(s) for s in specs]
+            for plan in job.plans:
+                plan.abandoned = job.abandoned
             self._stage(job.plans)
             per_layer = max((p.c1 - p.c0) * self.obj_bytes for p in job.plans)
             for group in self._layer_groups(per_layer):
@@ -293,11 +306,13 @@ class WorkerSide:
             # The client's deadlines bound every call, so this means a wedged thread; the
             # blocks are reported failed and vLLM recomputes them.
             log.error("kvstore sync load did not finish; reporting all its blocks as failed")
+            job.abandoned.set()  # whatever it still does, it scatters nothing more
             for spec in job.specs:
                 self._load_errors.update(spec.block_ids)
             return
         for i, spec in enumerate(job.specs):
-            failed = self._failed_blocks(job.plans[i]) if i < len(job.plans) else set(spec.block_ids)
+            failed = self._failed_blocks(job.plans[i]) if i < len(job.plans) and not job.abandoned.is_set() \
+                else set(spec.block_ids)
             self._load_errors |= failed
             self.counters["load_requests"] += 1
             if failed:
