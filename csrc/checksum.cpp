@@ -42,12 +42,13 @@ void block_sums(std::uint8_t* dst, const std::uint8_t* src, std::int64_t n, std:
   for_ranges(blocks, std::max(t, 1), [&](std::int64_t b, std::int64_t e) {
     for (std::int64_t i = b; i < e; ++i) {
       const std::int64_t lo = i * block, len = std::max<std::int64_t>(std::min(block, n - lo), 0);
-      const std::uint8_t* from = src + lo;
       if (dst != nullptr && len > 0) {
-        std::memcpy(dst + lo, src + lo, static_cast<std::size_t>(len));
-        from = dst + lo;
+        sums[i] = have_avx2() ? copy_xxh3_avx2(dst + lo, src + lo, static_cast<std::size_t>(len), seed)
+                              : (std::memcpy(dst + lo, src + lo, static_cast<std::size_t>(len)),
+                                 xxh3(dst + lo, len, seed));
+      } else {
+        sums[i] = xxh3(src + lo, len, seed);
       }
-      sums[i] = xxh3(from, len, seed);
     }
   });
 }

@@ -16,4 +16,7 @@ void block_sums(std::uint8_t* dst, const std::uint8_t* src, std::int64_t n, std:
 // XXH3-64 built for AVX2 (xxh3_avx2.cpp); call only when the CPU supports AVX2.
 std::uint64_t xxh3_avx2(const void* data, std::size_t n, std::uint64_t seed);
 
+// memcpy(dst, src, n), then XXH3-64 of dst, in one pass (xxh3_avx2.cpp); AVX2 only.
+std::uint64_t copy_xxh3_avx2(void* dst, const void* src, std::size_t n, std::uint64_t seed);
+
 }  // namespace kvs

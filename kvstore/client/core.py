@@ -239,6 +239,7 @@ class ClientCore:
             held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
             try:
                 for i, s in held:
+                    conn.mapped.touch(s.offset, len(views[i]), write=True)
                     arena[s.offset:s.offset + len(views[i])] = views[i]
             except BaseException:
                 try:

@@ -23,8 +23,6 @@ docs/design/hot-path.md.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from kvstore.checksum import combine, copy_hashed, nblocks, read_range_verified
@@ -32,6 +30,10 @@ from kvstore.client.locations import Known
 from kvstore.node.protocol import SlotStatus
 from transport.base import Peer
 from transport.shm.memory import populate
+
+
+_REGION = 2 << 20
+"""Page tables of the mapped arena are populated in aligned regions of this many bytes."""
 
 
 class MappedNode:
@@ -43,8 +45,17 @@ class MappedNode:
         self.generations = np.frombuffer(generations, dtype=np.uint64)
         self.granule = granule
         # A fresh mapping faults on the first touch of every page (~1,000 traps per 4 MiB
-        # here, as slow as the copy itself): map the page tables in the background, once.
-        threading.Thread(target=_prefault, args=(arena, peer), name="kvstore-prefault", daemon=True).start()
+        # here, as slow as the copy itself): the first access to each region of the arena
+        # maps that region's page tables in one syscall instead (pages stay mapped for the
+        # mapping's life, so a region is populated once).
+        self._populated = np.zeros(-(-len(arena) // _REGION), dtype=bool)
+
+    def touch(self, offset: int, size: int, *, write: bool = False) -> None:
+        """Map the page tables of ``[offset, offset + size)`` before copying there (once per region)."""
+        lo, hi = offset // _REGION, -(-(offset + size) // _REGION)
+        if hi > lo and not self._populated[lo:hi].all():
+            populate(self.arena[lo * _REGION : min(hi * _REGION, len(self.arena))], write=write)
+            self._populated[lo:hi] = True
 
     def read(self, key: bytes, loc: Known, dst: memoryview, ranges: list[tuple[int, int]] | None = None,
              *, held: bool = False) -> int:
@@ -58,6 +69,7 @@ class MappedNode:
             return SlotStatus.EXPIRED
         if not held and self.generations[slot] != generation:
             return SlotStatus.EXPIRED
+        self.touch(offset, size)
         src = self.arena[offset : offset + size]
         if ranges is None:
             ok = copy_hashed(src, dst[:size], key) == loc.checksum
@@ -78,9 +90,3 @@ class MappedNode:
             return SlotStatus.EXPIRED
         return SlotStatus.OK if ok else SlotStatus.CORRUPT
 
-
-def _prefault(arena: memoryview, peer: Peer, step: int = 64 << 20) -> None:
-    for off in range(0, len(arena), step):
-        if not peer.alive():
-            return
-        populate(arena[off : off + step], write=True)

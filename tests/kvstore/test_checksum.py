@@ -44,6 +44,24 @@ def test_native_backend_is_built():
     assert C.checksum(big, b"k") == _python_only(lambda: C.checksum(big, b"k"))
 
 
+
+# XXH3's length classes (<=16, <=128, <=240, long) and its 1 KiB block / 64-byte stripe edges:
+# the native copy fuses its own copy of XXH3's long-input loop, so it must agree at every edge.
+EDGES = [0, 1, 16, 17, 128, 129, 240, 241, 255, 256, 1023, 1024, 1025, 1087, 1088, 1089, 2048, 2049,
+         4095, C.BLOCK - 64, C.BLOCK - 1, C.BLOCK, C.BLOCK + 1, C.BLOCK + 241]
+
+
+@pytest.mark.parametrize("n", EDGES)
+def test_fused_copy_hash_matches_xxh3_at_length_edges(n):
+    import xxhash
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    dst = np.zeros(n + 7, dtype=np.uint8)[3:3 + n]  # unaligned destination
+    sums = C.copy_summed(data.data, dst.data, b"edge")
+    assert np.array_equal(dst, data)
+    seed = C.key_seed(b"edge")
+    want = [xxhash.xxh3_64_intdigest(data[o:o + C.BLOCK].tobytes(), seed=seed) for o in range(0, max(n, 1), C.BLOCK)]
+    assert [int(s) for s in sums] == want
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_ranges_verify_and_catch_a_flipped_byte(data):
