@@ -227,6 +227,32 @@ def read_range_verified(key: bytes, sums: np.ndarray, size: int, offset: int, ds
     return ok
 
 
+def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int, dst: memoryview) -> bool:
+    """:func:`read_range_verified` for a value in memory (``value``: all of its bytes):
+    the blocks the range covers whole are copied and hashed in one native pass, the
+    partly covered edge blocks as :func:`read_range_verified` does."""
+    end = offset + len(dst)
+    lo = -(-offset // BLOCK) * BLOCK  # first whole block
+    hi = end // BLOCK * BLOCK if end < len(value) else len(value)  # end of the last whole block
+    if hi <= lo:
+        return _read_range_in_memory(key, sums, value, offset, dst)
+    ok = True
+    if lo > offset:
+        ok = _read_range_in_memory(key, sums, value, offset, dst[: lo - offset])
+    got = copy_summed(value[lo:hi], dst[lo - offset : hi - offset], key)
+    ok = bool(np.array_equal(got, sums[lo // BLOCK : lo // BLOCK + len(got)])) and ok
+    if end > hi:
+        ok = _read_range_in_memory(key, sums, value, hi, dst[hi - offset :]) and ok
+    return ok
+
+
+def _read_range_in_memory(key: bytes, sums: np.ndarray, value: memoryview, offset: int, dst: memoryview) -> bool:
+    def land(pos: int, view: memoryview) -> None:
+        view[:] = value[pos : pos + len(view)]
+
+    return read_range_verified(key, sums, len(value), offset, dst, land, lambda pos, n: value[pos : pos + n])
+
+
 def check_ranges(ranges: Sequence[Any], what: str = "ranges") -> list[tuple[int, int]]:
     """Validate ``(offset, length)`` pairs (ints, offset >= 0, length > 0); InvalidArgument."""
     out = []

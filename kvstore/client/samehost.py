@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvstore.checksum import combine, copy_hashed, nblocks, read_range_verified
+from kvstore.checksum import combine, copy_hashed, copy_range_verified, nblocks
 from kvstore.client.locations import Known
 from kvstore.node.protocol import SlotStatus
 from transport.base import Peer
@@ -77,14 +77,9 @@ class MappedNode:
             sums = loc.sums
             if sums is None or len(sums) != nblocks(size) or combine(sums, key) != loc.checksum:
                 return SlotStatus.EXPIRED
-
-            def land(pos: int, view: memoryview) -> None:
-                view[:] = src[pos : pos + len(view)]
-
             ok, at = True, 0
             for off, n in ranges:
-                ok = read_range_verified(key, sums, size, off, dst[at : at + n], land,
-                                         lambda pos, n: src[pos : pos + n]) and ok
+                ok = copy_range_verified(key, sums, src, off, dst[at : at + n]) and ok
                 at += n
         if not held and (self.generations[slot] != generation or not self.peer.alive()):
             return SlotStatus.EXPIRED
