@@ -107,26 +107,73 @@ def chunk_keys(
     *,
     include_partial: bool = False,
     parent: bytes | None = None,
+    extras: Sequence[bytes] | None = None,
 ) -> list[bytes]:
     """Keys of the chunks of ``tokens``.
 
     Only full chunks get keys unless ``include_partial`` (a partial chunk's key
     also commits to its length, so it never collides with a longer chunk).
     ``parent`` continues a chain: pass the last key of the preceding chunks.
+    ``extras[i]`` (when given and non-empty) is more identity of full chunk ``i``
+    than its token ids: a digest of the multimodal items, adapter or embeddings
+    that produced its KV (:func:`extra_digest`). Chunks past ``len(extras)`` and
+    empty entries key on their tokens alone.
     """
     raw = _token_bytes(tokens)
     step = namespace.chunk_tokens * 4
     prev = namespace.root() if parent is None else _check_parent(parent)
     keys: list[bytes] = []
     full_end = len(raw) - len(raw) % step
-    for off in range(0, full_end, step):
-        prev = hashlib.sha256(prev + raw[off : off + step]).digest()
+    for i, off in enumerate(range(0, full_end, step)):
+        extra = extras[i] if extras is not None and i < len(extras) else b""
+        if extra:
+            prev = hashlib.sha256(prev + raw[off : off + step] + _EXTRA_TAG + struct.pack("<I", len(extra))
+                                  + extra).digest()
+        else:
+            prev = hashlib.sha256(prev + raw[off : off + step]).digest()
         keys.append(prev)
     if include_partial and full_end < len(raw):
         tail = raw[full_end:]
         prev = hashlib.sha256(prev + tail + struct.pack("<I", len(tail) // 4)).digest()
         keys.append(prev)
     return keys
+
+
+_EXTRA_TAG = b"\x00kvstore-extra\x00"
+
+
+def extra_digest(items: Sequence[Any] | None) -> bytes:
+    """A chunk's extra identity: SHA-256 of a canonical encoding of ``items`` (nested
+    tuples/lists of str, bytes, int, bool and None), or ``b""`` for none. Never
+    Python's ``hash()`` or pickle: the same items give the same digest everywhere."""
+    if not items:
+        return b""
+    h = hashlib.sha256(b"kvstore-extra-v1\x00")
+    _encode(h, items)
+    return h.digest()
+
+
+def _encode(h: Any, v: Any) -> None:
+    if v is None:
+        h.update(b"N")
+    elif isinstance(v, bool):
+        h.update(b"T" if v else b"F")
+    elif isinstance(v, int):
+        raw = str(v).encode()
+        h.update(b"I" + struct.pack("<I", len(raw)) + raw)
+    elif isinstance(v, str):
+        raw = v.encode("utf-8")
+        h.update(b"S" + struct.pack("<I", len(raw)) + raw)
+    elif isinstance(v, (bytes, bytearray, memoryview)):
+        raw = bytes(v)
+        h.update(b"B" + struct.pack("<I", len(raw)) + raw)
+    elif isinstance(v, (tuple, list)):
+        h.update(b"L" + struct.pack("<I", len(v)))
+        for x in v:
+            _encode(h, x)
+    else:
+        raise InvalidArgument(f"extra identity items must be str, bytes, int, bool, None or "
+                              f"sequences of them, got {type(v).__name__}")
 
 
 def key_hex(key: bytes) -> str:

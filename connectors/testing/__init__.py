@@ -4,6 +4,6 @@ Nothing here downloads anything: models are random-initialized and tokenizers
 trained on a built-in corpus, both saved to a directory the caller owns.
 """
 
-from connectors.testing.tiny_model import TinyModelSpec, build_tiny_llama
+from connectors.testing.tiny_model import TinyModelSpec, build_tiny_llama, build_tiny_lora
 
-__all__ = ["TinyModelSpec", "build_tiny_llama"]
+__all__ = ["TinyModelSpec", "build_tiny_llama", "build_tiny_lora"]

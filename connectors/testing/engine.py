@@ -60,9 +60,9 @@ class EngineProcess:
                  log: Path | str | None = None, max_model_len: int = 4096,
                  max_num_batched_tokens: int | None = None,
                  connector: str | None = None, start_timeout: float = 240.0,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, max_lora_rank: int = 0) -> None:
         cfg = {"model": str(model_dir), "kv": kv, "max_model_len": max_model_len,
-               "max_num_batched_tokens": max_num_batched_tokens}
+               "max_num_batched_tokens": max_num_batched_tokens, "max_lora_rank": max_lora_rank}
         if connector == "example" and kv is None:
             raise KVStoreError("connector='example' needs a kv config")
         env = {**os.environ, **ENGINE_ENV, **(extra_env or {}),
@@ -117,8 +117,12 @@ class EngineProcess:
         return out
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 8, *,
-                 params: list[dict[str, Any] | None] | None = None, timeout: float = 600.0) -> dict[str, Any]:
-        return self.call("generate", timeout, prompts=prompts, max_tokens=max_tokens, params=params)
+                 params: list[dict[str, Any] | None] | None = None, timeout: float = 600.0,
+                 lora: tuple[str, int, str] | None = None) -> dict[str, Any]:
+        """Greedy generation; ``lora``: (name, id, path) of an adapter for every prompt
+        (the engine must have been started with ``max_lora_rank``)."""
+        return self.call("generate", timeout, prompts=prompts, max_tokens=max_tokens, params=params,
+                         lora=list(lora) if lora else None)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -182,6 +186,8 @@ def _main(cfg: dict[str, Any]) -> None:
         kw["kv_transfer_config"] = KVTransferConfig(**cfg["kv"])
     if cfg.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = cfg["max_num_batched_tokens"]
+    if cfg.get("max_lora_rank"):
+        kw.update(enable_lora=True, max_lora_rank=cfg["max_lora_rank"], max_loras=2)
     llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=32,
               max_model_len=cfg["max_model_len"], seed=0, **kw)
     _reply({"ready": True})
@@ -197,8 +203,15 @@ def _main(cfg: dict[str, Any]) -> None:
                 prompts, params = cmd["prompts"], cmd.get("params") or [None] * len(cmd["prompts"])
                 sps = [SamplingParams(temperature=0, max_tokens=cmd["max_tokens"], ignore_eos=True,
                                       extra_args={"kv_transfer_params": p} if p else None) for p in params]
+                lora = None
+                if cmd.get("lora"):
+                    from vllm.lora.request import LoRARequest
+
+                    name, lid, path = cmd["lora"]
+                    lora = LoRARequest(name, lid, path)
                 t0 = time.perf_counter()
-                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False,
+                                    lora_request=lora)
                 dt = time.perf_counter() - t0
                 ttft = []
                 for o in outs:

@@ -109,3 +109,32 @@ def build_tiny_llama(out: Path | str, spec: TinyModelSpec | None = None) -> Path
     model.save_pretrained(str(out), safe_serialization=True)
     stamp.write_text(json.dumps(asdict(spec)))
     return out
+
+
+def build_tiny_lora(out: Path | str, model_dir: Path | str, spec: TinyModelSpec | None = None, *,
+                    rank: int = 8, seed: int = 1) -> Path:
+    """Write a random LoRA adapter for the tiny Llama (PEFT's on-disk format: q_proj and
+    v_proj of every layer, ``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = spec or TinyModelSpec()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    head_dim = spec.hidden // spec.heads
+    shapes = {"q_proj": spec.heads * head_dim, "v_proj": spec.kv_heads * head_dim}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(spec.layers):
+        for module, out_dim in shapes.items():
+            name = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            # B is random (PEFT starts it at zero): the adapter must change the KV visibly.
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, spec.hidden, generator=gen) * 0.2
+            tensors[f"{name}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.2
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir),
+        "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(shapes), "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    }))
+    return out

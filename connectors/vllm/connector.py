@@ -50,6 +50,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata
+from connectors.vllm.naming import model_identity
 from connectors.vllm.scheduler import SchedulerSide
 from connectors.vllm.worker import WorkerSide
 
@@ -92,7 +93,8 @@ class KVStoreConnector(KVConnectorBase_V1):
             self.worker = WorkerSide(
                 self.cfg, model_id=self.cfg.model_id or str(mc.model), block_size=block_size,
                 kv_heads=mc.get_num_kv_heads(pc), head_dim=mc.get_head_size(), tp_rank=0,
-                tp_size=pc.tensor_parallel_size, load=load, save=save)
+                tp_size=pc.tensor_parallel_size, load=load, save=save, identity=model_identity(vllm_config),
+                pp_size=pc.pipeline_parallel_size)
 
     # -- worker side -------------------------------------------------------------------
 
@@ -104,6 +106,12 @@ class KVStoreConnector(KVConnectorBase_V1):
             self.worker.tp_rank = get_tensor_model_parallel_rank()
         except (AssertionError, ImportError):  # no TP group in this process: rank 0
             self.worker.tp_rank = 0
+        try:
+            from vllm.distributed.parallel_state import get_pp_group
+
+            self.worker.pp_rank = get_pp_group().rank_in_group
+        except (AssertionError, ImportError):  # no PP group in this process: stage 0
+            self.worker.pp_rank = 0
         self.worker.register_kv_caches(kv_caches)
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:

@@ -32,6 +32,8 @@ class LoadSpec:
     end: int
     block_ids: list[int]
     is_async: bool
+    extras: list[bytes] = field(default_factory=list)
+    """Per-chunk extra identity (LoRA, multimodal items) from the scheduler; see naming.chunk_extras."""
 
 
 @dataclass
@@ -49,6 +51,8 @@ class SaveSpec:
     first_chunk: int
     num_chunks: int
     block_ids: list[int]
+    extras: list[bytes] = field(default_factory=list)
+    """Per-chunk extra identity (LoRA, multimodal items) from the scheduler; see naming.chunk_extras."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
-from connectors.vllm.naming import keys_for, namespace
+from connectors.vllm.naming import RefusedRequest, chunk_extras, keys_for, namespace
 from kvstore.client import Client
 from kvstore.errors import KVStoreError
 
@@ -58,6 +58,10 @@ class _Tracked:
     """The request's block table (group 0) as the scheduler sent it."""
     wait_since: float | None = None
     """P/D: when the consumer started waiting for announced chunks."""
+    extras: list[bytes] = field(default_factory=list)
+    """Per-chunk extra identity of the prompt's chunks (LoRA, multimodal items)."""
+    refused: str = ""
+    """Why the request is neither loaded nor saved (empty: it is served)."""
 
 
 class SchedulerSide:
@@ -85,16 +89,30 @@ class SchedulerSide:
 
     # -- lookups -----------------------------------------------------------------------
 
-    def _lookup_chunks(self, request: Request) -> int:
+    def _track(self, request: Request) -> _Tracked:
+        t = self._reqs.get(request.request_id)
+        if t is None:
+            t = self._reqs[request.request_id] = _Tracked(request)
+            try:
+                t.extras = chunk_extras(request, self.cfg.chunk_tokens,
+                                        len(request.prompt_token_ids or []) // self.cfg.chunk_tokens)
+            except RefusedRequest as e:
+                t.refused = str(e)
+                self.counters["refused_requests"] += 1
+                log.debug("request %s is neither loaded nor saved: %s", request.request_id, e)
+        return t
+
+    def _lookup_chunks(self, t: _Tracked) -> int:
         """Leading chunks of the prompt present for every TP rank; 0 on any error."""
+        request = t.request
         tokens = request.prompt_token_ids or []
-        if not self.handshakes or len(tokens) < self.cfg.chunk_tokens:
+        if not self.handshakes or len(tokens) < self.cfg.chunk_tokens or t.refused:
             return 0
         hit = None
         try:
             for hs in self.handshakes:
                 ns = namespace(hs, self.cfg.chunk_tokens, request.cache_salt)
-                n = self.client.longest_prefix(keys_for(ns, tokens), timeout=self.cfg.lookup_timeout)
+                n = self.client.longest_prefix(keys_for(ns, tokens, t.extras), timeout=self.cfg.lookup_timeout)
                 hit = n if hit is None else min(hit, n)
         except KVStoreError as e:
             self.counters["lookup_errors"] += 1
@@ -112,10 +130,8 @@ class SchedulerSide:
         it; async loads may cover it (vLLM recomputes that token itself).
         """
         rid = request.request_id
-        t = self._reqs.get(rid)
-        if t is None:
-            t = self._reqs[rid] = _Tracked(request)
-        hit = self._lookup_chunks(request)
+        t = self._track(request)
+        hit = self._lookup_chunks(t)
         self.counters["lookups"] += 1
         expected = _announced_chunks(request)
         if self.load_enabled and expected is not None and hit < expected and self.cfg.handoff_wait > 0:
@@ -156,7 +172,8 @@ class SchedulerSide:
         self._loads.append(LoadSpec(
             req_id=request.request_id, tokens=list((request.prompt_token_ids or [])[:last_chunk_end]),
             cache_salt=request.cache_salt or "", start=start, end=end,
-            block_ids=block_ids[start // bs: end // bs], is_async=self.cfg.load_async))
+            block_ids=block_ids[start // bs: end // bs], is_async=self.cfg.load_async,
+            extras=t.extras[: last_chunk_end // c]))
         self.counters["load_requests"] += 1
         self.counters["load_tokens"] += num_external_tokens
 
@@ -189,6 +206,8 @@ class SchedulerSide:
 
     def _plan_save(self, meta: KVStoreConnectorMetadata, t: _Tracked, computed_after: int) -> None:
         req = t.request
+        if t.refused:
+            return
         prompt = req.prompt_token_ids or []
         c = self.cfg.chunk_tokens
         done = min(computed_after, len(prompt)) // c
@@ -202,7 +221,7 @@ class SchedulerSide:
         meta.saves.append(SaveSpec(
             req_id=req.request_id, tokens=list(prompt[: done * c]), cache_salt=req.cache_salt or "",
             first_chunk=t.next_save, num_chunks=done - t.next_save,
-            block_ids=t.blocks[t.next_save * bpc: done * bpc]))
+            block_ids=t.blocks[t.next_save * bpc: done * bpc], extras=t.extras[:done]))
         self.counters["save_chunks"] += done - t.next_save
         t.next_save = done
         self._saving.add(req.request_id)

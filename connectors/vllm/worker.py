@@ -34,7 +34,7 @@ import numpy as np
 
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
-from connectors.vllm.naming import keys_for, namespace, namespace_model
+from connectors.vllm.naming import keys_for, namespace, namespace_model, stage_identity
 from kvstore import kernels
 from kvstore.client import Client
 from kvstore.errors import InvalidArgument, KVStoreError
@@ -109,9 +109,12 @@ class WorkerSide:
     """Worker half of :class:`~connectors.vllm.KVStoreConnector`."""
 
     def __init__(self, cfg: ConnectorConfig, *, model_id: str, block_size: int, kv_heads: int,
-                 head_dim: int, tp_rank: int, tp_size: int, load: bool, save: bool) -> None:
+                 head_dim: int, tp_rank: int, tp_size: int, load: bool, save: bool,
+                 identity: str = "", pp_rank: int = 0, pp_size: int = 1) -> None:
         self.cfg = cfg
         self.model_id = model_id
+        self.identity = identity  # naming.model_identity: revision, quantization, dtypes, KV config
+        self.pp_rank, self.pp_size = pp_rank, pp_size
         self.block_size = block_size
         self.kv_heads = kv_heads
         self.head_dim = head_dim
@@ -154,15 +157,16 @@ class WorkerSide:
         self.obj_bytes = self.bpc * self.block_bytes
         kv = cache.kv_layout(self.cfg.chunk_tokens)
         self.handshake = KVStoreHandshake(
-            model=namespace_model(self.model_id, cache.raw_fingerprint(), self.block_size),
+            model=namespace_model(self.model_id, cache.raw_fingerprint(), self.block_size, self.identity,
+                                  stage_identity(names, self.pp_rank, self.pp_size)),
             num_layers=kv.num_layers, num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
             dtype=kv.dtype, kind=kv.kind, tp_rank=self.tp_rank, tp_size=self.tp_size)
         log.info("kvstore connector: %d layers, preset %s, %d B per block, namespace %s",
                  self.num_layers, axes, self.block_bytes, self.handshake.model)
 
-    def _keys(self, tokens: list[int], salt: str) -> list[bytes]:
+    def _keys(self, tokens: list[int], salt: str, extras: list[bytes]) -> list[bytes]:
         assert self.handshake is not None
-        return keys_for(namespace(self.handshake, self.cfg.chunk_tokens, salt), tokens)
+        return keys_for(namespace(self.handshake, self.cfg.chunk_tokens, salt), tokens, extras)
 
     # -- loads -------------------------------------------------------------------------
 
@@ -199,7 +203,7 @@ class WorkerSide:
     def _plan(self, spec: LoadSpec) -> _LoadPlan:
         c = self.cfg.chunk_tokens
         c0, c1 = spec.start // c, -(-spec.end // c)
-        keys = self._keys(spec.tokens, spec.cache_salt)
+        keys = self._keys(spec.tokens, spec.cache_salt, spec.extras)
         if len(keys) < c1:
             raise InvalidArgument(f"load of request {spec.req_id}: {len(spec.tokens)} tokens give "
                                   f"{len(keys)} chunks, {c1} needed")
@@ -372,7 +376,7 @@ class WorkerSide:
     def _run_save(self, st: _Staged) -> None:
         spec = st.spec
         try:
-            keys = self._keys(spec.tokens, spec.cache_salt)[spec.first_chunk:]
+            keys = self._keys(spec.tokens, spec.cache_salt, spec.extras)[spec.first_chunk:]
             layer_bytes = len(spec.block_ids) * self.block_bytes
             ob = self.obj_bytes
             # One object per chunk, layer-major (staging is [layer][block]: one copy per chunk

@@ -31,7 +31,6 @@ from kvstore.node.protocol import SlotStatus
 from transport.base import Peer
 from transport.shm.memory import populate
 
-
 _REGION = 2 << 20
 """Page tables of the mapped arena are populated in aligned regions of this many bytes."""
 
