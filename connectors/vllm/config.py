@@ -44,6 +44,13 @@ class ConnectorConfig:
     model_id: str | None = None
     """Model identity in the key namespace; default vLLM's served model path/name.
     Set it when two engines load the same weights from different paths."""
+    save_backlog_bytes: int = 1 << 30
+    """Most bytes of gathered KV waiting for the save thread; a save that would go
+    beyond is dropped (counter ``save_dropped_backlog``), never blocking the forward."""
+    shutdown_flush_timeout: float = 4.0
+    """Seconds shutdown (vLLM's, or the interpreter's exit) waits for queued saves
+    before dropping the rest with a log line. vLLM force-kills its engine process
+    5 s after asking it to stop (``VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS``), so keep it below."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.master, str) or ":" not in self.master:
@@ -56,8 +63,12 @@ class ConnectorConfig:
                 raise ConfigError(f"kv_connector_extra_config.{name} must be > 0")
         if float(self.handoff_wait) < 0:
             raise ConfigError("kv_connector_extra_config.handoff_wait must be >= 0")
-        if not isinstance(self.load_batch_bytes, int) or self.load_batch_bytes <= 0:
-            raise ConfigError("kv_connector_extra_config.load_batch_bytes must be a positive int")
+        for name in ("load_batch_bytes", "save_backlog_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"kv_connector_extra_config.{name} must be a positive int (bytes), got {v!r}")
+        if float(self.shutdown_flush_timeout) < 0:
+            raise ConfigError("kv_connector_extra_config.shutdown_flush_timeout must be >= 0")
         if not 1 <= int(self.kernel_threads) <= 64:
             raise ConfigError("kv_connector_extra_config.kernel_threads must be in [1, 64]")
 
@@ -73,10 +84,10 @@ class ConnectorConfig:
             raise ConfigError("kv_connector_extra_config.master is required ('127.0.0.1:PORT')")
         if "load_async" in extra:
             extra["load_async"] = _as_bool("load_async", extra["load_async"])
-        for name in ("timeout", "lookup_timeout", "handoff_wait"):
+        for name in ("timeout", "lookup_timeout", "handoff_wait", "shutdown_flush_timeout"):
             if name in extra:
                 extra[name] = _as_float(name, extra[name])
-        for name in ("chunk_tokens", "kernel_threads"):
+        for name in ("chunk_tokens", "kernel_threads", "load_batch_bytes", "save_backlog_bytes"):
             if name in extra:
                 extra[name] = _as_int(name, extra[name])
         return cls(**extra)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +139,9 @@ class WorkerSide:
         self._async_done: dict[str, set[int]] = {}
         self._has_saves: set[str] = set()
         self._save_inflight: Counter[str] = Counter()
+        self._backlog_bytes = 0  # gathered bytes not yet stored (bounded by cfg.save_backlog_bytes)
+        self._queued: dict[Future[None], _Staged] = {}  # saves handed to the save thread
+        self._closed = False
         self._finished_wait: set[str] = set()
         self.counters: Counter[str] = Counter()
 
@@ -348,9 +352,19 @@ class WorkerSide:
         if layer is None:
             return
         if self._staged is None:
-            self._staged = [
-                _Staged(s, np.empty(self.num_layers * len(s.block_ids) * self.block_bytes, np.uint8))
-                for s in meta.saves]
+            self._staged = []
+            for s in meta.saves:
+                n = self.num_layers * len(s.block_ids) * self.block_bytes
+                with self._lock:
+                    full = self._backlog_bytes + n > self.cfg.save_backlog_bytes
+                    if not full:
+                        self._backlog_bytes += n
+                if full:  # the store is slower than the engine: drop, never block the forward
+                    self.counters["save_dropped_backlog"] += s.num_chunks
+                    log.warning("kvstore save backlog full (%d B queued); request %s: %d chunk(s) not saved",
+                                self._backlog_bytes, s.req_id, s.num_chunks)
+                    continue
+                self._staged.append(_Staged(s, np.empty(n, np.uint8)))
         for st in self._staged:
             kernels.gather(self.cache, st.spec.block_ids, st.buf, layer=layer, fmt="raw",
                            threads=self.cfg.kernel_threads)
@@ -368,10 +382,18 @@ class WorkerSide:
             if len(st.layers_done) != self.num_layers:
                 log.warning("request %s: only %d of %d layers gathered; not saving", st.spec.req_id,
                             len(st.layers_done), self.num_layers)
+                self._unstage(st, counted=False)
                 continue
             with self._lock:
                 self._save_inflight[st.spec.req_id] += 1
-            self._save_pool.submit(self._run_save, st)
+            fut = self._save_pool.submit(self._run_save, st)
+            with self._lock:
+                self._queued[fut] = st
+            fut.add_done_callback(self._dequeue)
+
+    def _dequeue(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._queued.pop(fut, None)
 
     def _run_save(self, st: _Staged) -> None:
         spec = st.spec
@@ -396,10 +418,16 @@ class WorkerSide:
         except Exception:  # noqa: BLE001 - a save is best effort; the request must still complete
             log.exception("kvstore save of request %s failed", spec.req_id)
         finally:
-            with self._lock:
-                self._save_inflight[spec.req_id] -= 1
-                if self._save_inflight[spec.req_id] <= 0:
-                    del self._save_inflight[spec.req_id]
+            self._unstage(st)
+
+    def _unstage(self, st: _Staged, counted: bool = True) -> None:
+        """``st`` leaves the backlog (saved, failed or dropped)."""
+        with self._lock:
+            self._backlog_bytes -= len(st.buf)
+            if counted and st.spec.req_id in self._save_inflight:
+                self._save_inflight[st.spec.req_id] -= 1
+                if self._save_inflight[st.spec.req_id] <= 0:
+                    del self._save_inflight[st.spec.req_id]
 
     # -- completion reporting --------------------------------------------------------
 
@@ -432,6 +460,26 @@ class WorkerSide:
         return {**self.counters, **{f"client.{k}": v for k, v in self.client.counters.items()}}
 
     def shutdown(self) -> None:
+        """Flush queued saves for up to ``shutdown_flush_timeout`` seconds, log what is
+        dropped, stop the threads. Idempotent; also runs at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self.cfg.shutdown_flush_timeout
+        with self._lock:
+            pending = list(self._queued)
+        if pending:
+            log.info("kvstore connector: flushing %d queued save(s) (up to %.1fs)", len(pending),
+                     self.cfg.shutdown_flush_timeout)
+        wait(pending, timeout=max(deadline - time.monotonic(), 0))
+        with self._lock:
+            left = [st for f, st in self._queued.items() if not f.done()]
+        if left:
+            chunks = sum(st.spec.num_chunks for st in left)
+            self.counters["save_dropped_shutdown"] += chunks
+            log.warning("kvstore connector: shutdown after %.1fs with %d save(s) (%d chunk(s), requests %s) "
+                        "not stored", self.cfg.shutdown_flush_timeout, len(left), chunks,
+                        sorted({st.spec.req_id for st in left})[:8])
         for pool in (self._sync_pool, self._async_pool, self._save_pool):
-            pool.shutdown(wait=True, cancel_futures=False)
+            pool.shutdown(wait=not left, cancel_futures=True)
         self.client.close()

@@ -27,7 +27,8 @@ SHARED_PREFIX = prompts(2, (192,))[0]
 SHARE_A = prompts(3, (10, 50), prefix=SHARED_PREFIX)
 SHARE_B = prompts(4, (20, 70), prefix=SHARED_PREFIX)
 CORRUPT = prompts(5, (256,))
-ALL = PD + SHARE_A + SHARE_B + CORRUPT
+EXITING = prompts(6, (130, 300, 420))
+ALL = PD + SHARE_A + SHARE_B + CORRUPT + EXITING
 MAX_TOKENS = 8
 
 
@@ -154,5 +155,51 @@ def test_node_killed_mid_run_requests_complete(tiny_model: Path, plain: dict[str
             assert out["tokens"] == expect(plain, PD + SHARE_A + SHARE_B)
             again = e.generate(PD, MAX_TOKENS, timeout=180)  # and the engine keeps serving
             assert again["tokens"] == expect(plain, PD)
+    finally:
+        c.stop()
+
+
+PRODUCE_AND_EXIT = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.config import KVTransferConfig
+from vllm.inputs import TokensPrompt
+cfg = json.loads(sys.argv[1])
+llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=32, max_model_len=1024, seed=0,
+          kv_transfer_config=KVTransferConfig(**cfg["kv"]))
+llm.generate([TokensPrompt(prompt_token_ids=p) for p in cfg["prompts"]],
+             SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+# and exit at once, as a batch job that pre-fills a store does
+"""
+
+
+def test_offline_producer_that_exits_at_once_loses_no_save(tiny_model: Path, plain: dict[str, list[int]],
+                                                           tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from connectors.testing.engine import ENGINE_ENV, ROOT
+
+    c = Cluster(tmp_path / "cluster", dram="128MiB")
+    c.start(nodes=1)
+    try:
+        script = tmp_path / "produce.py"
+        script.write_text(PRODUCE_AND_EXIT)
+        cfg = {"model": str(tiny_model), "kv": kv(c, "kv_producer"), "prompts": EXITING}
+        env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": str(ROOT)}
+        with open(tmp_path / "producer.log", "wb") as log:
+            done = subprocess.run([sys.executable, str(script), json.dumps(cfg)], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=300, check=False)
+        assert done.returncode == 0, (tmp_path / "producer.log").read_text()[-3000:]
+        with Client(c.master_address) as cl:
+            assert cl.stats().objects == sum(len(p) // CHUNK for p in EXITING)  # every chunk stored
+        with engine(tiny_model, tmp_path, "after-exit", kv(c, "kv_consumer")) as e:
+            out = e.generate(EXITING, MAX_TOKENS)
+            stats = e.call("stats")
+        assert out["tokens"] == expect(plain, EXITING)
+        assert stats["scheduler"]["load_requests"] == len(EXITING)
+        assert stats["worker"].get("load_error_blocks", 0) == 0
     finally:
         c.stop()

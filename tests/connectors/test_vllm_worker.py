@@ -29,8 +29,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-def worker(cluster: Cluster, fill: float | None) -> tuple[WorkerSide, list[torch.Tensor]]:
-    cfg = ConnectorConfig(master=cluster.master_address, timeout=0.3, chunk_tokens=CHUNK)
+def worker(cluster: Cluster, fill: float | None, **cfg_kw: Any) -> tuple[WorkerSide, list[torch.Tensor]]:
+    cfg = ConnectorConfig(master=cluster.master_address, timeout=cfg_kw.pop("timeout", 0.3), chunk_tokens=CHUNK,
+                          **cfg_kw)
     w = WorkerSide(cfg, model_id="tiny", block_size=BLOCK, kv_heads=HEADS, head_dim=DIM, tp_rank=0, tp_size=1,
                    load=True, save=True)
     buf = torch.rand(LAYERS, NBLOCKS, HEADS, BLOCK, 2 * DIM) if fill is None \
@@ -93,3 +94,65 @@ def test_an_overrunning_layer_load_is_abandoned_and_reported(cluster: Cluster, m
     assert w.counters["load_timeouts"] == 1
     assert torch.count_nonzero(dst[1][5:9]) == 0  # and nothing was scattered after giving up
     w.shutdown()
+
+
+def save(w: WorkerSide, rid: str, salt: str) -> KVStoreConnectorMetadata:
+    meta = KVStoreConnectorMetadata(saves=[SaveSpec(rid, TOKENS, salt, 0, 2, [0, 1, 2, 3])])
+    for name in NAMES:
+        w.save_kv_layer(meta, name)
+    w.wait_for_save(meta)
+    return meta
+
+
+def stored(cluster: Cluster, salt: str) -> int:
+    from connectors.vllm.naming import keys_for, namespace
+    w, _ = worker(cluster, None)
+    assert w.handshake is not None
+    keys = keys_for(namespace(w.handshake, CHUNK, salt), TOKENS)
+    n = w.client.longest_prefix(keys)
+    w.shutdown()
+    return n
+
+
+def test_a_full_save_backlog_drops_saves_without_blocking(cluster: Cluster) -> None:
+    one = LAYERS * 4 * 2 * BLOCK * HEADS * DIM * 4  # bytes gathered for the 4 blocks of one save
+    w, _ = worker(cluster, None, save_backlog_bytes=one)
+    gate = threading.Event()
+    real = w.client.put_batch
+    w.client.put_batch = lambda *a, **k: (gate.wait(30), real(*a, **k))[1]  # type: ignore[method-assign]
+    save(w, "first", "backlog")  # fills the backlog; its put waits at the gate
+    save(w, "second", "backlog-2")  # no room: dropped at once, nothing gathered
+    assert w.counters["save_dropped_backlog"] == 2
+    assert w.get_finished({"second"}) == ({"second"}, None)  # a dropped save still finishes its request
+    gate.set()
+    w.wait_idle()
+    assert w.get_finished({"first"}) == ({"first"}, None)
+    assert w._backlog_bytes == 0
+    save(w, "third", "backlog-3")  # room again
+    w.wait_idle()
+    assert w.counters["saved_chunks"] == 4
+    w.shutdown()
+
+
+def test_shutdown_flushes_queued_saves(cluster: Cluster) -> None:
+    w, _ = worker(cluster, None, timeout=5.0)
+    for i in range(3):
+        save(w, f"r{i}", f"flush-{i}")
+    w.shutdown()  # right after handing them over, as an exiting producer does
+    assert w.counters["saved_chunks"] == 6
+    assert all(stored(cluster, f"flush-{i}") == 2 for i in range(3))
+
+
+def test_shutdown_gives_up_on_a_stalled_store_in_bounded_time(cluster: Cluster) -> None:
+    import time
+    w, _ = worker(cluster, None, timeout=5.0, shutdown_flush_timeout=0.5)
+    gate = threading.Event()
+    real = w.client.put_batch
+    w.client.put_batch = lambda *a, **k: (gate.wait(30), real(*a, **k))[1]  # type: ignore[method-assign]
+    for i in range(3):
+        save(w, f"s{i}", f"stall-{i}")
+    t = time.monotonic()
+    w.shutdown()
+    assert time.monotonic() - t < 3
+    assert w.counters["save_dropped_shutdown"] == 6  # all three saves (2 chunks each), logged
+    gate.set()
