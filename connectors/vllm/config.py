@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kvstore.client.breaker import Breaker
 from kvstore.errors import ConfigError
 
 
@@ -44,6 +45,12 @@ class ConnectorConfig:
     model_id: str | None = None
     """Model identity in the key namespace; default vLLM's served model path/name.
     Set it when two engines load the same weights from different paths."""
+    breaker_threshold: int = 2
+    """Consecutive failed calls to the master after which the connector stops asking it
+    (lookups answer "no hit" at once, saves are dropped) for a back-off that doubles
+    from 0.5 s up to ``breaker_max_backoff``; one probe at a time then tests it."""
+    breaker_max_backoff: float = 30.0
+    """Longest back-off of the breaker, seconds."""
     save_backlog_bytes: int = 1 << 30
     """Most bytes of gathered KV waiting for the save thread; a save that would go
     beyond is dropped (counter ``save_dropped_backlog``), never blocking the forward."""
@@ -67,6 +74,10 @@ class ConnectorConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"kv_connector_extra_config.{name} must be a positive int (bytes), got {v!r}")
+        if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 1:
+            raise ConfigError("kv_connector_extra_config.breaker_threshold must be an int >= 1")
+        if not float(self.breaker_max_backoff) >= 0.5:
+            raise ConfigError("kv_connector_extra_config.breaker_max_backoff must be >= 0.5 (seconds)")
         if float(self.shutdown_flush_timeout) < 0:
             raise ConfigError("kv_connector_extra_config.shutdown_flush_timeout must be >= 0")
         if not 1 <= int(self.kernel_threads) <= 64:
@@ -84,13 +95,18 @@ class ConnectorConfig:
             raise ConfigError("kv_connector_extra_config.master is required ('127.0.0.1:PORT')")
         if "load_async" in extra:
             extra["load_async"] = _as_bool("load_async", extra["load_async"])
-        for name in ("timeout", "lookup_timeout", "handoff_wait", "shutdown_flush_timeout"):
+        for name in ("timeout", "lookup_timeout", "handoff_wait", "shutdown_flush_timeout", "breaker_max_backoff"):
             if name in extra:
                 extra[name] = _as_float(name, extra[name])
-        for name in ("chunk_tokens", "kernel_threads", "load_batch_bytes", "save_backlog_bytes"):
+        for name in ("chunk_tokens", "kernel_threads", "load_batch_bytes", "save_backlog_bytes",
+                     "breaker_threshold"):
             if name in extra:
                 extra[name] = _as_int(name, extra[name])
         return cls(**extra)
+
+    def breaker(self) -> Breaker:
+        """A circuit breaker for the master with these settings."""
+        return Breaker(threshold=self.breaker_threshold, base=0.5, cap=float(self.breaker_max_backoff))
 
     def check_block_size(self, block_size: int) -> None:
         if self.chunk_tokens % block_size:

@@ -73,6 +73,7 @@ class SchedulerSide:
         self.load_enabled = load
         self.save_enabled = save
         self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token)
+        self.breaker = cfg.breaker()
         self.handshakes: list[KVStoreHandshake] = []
         self._reqs: dict[str, _Tracked] = {}
         self._loads: list[LoadSpec] = []
@@ -102,12 +103,16 @@ class SchedulerSide:
                 log.debug("request %s is neither loaded nor saved: %s", request.request_id, e)
         return t
 
-    def _lookup_chunks(self, t: _Tracked) -> int:
-        """Leading chunks of the prompt present for every TP rank; 0 on any error."""
+    def _lookup_chunks(self, t: _Tracked) -> int | None:
+        """Leading chunks of the prompt present for every TP rank; ``None`` when the
+        master could not be asked (an error, or the breaker is open): a miss."""
         request = t.request
         tokens = request.prompt_token_ids or []
         if not self.handshakes or len(tokens) < self.cfg.chunk_tokens or t.refused:
             return 0
+        if not self.breaker.allow():
+            self.counters["lookups_skipped_breaker"] += 1
+            return None
         hit = None
         try:
             for hs in self.handshakes:
@@ -116,9 +121,11 @@ class SchedulerSide:
                 hit = n if hit is None else min(hit, n)
         except KVStoreError as e:
             self.counters["lookup_errors"] += 1
-            log.warning("kvstore lookup for request %s failed (treated as a miss): %s",
-                        request.request_id, e)
-            return 0
+            self.breaker.failure()
+            log.warning("kvstore lookup for request %s failed (treated as a miss%s): %s", request.request_id,
+                        "; not asking the master for a while" if self.breaker.is_open else "", e)
+            return None
+        self.breaker.success()
         return hit or 0
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -131,10 +138,12 @@ class SchedulerSide:
         """
         rid = request.request_id
         t = self._track(request)
-        hit = self._lookup_chunks(t)
+        found = self._lookup_chunks(t)
+        hit = found or 0
         self.counters["lookups"] += 1
         expected = _announced_chunks(request)
-        if self.load_enabled and expected is not None and hit < expected and self.cfg.handoff_wait > 0:
+        if (self.load_enabled and found is not None and expected is not None and hit < expected
+                and self.cfg.handoff_wait > 0):
             now = time.monotonic()
             if t.wait_since is None:
                 t.wait_since = now

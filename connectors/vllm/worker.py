@@ -38,7 +38,7 @@ from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake,
 from connectors.vllm.naming import keys_for, namespace, namespace_model, stage_identity
 from kvstore import kernels
 from kvstore.client import Client
-from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.errors import InvalidArgument, KVStoreError, NoSpace
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +123,7 @@ class WorkerSide:
         self.load_enabled, self.save_enabled = load, save
         # Chunk keys are content addressed, so the client may remember where they live.
         self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, cache_locations=True)
+        self.breaker = cfg.breaker()  # saves stop trying a master that is down
         self.cache: kernels.PagedCache | None = None
         self.handshake: KVStoreHandshake | None = None
         self.layer_index: dict[str, int] = {}
@@ -406,13 +407,19 @@ class WorkerSide:
             by_layer = st.buf.reshape(self.num_layers, layer_bytes)
             items = [(keys[i], np.ascontiguousarray(by_layer[:, i * ob:(i + 1) * ob]).reshape(-1))
                      for i in range(spec.num_chunks)]
+            if not self.breaker.allow():
+                self.counters["save_skipped_breaker"] += spec.num_chunks
+                return
             try:
                 self.client.put_batch(items, timeout=self.cfg.timeout)
             except KVStoreError as e:
                 self.counters["save_failures"] += 1
+                if not isinstance(e, (InvalidArgument, NoSpace)):  # the store answered: not an outage
+                    self.breaker.failure()
                 log.warning("kvstore save of request %s (%d chunks) failed: %s", spec.req_id,
                             spec.num_chunks, e)
             else:
+                self.breaker.success()
                 self.counters["saved_chunks"] += spec.num_chunks
                 self.counters["saved_bytes"] += ob * self.num_layers * spec.num_chunks
         except Exception:  # noqa: BLE001 - a save is best effort; the request must still complete

@@ -148,3 +148,4 @@ def test_scheduler_looks_up_and_saves_under_the_request_identity(tmp_path: Path)
                 sched._reqs[rid].blocks = list(range(6))
                 sched._plan_save(meta, sched._reqs[rid], 3 * CHUNK)
             assert [(s.req_id, s.extras) for s in meta.saves] == [("b", chunk_extras(b, CHUNK, 3))]
+
