@@ -52,11 +52,18 @@ from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.metadata import KVStoreConnectorMetadata
 from connectors.vllm.naming import model_identity
 from connectors.vllm.scheduler import SchedulerSide
+from connectors.vllm.stats import Interval, KVStoreConnectorStats, KVStorePromMetrics
 from connectors.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -86,6 +93,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         load, save = _ROLES[ktc.kv_role]
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
+        self._interval = Interval()
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = SchedulerSide(self.cfg, block_size, load=load, save=save)
         else:
@@ -175,6 +183,20 @@ class KVStoreConnector(KVConnectorBase_V1):
         return self.scheduler.request_finished(request, block_ids)
 
     # -- both --------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This side's counter increments since the last call (vLLM logs and exports them)."""
+        return self._interval.take(self.stats())
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVStoreConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]],
+                           ) -> KVConnectorPromMetrics | None:
+        return KVStorePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)  # type: ignore[arg-type]
 
     def stats(self) -> dict[str, Any]:
         """This side's counters (lookups, loads, saves, failures, client hits/misses)."""

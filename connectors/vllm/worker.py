@@ -286,6 +286,7 @@ class WorkerSide:
         return set(plan.spec.block_ids[first - plan.spec.start // self.block_size:])
 
     def _run_sync(self, job: _SyncJob, specs: list[LoadSpec]) -> None:
+        started = time.perf_counter()
         try:
             job.plans = [self._plan(s) for s in specs]
             for plan in job.plans:
@@ -304,6 +305,8 @@ class WorkerSide:
         finally:
             for ev in job.layer_done:
                 ev.set()
+            self.counters["load_seconds"] += time.perf_counter() - started  # type: ignore[assignment]
+            self.counters["load_jobs"] += 1
 
     def _finish_sync(self) -> None:
         job, self._sync = self._sync, None
@@ -329,6 +332,7 @@ class WorkerSide:
 
     def _run_async(self, spec: LoadSpec) -> None:
         failed: set[int] = set(spec.block_ids)
+        started = time.perf_counter()
         try:
             plan = self._plan(spec)
             self._stage([plan])
@@ -339,6 +343,8 @@ class WorkerSide:
             log.exception("kvstore async load of request %s failed; it will be recomputed", spec.req_id)
         with self._lock:
             self._async_done[spec.req_id] = failed
+            self.counters["load_seconds"] += time.perf_counter() - started  # type: ignore[assignment]
+            self.counters["load_jobs"] += 1
             self.counters["load_requests"] += 1
             if failed:
                 self.counters["load_failed_requests"] += 1
@@ -398,6 +404,7 @@ class WorkerSide:
 
     def _run_save(self, st: _Staged) -> None:
         spec = st.spec
+        started = time.perf_counter()
         try:
             keys = self._keys(spec.tokens, spec.cache_salt, spec.extras)[spec.first_chunk:]
             layer_bytes = len(spec.block_ids) * self.block_bytes
@@ -426,6 +433,8 @@ class WorkerSide:
             log.exception("kvstore save of request %s failed", spec.req_id)
         finally:
             self._unstage(st)
+            self.counters["save_seconds"] += time.perf_counter() - started  # type: ignore[assignment]
+            self.counters["save_jobs"] += 1
 
     def _unstage(self, st: _Staged, counted: bool = True) -> None:
         """``st`` leaves the backlog (saved, failed or dropped)."""
