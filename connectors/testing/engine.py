@@ -60,9 +60,10 @@ class EngineProcess:
                  log: Path | str | None = None, max_model_len: int = 4096,
                  max_num_batched_tokens: int | None = None,
                  connector: str | None = None, start_timeout: float = 240.0,
-                 extra_env: dict[str, str] | None = None, max_lora_rank: int = 0) -> None:
+                 extra_env: dict[str, str] | None = None, max_lora_rank: int = 0, block_size: int = 32) -> None:
         cfg = {"model": str(model_dir), "kv": kv, "max_model_len": max_model_len,
-               "max_num_batched_tokens": max_num_batched_tokens, "max_lora_rank": max_lora_rank}
+               "max_num_batched_tokens": max_num_batched_tokens, "max_lora_rank": max_lora_rank,
+               "block_size": block_size}
         if connector == "example" and kv is None:
             raise KVStoreError("connector='example' needs a kv config")
         env = {**os.environ, **ENGINE_ENV, **(extra_env or {}),
@@ -188,7 +189,7 @@ def _main(cfg: dict[str, Any]) -> None:
         kw["max_num_batched_tokens"] = cfg["max_num_batched_tokens"]
     if cfg.get("max_lora_rank"):
         kw.update(enable_lora=True, max_lora_rank=cfg["max_lora_rank"], max_loras=2)
-    llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=32,
+    llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=cfg.get("block_size", 32),
               max_model_len=cfg["max_model_len"], seed=0, **kw)
     _reply({"ready": True})
     for line in sys.stdin:

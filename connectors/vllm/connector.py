@@ -102,7 +102,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self.cfg, model_id=self.cfg.model_id or str(mc.model), block_size=block_size,
                 kv_heads=mc.get_num_kv_heads(pc), head_dim=mc.get_head_size(), tp_rank=0,
                 tp_size=pc.tensor_parallel_size, load=load, save=save, identity=model_identity(vllm_config),
-                pp_size=pc.pipeline_parallel_size)
+                pp_size=pc.pipeline_parallel_size, use_mla=bool(getattr(mc, "use_mla", False)))
 
     # -- worker side -------------------------------------------------------------------
 

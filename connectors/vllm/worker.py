@@ -49,8 +49,19 @@ log = logging.getLogger(__name__)
 _PRESETS = ("vllm_cpu", "flash_nhd", "flash_nhd_block_first", "flash_hnd", "flash_hnd_block_first")
 
 
-def detect_axes(shape: tuple[int, ...], block_size: int, kv_heads: int, head_dim: int) -> str:
-    """Name the kernels preset whose axes explain ``shape`` (strides are read later)."""
+def detect_axes(shape: tuple[int, ...], block_size: int, kv_heads: int, head_dim: int, *,
+                mla: bool = False) -> str:
+    """Name the kernels preset whose axes explain ``shape`` (strides are read later).
+
+    ``mla``: a DeepSeek-style latent cache, ``[num_blocks, block_size, head_dim]``
+    (``head_dim`` = kv_lora_rank + qk_rope_head_dim), one latent vector per token
+    (vllm-cpu's ``[num_blocks, 1, block_size, head_dim]`` is viewed without its unit axis).
+    """
+    if mla:
+        if len(shape) == 3 and shape[1] == block_size and shape[2] == head_dim:
+            return "mla"
+        raise InvalidArgument(f"kvstore connector: MLA cache tensor of shape {tuple(shape)} is not "
+                              f"[num_blocks, {block_size}, {head_dim}]")
     for name in _PRESETS:
         axes = kernels.PRESETS[name].split()
         if len(axes) != len(shape):
@@ -111,11 +122,14 @@ class WorkerSide:
 
     def __init__(self, cfg: ConnectorConfig, *, model_id: str, block_size: int, kv_heads: int,
                  head_dim: int, tp_rank: int, tp_size: int, load: bool, save: bool,
-                 identity: str = "", pp_rank: int = 0, pp_size: int = 1) -> None:
+                 identity: str = "", pp_rank: int = 0, pp_size: int = 1, use_mla: bool = False) -> None:
         self.cfg = cfg
         self.model_id = model_id
         self.identity = identity  # naming.model_identity: revision, quantization, dtypes, KV config
         self.pp_rank, self.pp_size = pp_rank, pp_size
+        # MLA: the latent KV is the same on every tensor-parallel rank, so the ranks share one
+        # copy (namespace without the rank; rank 0 saves, every rank loads).
+        self.use_mla = use_mla
         self.block_size = block_size
         self.kv_heads = kv_heads
         self.head_dim = head_dim
@@ -152,7 +166,9 @@ class WorkerSide:
         """Derive the paged layout from the tensors' shapes and strides; fix the namespace."""
         names = sorted(kv_caches, key=lambda n: _layer_order(n, list(kv_caches).index(n)))
         tensors = [kv_caches[n] for n in names]
-        axes = detect_axes(tuple(tensors[0].shape), self.block_size, self.kv_heads, self.head_dim)
+        if self.use_mla and tensors[0].dim() == 4 and tensors[0].shape[1] == 1:
+            tensors = [t[:, 0] for t in tensors]  # vllm-cpu: [blocks, 1, block_size, latent]; same memory
+        axes = detect_axes(tuple(tensors[0].shape), self.block_size, self.kv_heads, self.head_dim, mla=self.use_mla)
         cache = kernels.paged_cache(tensors, axes)
         self.cache = cache
         self.layer_index = {n: i for i, n in enumerate(names)}
@@ -165,7 +181,10 @@ class WorkerSide:
             model=namespace_model(self.model_id, cache.raw_fingerprint(), self.block_size, self.identity,
                                   stage_identity(names, self.pp_rank, self.pp_size)),
             num_layers=kv.num_layers, num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
-            dtype=kv.dtype, kind=kv.kind, tp_rank=self.tp_rank, tp_size=self.tp_size)
+            dtype=kv.dtype, kind=kv.kind, tp_rank=0 if self.use_mla else self.tp_rank,
+            tp_size=1 if self.use_mla else self.tp_size)
+        if self.use_mla and self.tp_rank != 0:
+            self.save_enabled = False  # rank 0 stores the shared copy
         log.info("kvstore connector: %d layers, preset %s, %d B per block, namespace %s",
                  self.num_layers, axes, self.block_bytes, self.handshake.model)
 
@@ -353,7 +372,7 @@ class WorkerSide:
 
     def save_kv_layer(self, meta: KVStoreConnectorMetadata, layer_name: str) -> None:
         """Gather ``layer_name`` of the chunks this step completes into staging (no I/O)."""
-        if not meta.saves or self.cache is None:
+        if not meta.saves or self.cache is None or not self.save_enabled:
             return
         layer = self.layer_index.get(layer_name)
         if layer is None:
