@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.errors import KVStoreError, Timeout
+
+log = logging.getLogger(__name__)
 
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -60,10 +63,17 @@ class EngineProcess:
                  log: Path | str | None = None, max_model_len: int = 4096,
                  max_num_batched_tokens: int | None = None,
                  connector: str | None = None, start_timeout: float = 240.0,
-                 extra_env: dict[str, str] | None = None, max_lora_rank: int = 0, block_size: int = 32) -> None:
+                 extra_env: dict[str, str] | None = None, max_lora_rank: int = 0, block_size: int = 32,
+                 tensor_parallel_size: int = 1) -> None:
         cfg = {"model": str(model_dir), "kv": kv, "max_model_len": max_model_len,
                "max_num_batched_tokens": max_num_batched_tokens, "max_lora_rank": max_lora_rank,
-               "block_size": block_size}
+               "block_size": block_size, "tensor_parallel_size": tensor_parallel_size}
+        if tensor_parallel_size > 1:  # vllm-cpu binds each worker to its own cores; one NUMA node here
+            cpus = sorted(os.sched_getaffinity(0))
+            per = max(1, len(cpus) // tensor_parallel_size)
+            binds = ["-".join(str(c) for c in (cpus[i * per], cpus[min((i + 1) * per, len(cpus)) - 1]))
+                     for i in range(tensor_parallel_size)]
+            extra_env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(binds), **(extra_env or {})}
         if connector == "example" and kv is None:
             raise KVStoreError("connector='example' needs a kv config")
         env = {**os.environ, **ENGINE_ENV, **(extra_env or {}),
@@ -131,6 +141,10 @@ class EngineProcess:
                 self.call("exit", timeout=30)
             except KVStoreError:
                 pass  # the process is killed below either way
+            try:  # a graceful exit: vLLM stops its workers (TP) and the connector flushes saves
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                log.warning("engine %d did not exit within 20 s of 'exit'; killing it", self.proc.pid)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
@@ -187,6 +201,8 @@ def _main(cfg: dict[str, Any]) -> None:
         kw["kv_transfer_config"] = KVTransferConfig(**cfg["kv"])
     if cfg.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = cfg["max_num_batched_tokens"]
+    if cfg.get("tensor_parallel_size", 1) > 1:
+        kw.update(tensor_parallel_size=cfg["tensor_parallel_size"], distributed_executor_backend="mp")
     if cfg.get("max_lora_rank"):
         kw.update(enable_lora=True, max_lora_rank=cfg["max_lora_rank"], max_loras=2)
     llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=cfg.get("block_size", 32),

