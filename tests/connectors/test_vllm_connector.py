@@ -29,7 +29,8 @@ SHARE_B = prompts(4, (20, 70), prefix=SHARED_PREFIX)
 CORRUPT = prompts(5, (256,))
 EXITING = prompts(6, (130, 300, 420))
 TP = prompts(7, (100, 260))
-ALL = PD + SHARE_A + SHARE_B + CORRUPT + EXITING + TP
+STALL = prompts(8, (150, 300))
+ALL = PD + SHARE_A + SHARE_B + CORRUPT + EXITING + TP + STALL
 MAX_TOKENS = 8
 
 
@@ -230,5 +231,39 @@ def test_tensor_parallel_2_pd_handoff(tiny_model: Path, plain: dict[str, list[in
             stats = e.call("stats")
         assert out["tokens"] == expect(plain, TP)
         assert stats["scheduler"]["load_requests"] == len(TP)
+    finally:
+        c.stop()
+
+
+def test_a_stalled_node_means_recompute_not_a_hang(tiny_model: Path, plain: dict[str, list[int]],
+                                                   tmp_path: Path) -> None:
+    """The node holding the chunks is SIGSTOPped before a consumer loads them: the layer
+    waits give up, the load is reported failed block by block, vLLM recomputes, and the
+    output equals a plain run."""
+    import signal
+
+    c = Cluster(tmp_path / "cluster", dram="128MiB", node_ttl="30s")
+    c.start(nodes=1)
+    try:
+        with engine(tiny_model, tmp_path, "stall-producer", kv(c, "kv_producer")) as e:
+            e.generate(STALL, 1)
+        with Client(c.master_address) as cl:
+            assert cl.stats().objects == sum(len(p) // CHUNK for p in STALL)
+        with engine(tiny_model, tmp_path, "stall-consumer", kv(c, "kv_consumer", timeout=0.5)) as e:
+            c.nodes[0].signal(signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                out = e.generate(STALL, MAX_TOKENS, timeout=120)
+                took = time.monotonic() - t0
+                stats = e.call("stats")
+            finally:
+                c.nodes[0].signal(signal.SIGCONT)
+        assert out["tokens"] == expect(plain, STALL)
+        assert stats["scheduler"]["load_requests"] == len(STALL)  # the master said: present
+        # every block each load covered: the stored chunks, short of the block with the last token
+        loaded_blocks = sum(min(len(p) // CHUNK * CHUNK, (len(p) - 1) // 32 * 32) // 32 for p in STALL)
+        assert stats["worker"]["load_error_blocks"] == loaded_blocks  # all reported, all recomputed
+        assert stats["worker"].get("load_bytes", 0) == 0  # nothing scattered
+        assert took < 60, f"a stalled node held the engine {took:.0f}s"
     finally:
         c.stop()
