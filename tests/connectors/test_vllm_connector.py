@@ -30,7 +30,8 @@ CORRUPT = prompts(5, (256,))
 EXITING = prompts(6, (130, 300, 420))
 TP = prompts(7, (100, 260))
 STALL = prompts(8, (150, 300))
-ALL = PD + SHARE_A + SHARE_B + CORRUPT + EXITING + TP + STALL
+OUTAGE = prompts(9, (130, 200, 260, 330, 140, 210))
+ALL = PD + SHARE_A + SHARE_B + CORRUPT + EXITING + TP + STALL + OUTAGE
 MAX_TOKENS = 8
 
 
@@ -265,5 +266,39 @@ def test_a_stalled_node_means_recompute_not_a_hang(tiny_model: Path, plain: dict
         assert stats["worker"]["load_error_blocks"] == loaded_blocks  # all reported, all recomputed
         assert stats["worker"].get("load_bytes", 0) == 0  # nothing scattered
         assert took < 60, f"a stalled node held the engine {took:.0f}s"
+    finally:
+        c.stop()
+
+
+def test_engine_serves_through_a_master_outage(tiny_model: Path, plain: dict[str, list[int]],
+                                               tmp_path: Path) -> None:
+    """Master SIGKILLed under a kv_both engine: requests keep completing with plain outputs
+    (lookups are misses, then skipped by the breaker), and once the master is back the
+    engine stores chunks again."""
+    c = Cluster(tmp_path / "cluster", dram="128MiB")
+    c.start(nodes=1)
+    try:
+        with engine(tiny_model, tmp_path, "outage", kv(c, "kv_both", timeout=1.0, lookup_timeout=0.5)) as e:
+            assert e.generate(OUTAGE[:1], MAX_TOKENS)["tokens"] == expect(plain, OUTAGE[:1])
+            assert c.master is not None and c.master.popen is not None
+            c.master.signal(9)
+            c.master.popen.wait()
+            for p in OUTAGE[1:5]:  # one at a time: the first lookups time out, then the breaker skips them
+                assert e.generate([p], MAX_TOKENS, timeout=120)["tokens"] == expect(plain, [p])
+            stats = e.call("stats")
+            assert stats["scheduler"]["lookups_skipped_breaker"] >= 1
+            c.start_master()
+            c.wait_nodes(1)
+            time.sleep(1.0)  # the breaker's first back-off
+            deadline = time.monotonic() + 30
+            with Client(c.master_address) as cl:
+                before = cl.stats().objects
+                while True:  # lookups probe the master again; saves resume
+                    e.generate([OUTAGE[5]], 1)
+                    e.call("wait_idle")
+                    if cl.stats().objects > before:
+                        break
+                    assert time.monotonic() < deadline, "saves did not resume after the master came back"
+                    time.sleep(0.5)
     finally:
         c.stop()
