@@ -108,7 +108,9 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
         node_ttl_ms=int(config.node_ttl * 1000),
         heartbeat_interval_ms=int(config.heartbeat_interval * 1000),
         put_ttl_ms=int(config.put_ttl * 1000), lease_ttl_ms=int(config.lease_ttl * 1000),
-        max_replicas=config.max_replicas)
+        max_replicas=config.max_replicas,
+        # the loop ticks every min(0.5 s, TTL/4): a silence of TTL/2 means the master itself stalled
+        pause_ms=max(int(config.node_ttl * 500), 1000))
     store = None
     if config.data_dir is not None:
         store = MasterStore(config.data_dir, sync=config.sync_writes)

@@ -96,6 +96,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self.clock = clock or Clock()
         self._token = f"Bearer {token}".encode() if token else None
         self._unwritten: list[Any] = []
+        self._pauses_logged = 0
         self.fast_address = ""
         """host:port of the framed channel (kvstore.master.fast), once it serves."""
         self.methods: dict[str, Callable[[Any], Any]] = {name: getattr(self, "_" + name) for name in METHODS}
@@ -265,6 +266,11 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         """Expire what is due, persist, refresh metrics. Logs; raises only KVStoreError."""
         now = self.clock()
         r = self.state.tick(now)
+        if self.state.counters["pauses"] != self._pauses_logged:
+            self._pauses_logged = self.state.counters["pauses"]
+            log.warning("master was not running for %.1fs (paused or starved): every node gets a fresh "
+                        "%.1fs to heartbeat before any is declared dead", self.state.paused_ms / 1000,
+                        self.state.node_ttl_ms / 1000)
         for nid in r.dead_nodes:
             log.warning("node %s missed its heartbeats for %.1fs: dead, its replicas are gone",
                         nid, self.state.node_ttl_ms / 1000)

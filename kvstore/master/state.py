@@ -79,8 +79,11 @@ class _Lease:
 _COUNTERS = (
     "lookups", "hits", "misses", "prefix_queries", "put_starts", "puts", "no_space",
     "evictions", "removes", "expired_reservations", "expired_leases", "dead_nodes",
-    "registrations", "reregisters", "dropped_on_register", "lost_replicas",
+    "registrations", "reregisters", "dropped_on_register", "lost_replicas", "adopted_on_register",
+    "pauses",
 )
+_TOMBSTONES = 100_000
+"""Recently removed keys remembered so a node that missed the removal cannot bring them back."""
 
 
 class MasterState:
@@ -102,8 +105,18 @@ class MasterState:
         put_ttl_ms: int = 30_000,
         lease_ttl_ms: int = 5_000,
         max_replicas: int = 8,
+        pause_ms: int | None = None,
     ) -> None:
         self.node_ttl_ms = node_ttl_ms
+        self.pause_ms = pause_ms
+        """A gap this long between two calls means the master itself was not running
+        (paused, starved, suspended): every node then gets a fresh TTL before any expiry,
+        since it could not have reached the master. ``None``: off (callers with their
+        own clock, as the unit tests, step time freely)."""
+        self._last_now_ms: int | None = None
+        self.paused_ms = 0
+        """Length of the last pause detected (for the log)."""
+        self._removed: OrderedDict[bytes, None] = OrderedDict()
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.put_ttl_ms = put_ttl_ms
         self.lease_ttl_ms = lease_ttl_ms
@@ -197,19 +210,32 @@ class MasterState:
                     now_ms, now_ms + self.node_ttl_ms)
         before = old.keys if old is not None else set()
         drop: list[bytes] = []
+        self._nodes[node_id] = node
+        adopt: list[HeldKey] = []
         for h in held:
             if h.key in node.keys:
                 continue
             obj = self._objects.get(h.key)
-            if h.key in before and obj is not None and obj.size == h.size \
-                    and obj.checksum == h.checksum:
+            if obj is not None and obj.size == h.size and obj.checksum == h.checksum:
                 node.keys.add(h.key)
                 node.assigned_bytes += obj.size
+                if node_id not in obj.replicas:  # the master had dropped this replica (node declared dead)
+                    obj.replicas.append(node_id)
+                    self._persist_object(h.key, obj)
+                    self.counters["adopted_on_register"] += 1
+            elif obj is None and h.key not in self._pending and h.key not in self._removed and h.size > 0:
+                adopt.append(h)  # the master forgot it (node declared dead): the node is the truth
             else:
-                drop.append(h.key)
-        self._nodes[node_id] = node
+                drop.append(h.key)  # another version, being rewritten, or removed while the node was away
         for key in before - node.keys:
             self._drop_replica(key, node_id)
+        for h in adopt:
+            if h.key in node.keys:
+                continue
+            obj = _Object(h.size, h.checksum, [node_id])
+            self._add_object(h.key, obj)
+            self._persist_object(h.key, obj)
+            self.counters["adopted_on_register"] += 1
         self._journal.append(codec.node_record(node_id, epoch, host, control_address,
                                                node.endpoints, node.tiers))
         self._next_node_check = min(self._next_node_check, node.deadline_ms)
@@ -332,6 +358,7 @@ class MasterState:
                 out.append(Status.EXPIRED)
                 continue
             obj = _Object(item.size, item.checksum, live)
+            self._removed.pop(key, None)  # written again: a returning node may hold this version
             self._objects[key] = obj
             self._lru[key] = None
             self._bytes += obj.size
@@ -456,6 +483,10 @@ class MasterState:
                 out.append(Status.LEASED)
             else:
                 self._drop_object(key, obj)
+                self._removed[key] = None
+                self._removed.move_to_end(key)
+                if len(self._removed) > _TOMBSTONES:
+                    self._removed.popitem(last=False)
                 self.counters["removes"] += 1
                 out.append(Status.OK)
         return out
@@ -511,6 +542,14 @@ class MasterState:
 
     def _advance(self, now_ms: int) -> None:
         """Apply every expiry due at ``now_ms``; cheap when nothing is due."""
+        last, self._last_now_ms = self._last_now_ms, now_ms
+        if self.pause_ms is not None and last is not None and now_ms - last > self.pause_ms:
+            # The master was not running: silence since then is not the nodes' fault.
+            for n in self._nodes.values():
+                n.deadline_ms = max(n.deadline_ms, now_ms + self.node_ttl_ms)
+            self._next_node_check = max(self._next_node_check, now_ms + self.node_ttl_ms)
+            self.counters["pauses"] += 1
+            self.paused_ms = now_ms - last
         if now_ms >= self._next_node_check:
             dead = [n for n in self._nodes.values() if n.deadline_ms <= now_ms]
             for node in dead:

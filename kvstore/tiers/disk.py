@@ -18,6 +18,7 @@ its extent may since hold other bytes, which fail verification (a miss).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -35,7 +36,15 @@ from rocksdict import Options, Rdict, WriteOptions
 from kvstore._types import Buffer
 from kvstore.checksum import checksum as compute_checksum
 from kvstore.checksum import copy_hashed, copy_verified, verify
-from kvstore.errors import Corruption, InvalidArgument, KVStoreError, NoSpace, NotFound, from_errno
+from kvstore.errors import (
+    ConfigError,
+    Corruption,
+    InvalidArgument,
+    KVStoreError,
+    NoSpace,
+    NotFound,
+    from_errno,
+)
 from kvstore.memory import ExtentAllocator, aligned_buffer
 from kvstore.tiers.base import Entry, Tier, TierCapabilities
 from kvstore.units import format_size
@@ -91,6 +100,13 @@ class DiskTier(Tier):
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise from_errno(e, f"{name}: cannot open data file under {self.directory}") from e
+        try:  # one owner per directory: a second node here would write into the same extents
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._fd)
+            raise ConfigError(
+                f"{name}: {self.directory} is in use by another process (its data file is locked); "
+                "give each node its own store.disk_dir") from e
         try:
             self._preallocate(self._alloc.capacity)
             self._dfd, self.direct = self._open_direct(direct_io)
@@ -144,6 +160,8 @@ class DiskTier(Tier):
         try:
             return Rdict(path, opts)
         except Exception as e:  # noqa: BLE001 - rocksdict raises bare Exception on corruption
+            if "Corruption" not in str(e):  # a lock or an I/O error: the index may be fine, never move it
+                raise KVStoreError(f"{self.name}: cannot open the index under {self.directory}: {e}") from e
             # A damaged index cannot vouch for any chunk: keep it aside, start empty.
             aside = f"{path}.corrupt-{int(time.time())}"
             log.error("%s: index unreadable (%s); moved to %s, starting empty", self.name, e, aside)

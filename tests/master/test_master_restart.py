@@ -106,13 +106,16 @@ def test_kill9_restart_recovers_committed_keys(tmp_path: Path, procs: list[Proc]
     assert not hb.reregister
     assert prefix(m2.stub, [key(100)]) == 0
     put_on(m2.stub, [key(100)])  # the abandoned reservation is gone
-    # re-registration keeps what matches, drops what the master does not know
+    # re-registration keeps what matches and adopts what the master does not know (the node
+    # verified those bytes when it stored them); another version of a known key is dropped
     e2 = register(m2.stub, "n1", held=[*committed, key(100), key(555)])
     assert e2 > e1
+    assert prefix(m2.stub, [key(555)]) == 1
     r = m2.stub.RegisterNode(pb.RegisterNodeRequest(
         node_id="n1", host="h", tiers=[pb.TierCapacity(name="dram", capacity=1 << 30)],
-        held=[pb.HeldKey(key=k, size=100, checksum=5) for k in [*committed, key(555)]]))
-    assert list(r.drop) == [key(555)]
+        held=[pb.HeldKey(key=k, size=100, checksum=5) for k in [*committed, key(555)]]
+        + [pb.HeldKey(key=key(100), size=100, checksum=6)]))
+    assert list(r.drop) == [key(100)]
     assert prefix(m2.stub, committed) == 20
     m2.kill9()
 

@@ -200,18 +200,66 @@ def test_stale_epoch_reregister_and_reconcile():
     assert not s.heartbeat(11, "a", e2).reregister
     assert s.longest_prefix(11, [b"keep"]) == 1
     assert s.lookup(11, [b"gone"]).locations[0].status == Status.NOT_FOUND
-    assert s.stats(11).nodes[0].assigned_bytes == 100
+    # keys the master never knew (a put whose end it missed) are adopted: the node verified them
+    assert s.longest_prefix(11, [b"stray"]) == s.longest_prefix(11, [b"gone-size"]) == 1
+    assert s.stats(11).nodes[0].assigned_bytes == 106
 
 
-def test_reregister_after_death_drops_everything():
+def test_reregister_after_death_adopts_what_the_node_holds():
     s = mk()
     reg(s, "a")
     put(s, b"k")
-    s.tick(2000)
+    put(s, b"removed")
+    assert s.remove(1, [b"removed"]) == [Status.OK]
+    s.tick(2000)  # declared dead: the master forgets its replicas
+    assert s.longest_prefix(2000, [b"k"]) == 0
     r = s.register_node(2001, "a", "h", "a:1", [], [TierCapacity("dram", 1000)],
-                        [HeldKey(b"k", 100, 7)])
-    assert r.drop == [b"k"]
+                        [HeldKey(b"k", 100, 7), HeldKey(b"removed", 100, 7)])
+    assert r.drop == [b"removed"]  # removed while the node was away: never brought back
     assert r.epoch == 2
+    assert s.longest_prefix(2002, [b"k"]) == 1
+    assert s.counters["adopted_on_register"] == 1
+    assert any(k == codec.OBJECT + b"k" and v is not None for k, v in s.take_journal())  # persisted
+
+
+def test_reregister_adopts_a_replica_the_master_dropped() -> None:
+    s = mk()
+    reg(s, "a")
+    reg(s, "b")
+    put(s, b"k", replicas=2)
+    s.heartbeat(900, "b", 2)
+    s.tick(1500)  # a is dead, b lives on
+    assert [n.node_id for n in s.lookup(1500, [b"k"]).locations[0].nodes] == ["b"]
+    r = s.register_node(1501, "a", "h", "a:1", [], [TierCapacity("dram", 1000)], [HeldKey(b"k", 100, 7)])
+    assert r.drop == []
+    assert sorted(n.node_id for n in s.lookup(1502, [b"k"]).locations[0].nodes) == ["a", "b"]
+
+
+def test_a_held_key_being_rewritten_is_dropped() -> None:
+    s = mk()
+    reg(s, "a")
+    reg(s, "b")
+    s.put_start(0, [PutItem(b"k", 10, 1)])  # another writer holds the key
+    r = s.register_node(1, "b", "h", "b:1", [], [TierCapacity("dram", 1000)], [HeldKey(b"k", 20, 9)])
+    assert r.drop == [b"k"]
+
+
+def test_a_master_pause_is_not_the_nodes_fault() -> None:
+    s = mk(pause_ms=TTL // 2)
+    reg(s, "a")
+    put(s, b"k")
+    s.tick(400)
+    s.tick(5000)  # nothing ran for 4.6 s: the master was paused
+    assert s.counters["pauses"] == 1 and s.counters["dead_nodes"] == 0
+    assert s.longest_prefix(5001, [b"k"]) == 1
+    for t in range(5400, 5000 + TTL + 2, 300):  # the master runs on; the node stays silent
+        s.tick(t)
+    s.tick(5000 + TTL + 1)  # a node silent for a full TTL after the resume is dead
+    assert s.counters["dead_nodes"] == 1
+    off = mk()  # without pause detection (the default): the same jump kills the node
+    reg(off, "a")
+    off.tick(5000)
+    assert off.counters["dead_nodes"] == 1
 
 
 def test_checksum_mismatch_dropped_at_register():
