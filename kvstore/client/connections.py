@@ -28,6 +28,11 @@ from transport.registry import create
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
+    # Reconnect to a restarted master within seconds: gRPC's default back-off grows to
+    # minutes, long enough for a node to miss the master's grace period after an outage.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 log = logging.getLogger(__name__)

@@ -41,9 +41,17 @@ from transport.registry import create
 
 log = logging.getLogger(__name__)
 
+LOST_PAGE = 8192
+"""Most lost keys one heartbeat reports; the rest go with the next ones."""
+
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
+    # Reconnect to a restarted master within seconds: gRPC's default back-off grows to
+    # minutes, long enough for a node to miss the master's grace period after an outage.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
@@ -170,6 +178,9 @@ class StoreNode:
 
     def _heartbeat(self) -> None:
         lost = self.store.take_lost()
+        if len(lost) > LOST_PAGE:  # the master takes at most master.max_batch keys per call
+            self.store.return_lost(lost[LOST_PAGE:])
+            lost = lost[:LOST_PAGE]
         req = mpb.HeartbeatRequest(node_id=self.node_id, epoch=self.epoch, tiers=self._tiers(), lost=lost)
         try:
             resp = self._master.Heartbeat(req, timeout=max(self.heartbeat_interval, 2.0),
