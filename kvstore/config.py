@@ -31,7 +31,9 @@ class StoreConfig:
 
     dram: int = _size("1GiB", "Capacity of the DRAM tier (the host arena).")
     disk_dir: Path | None = field(
-        default=None, metadata={"doc": "Directory of the disk tier; no disk tier when unset."}
+        default=None, metadata={"doc": "Directory of the disk tier; no disk tier when unset. One owner: the "
+                                       "node locks its data file, and a second process on the same "
+                                       "directory refuses to start."}
     )
     disk: int = _size("4GiB", "Capacity of the disk tier's preallocated data file.")
     high_watermark: float = field(

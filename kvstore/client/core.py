@@ -13,6 +13,7 @@ consistency rules: docs/design/hot-path.md.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Generator, Sequence
@@ -115,6 +116,8 @@ class ClientCore:
         # at most every FAST_RETRY seconds after it failed; off for good on an old master.
         self._fast: Any = None
         self._fast_retry_at = 0.0
+        self._bad: list[mpb.BadReplica] = []  # replicas that failed verification, to report
+        self._bad_lock = threading.Lock()
         self._locations = None if not cache_locations else LocationCache(
             1 << 18 if cache_locations is True else int(cache_locations))
         self.counters: Counter[str] = Counter()
@@ -285,6 +288,7 @@ class ClientCore:
                 todo = [i for i in todo if i not in got]
                 self.counters["location_cache.hits"] += len(got)
         if not todo:
+            yield from self._report_bad_flow(deadline)
             return out
         resp = yield Master("Lookup", mpb.LookupRequest(keys=[keys[i] for i in todo], client_host=self.host_id),
                             deadline)
@@ -308,6 +312,7 @@ class ClientCore:
             else:
                 out[i] = None
                 self.counters["misses.unavailable"] += 1
+        yield from self._report_bad_flow(deadline)
         return out
 
     @staticmethod
@@ -406,7 +411,7 @@ class ClientCore:
                 if ok:
                     good[i] = Known(node, reply.size, reply.checksum, sums=np.frombuffer(reply.sums, dtype="<u8"))
                 else:
-                    self._corrupt(keys[i], node)
+                    self._corrupt(keys[i], node, locs[i].checksum)
             return good
         slots = [Acquired(*s) for s in (yield NodeCall(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline))]
         held = [(i, s, rs) for i, s, rs in zip(idxs, slots, rs_of, strict=True) if s.status == SlotStatus.OK]
@@ -419,15 +424,30 @@ class ClientCore:
                         and conn.mapped.read(keys[i], loc, dst, rs, held=True) == SlotStatus.OK):
                     good[i] = loc
                 else:
-                    self._corrupt(keys[i], node)
+                    self._corrupt(keys[i], node, locs[i].checksum)
         finally:
             yield Release(conn, [s.handle for _, s, _ in held])
         return good
 
-    def _corrupt(self, key: bytes, node: mpb.NodeInfo) -> None:
+    def _corrupt(self, key: bytes, node: mpb.NodeInfo, checksum: int) -> None:
         self.counters["misses.corrupt"] += 1
         log.warning("%s", Corruption(f"value of {key[:16]!r} from node {node.node_id} "
-                                     "failed verification; treated as a miss"))
+                                     "failed verification; treated as a miss (reported to the master)"))
+        with self._bad_lock:
+            self._bad.append(mpb.BadReplica(key=key, node_id=node.node_id, checksum=checksum))
+
+    def _report_bad_flow(self, deadline: float) -> Flow[None]:
+        """Tell the master which replicas failed verification, so it stops listing them
+        (and LongestPrefix stops counting them). Best effort: a failure is logged."""
+        with self._bad_lock:
+            bad, self._bad = self._bad, []
+        if not bad:
+            return
+        try:
+            yield Master("ReportBad", mpb.ReportBadRequest(items=bad), max(deadline, time.monotonic() + 1))
+            self.counters["bad_replicas_reported"] += len(bad)
+        except KVStoreError as e:
+            log.warning("could not report %d bad replica(s) to the master: %s", len(bad), e)
 
     # -- metadata ------------------------------------------------------------------------
 

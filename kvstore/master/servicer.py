@@ -41,6 +41,7 @@ from kvstore.master.fast import METHODS
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
 from kvstore.master.state import MasterState
+from kvstore.master.types import Status
 from kvstore.v1 import master_pb2 as pb
 from kvstore.v1 import master_pb2_grpc as pb_grpc
 
@@ -243,6 +244,17 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self._keys(req.keys, "Remove")
         return pb.RemoveResponse(statuses=statuses_out(
             self.state.remove(self.clock(), req.keys, req.force)))
+
+    def _ReportBad(self, req: pb.ReportBadRequest) -> pb.ReportBadResponse:
+        self._keys([i.key for i in req.items], "ReportBad")
+        for i in req.items:
+            self._node_id(i.node_id)
+        st = self.state.report_bad(self.clock(), [(i.key, i.node_id, i.checksum) for i in req.items])
+        for i, s in zip(req.items, st, strict=True):
+            if s == Status.OK:
+                log.warning("replica of %s on node %s failed a client's verification: dropped",
+                            i.key[:16].hex(), i.node_id)
+        return pb.ReportBadResponse(statuses=statuses_out(st))
 
     def _Pin(self, req: pb.PinRequest) -> pb.PinResponse:
         self._keys(req.keys, "Pin")

@@ -80,7 +80,7 @@ _COUNTERS = (
     "lookups", "hits", "misses", "prefix_queries", "put_starts", "puts", "no_space",
     "evictions", "removes", "expired_reservations", "expired_leases", "dead_nodes",
     "registrations", "reregisters", "dropped_on_register", "lost_replicas", "adopted_on_register",
-    "pauses",
+    "pauses", "bad_replicas",
 )
 _TOMBSTONES = 100_000
 """Recently removed keys remembered so a node that missed the removal cannot bring them back."""
@@ -489,6 +489,23 @@ class MasterState:
                     self._removed.popitem(last=False)
                 self.counters["removes"] += 1
                 out.append(Status.OK)
+        return out
+
+    def report_bad(self, now_ms: int, items: Sequence[tuple[bytes, str, int]]) -> list[Status]:
+        """A client failed to verify ``(key, node_id, checksum)``: stop listing that replica
+        and tell the node to drop it. OK, or NOT_FOUND when there is no such replica of that
+        version (already dropped, or the key now holds another version)."""
+        self._advance(now_ms)
+        out: list[Status] = []
+        for key, nid, checksum in items:
+            obj = self._objects.get(key)
+            if obj is None or obj.checksum != checksum or nid not in obj.replicas:
+                out.append(Status.NOT_FOUND)
+                continue
+            self._nodes[nid].outbox[key] = None
+            self._drop_replica(key, nid)
+            self.counters["bad_replicas"] += 1
+            out.append(Status.OK)
         return out
 
     def pin(self, now_ms: int, keys: Sequence[bytes]) -> list[Status]:

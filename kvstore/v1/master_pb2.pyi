@@ -333,3 +333,25 @@ class StatsResponse(_message.Message):
     pins: int
     counters: _containers.ScalarMap[str, int]
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., objects: _Optional[int] = ..., pending: _Optional[int] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., pins: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class BadReplica(_message.Message):
+    __slots__ = ("key", "node_id", "checksum")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    node_id: str
+    checksum: int
+    def __init__(self, key: _Optional[bytes] = ..., node_id: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class ReportBadRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BadReplica]
+    def __init__(self, items: _Optional[_Iterable[_Union[BadReplica, _Mapping]]] = ...) -> None: ...
+
+class ReportBadResponse(_message.Message):
+    __slots__ = ("statuses",)
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedScalarFieldContainer[ItemStatus]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[ItemStatus, str]]] = ...) -> None: ...

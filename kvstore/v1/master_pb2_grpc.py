@@ -99,6 +99,11 @@ class MasterStub:
                 request_serializer=kvstore_dot_v1_dot_master__pb2.HelloRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_master__pb2.HelloResponse.FromString,
                 _registered_method=True)
+        self.ReportBad = channel.unary_unary(
+                '/kvstore.v1.Master/ReportBad',
+                request_serializer=kvstore_dot_v1_dot_master__pb2.ReportBadRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_master__pb2.ReportBadResponse.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -189,6 +194,16 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportBad(self, request, context):
+        """A client read a replica that failed verification (a checksum mismatch or a version
+        the node does not hold): the master stops listing it (LongestPrefix stops counting
+        it) and tells the node to drop it. Per item: OK, NOT_FOUND (no such replica, or the
+        key now holds another version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +271,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.Hello,
                     request_deserializer=kvstore_dot_v1_dot_master__pb2.HelloRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_master__pb2.HelloResponse.SerializeToString,
+            ),
+            'ReportBad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBad,
+                    request_deserializer=kvstore_dot_v1_dot_master__pb2.ReportBadRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_master__pb2.ReportBadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -609,6 +629,33 @@ class Master:
             '/kvstore.v1.Master/Hello',
             kvstore_dot_v1_dot_master__pb2.HelloRequest.SerializeToString,
             kvstore_dot_v1_dot_master__pb2.HelloResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Master/ReportBad',
+            kvstore_dot_v1_dot_master__pb2.ReportBadRequest.SerializeToString,
+            kvstore_dot_v1_dot_master__pb2.ReportBadResponse.FromString,
             options,
             channel_credentials,
             insecure,

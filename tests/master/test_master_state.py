@@ -345,3 +345,19 @@ def test_restore_rejects_garbage():
 
     with pytest.raises(Corruption):
         mk().restore([(codec.OBJECT + b"k", b"\xc1")], 0)
+
+
+def test_report_bad_drops_only_that_replica_of_that_version() -> None:
+    s = mk()
+    reg(s, "a")
+    e_b = reg(s, "b")
+    put(s, b"k", replicas=2)
+    assert s.report_bad(1, [(b"k", "a", 8)]) == [Status.NOT_FOUND]  # another version: ignored
+    assert s.report_bad(1, [(b"k", "zz", 7)]) == [Status.NOT_FOUND]
+    assert s.report_bad(1, [(b"k", "a", 7)]) == [Status.OK]
+    assert [n.node_id for n in s.lookup(2, [b"k"]).locations[0].nodes] == ["b"]
+    assert s.heartbeat(3, "a", 1).remove == [b"k"]  # the node is told to drop its copy
+    assert s.report_bad(4, [(b"k", "a", 7)]) == [Status.NOT_FOUND]  # already gone
+    assert s.report_bad(4, [(b"k", "b", 7)]) == [Status.OK]
+    assert s.longest_prefix(5, [b"k"]) == 0 and s.counters["bad_replicas"] == 2
+    assert not s.heartbeat(6, "b", e_b).reregister
