@@ -193,12 +193,18 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
                           "RegisterNode: at most 64 endpoints and 64 tiers")
         r = self.state.register_node(self.clock(), req.node_id, req.host, req.control_address,
                                      endpoints_in(req.endpoints), tiers_in(req.tiers),
-                                     held_in(req.held))
+                                     held_in(req.held), complete=not req.more_held)
         if r.drop:
             log.info("node %s registered (epoch %d), told to drop %d stale keys",
                      req.node_id, r.epoch, len(r.drop))
         return pb.RegisterNodeResponse(epoch=r.epoch, heartbeat_interval_ms=r.heartbeat_interval_ms,
                                        node_ttl_ms=r.node_ttl_ms, drop=r.drop)
+
+    def _ReportHeld(self, req: pb.ReportHeldRequest) -> pb.ReportHeldResponse:
+        self._node_id(req.node_id)
+        self._keys([h.key for h in req.held], "ReportHeld.held", batch=False)
+        rereg, drop = self.state.report_held(self.clock(), req.node_id, req.epoch, held_in(req.held), req.last)
+        return pb.ReportHeldResponse(reregister=rereg, drop=drop)
 
     def _Heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         self._node_id(req.node_id)

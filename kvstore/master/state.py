@@ -193,13 +193,18 @@ class MasterState:
         endpoints: Sequence[Endpoint],
         tiers: Sequence[TierCapacity],
         held: Sequence[HeldKey] = (),
+        complete: bool = True,
     ) -> RegisterResult:
         """(Re-)register a node under a new epoch and reconcile what it holds.
 
-        Held keys that the master has as complete replicas on this node (same
-        size and checksum) stay; every other held key is returned in ``drop``.
-        Replicas the master had on the node but the node no longer holds go away.
-        Reservations placed on an earlier epoch of the node no longer count.
+        The node is the source of truth for its bytes: a held key the master lists with
+        the same size and checksum stays (and is listed on this node again if the master
+        had dropped it); one the master does not know is adopted, unless another writer
+        holds it or it was removed while the node was away; every other held key is
+        returned in ``drop``. Replicas the node no longer holds go away once its whole
+        list is in: now, or with the last :meth:`report_held` page when ``complete`` is
+        False (a node holding more keys than one message carries). Reservations placed
+        on an earlier epoch of the node no longer count.
         """
         self._advance(now_ms)
         old = self._nodes.get(node_id)
@@ -208,40 +213,71 @@ class MasterState:
         self._journal.append(codec.meta_record(codec.META_EPOCH, self._next_epoch))
         node = Node(node_id, epoch, host, control_address, tuple(endpoints), tuple(tiers),
                     now_ms, now_ms + self.node_ttl_ms)
-        before = old.keys if old is not None else set()
-        drop: list[bytes] = []
+        if old is not None:  # keep the listing until the node says what it no longer holds
+            node.keys = set(old.keys)
+            node.unconfirmed = set(old.keys)
+            node.assigned_bytes = sum(self._objects[k].size for k in old.keys)
         self._nodes[node_id] = node
-        adopt: list[HeldKey] = []
-        for h in held:
-            if h.key in node.keys:
-                continue
-            obj = self._objects.get(h.key)
-            if obj is not None and obj.size == h.size and obj.checksum == h.checksum:
-                node.keys.add(h.key)
-                node.assigned_bytes += obj.size
-                if node_id not in obj.replicas:  # the master had dropped this replica (node declared dead)
-                    obj.replicas.append(node_id)
-                    self._persist_object(h.key, obj)
-                    self.counters["adopted_on_register"] += 1
-            elif obj is None and h.key not in self._pending and h.key not in self._removed and h.size > 0:
-                adopt.append(h)  # the master forgot it (node declared dead): the node is the truth
-            else:
-                drop.append(h.key)  # another version, being rewritten, or removed while the node was away
-        for key in before - node.keys:
-            self._drop_replica(key, node_id)
-        for h in adopt:
-            if h.key in node.keys:
-                continue
-            obj = _Object(h.size, h.checksum, [node_id])
-            self._add_object(h.key, obj)
-            self._persist_object(h.key, obj)
-            self.counters["adopted_on_register"] += 1
+        drop = self._reconcile(node, held)
+        if complete:
+            self._confirm(node)
         self._journal.append(codec.node_record(node_id, epoch, host, control_address,
                                                node.endpoints, node.tiers))
         self._next_node_check = min(self._next_node_check, node.deadline_ms)
         self.counters["registrations"] += 1
-        self.counters["dropped_on_register"] += len(drop)
         return RegisterResult(epoch, self.heartbeat_interval_ms, self.node_ttl_ms, drop)
+
+    def report_held(self, now_ms: int, node_id: str, epoch: int, held: Sequence[HeldKey],
+                    last: bool) -> tuple[bool, list[bytes]]:
+        """One more page of a paged registration: ``(reregister, drop)`` as for
+        :meth:`register_node`. ``reregister`` for an unknown node or a stale epoch."""
+        self._advance(now_ms)
+        node = self._nodes.get(node_id)
+        if node is None or node.epoch != epoch:
+            return True, []
+        node.last_heartbeat_ms = now_ms
+        node.deadline_ms = now_ms + self.node_ttl_ms
+        drop = self._reconcile(node, held)
+        if last:
+            self._confirm(node)
+        return False, drop
+
+    def _reconcile(self, node: Node, held: Sequence[HeldKey]) -> list[bytes]:
+        node_id = node.node_id
+        drop: list[bytes] = []
+        for h in held:
+            obj = self._objects.get(h.key)
+            if h.key in node.unconfirmed:
+                node.unconfirmed.discard(h.key)
+                if obj is not None and obj.size == h.size and obj.checksum == h.checksum:
+                    continue
+                self._drop_replica(h.key, node_id)
+                drop.append(h.key)
+                continue
+            if h.key in node.keys:
+                continue
+            if obj is not None and obj.size == h.size and obj.checksum == h.checksum:
+                # the master had dropped this replica (the node was declared dead)
+                obj.replicas.append(node_id)
+                node.keys.add(h.key)
+                node.assigned_bytes += obj.size
+                self._persist_object(h.key, obj)
+                self.counters["adopted_on_register"] += 1
+            elif obj is None and h.key not in self._pending and h.key not in self._removed and h.size > 0:
+                obj = _Object(h.size, h.checksum, [node_id])  # the master forgot it: the node is the truth
+                self._add_object(h.key, obj)
+                self._persist_object(h.key, obj)
+                self.counters["adopted_on_register"] += 1
+            else:
+                drop.append(h.key)  # another version, being rewritten, or removed while the node was away
+        self.counters["dropped_on_register"] += len(drop)
+        return drop
+
+    def _confirm(self, node: Node) -> None:
+        """The node's whole list is in: what it did not name is gone."""
+        for key in node.unconfirmed:
+            self._drop_replica(key, node.node_id)
+        node.unconfirmed = set()
 
     def heartbeat(
         self,
@@ -476,6 +512,7 @@ class MasterState:
         for key in keys:
             obj = self._objects.get(key)
             if obj is None:
+                self._tombstone(key)  # a node that is away may still hold it: never adopt it back
                 out.append(Status.NOT_FOUND)
             elif obj.pinned:
                 out.append(Status.PINNED)
@@ -483,10 +520,7 @@ class MasterState:
                 out.append(Status.LEASED)
             else:
                 self._drop_object(key, obj)
-                self._removed[key] = None
-                self._removed.move_to_end(key)
-                if len(self._removed) > _TOMBSTONES:
-                    self._removed.popitem(last=False)
+                self._tombstone(key)
                 self.counters["removes"] += 1
                 out.append(Status.OK)
         return out
@@ -507,6 +541,12 @@ class MasterState:
             self.counters["bad_replicas"] += 1
             out.append(Status.OK)
         return out
+
+    def _tombstone(self, key: bytes) -> None:
+        self._removed[key] = None
+        self._removed.move_to_end(key)
+        if len(self._removed) > _TOMBSTONES:
+            self._removed.popitem(last=False)
 
     def pin(self, now_ms: int, keys: Sequence[bytes]) -> list[Status]:
         """Pin complete objects (never evicted, never removed): OK or NOT_FOUND."""

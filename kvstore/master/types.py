@@ -80,6 +80,7 @@ class Node:
     assigned_bytes: int = 0
     keys: set[bytes] = field(default_factory=set)  # complete replicas placed here
     outbox: dict[bytes, None] = field(default_factory=dict)  # removal instructions
+    unconfirmed: set[bytes] = field(default_factory=set)  # listed before a paged registration, not yet re-held
 
     @property
     def capacity(self) -> int:

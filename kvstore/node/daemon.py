@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from kvstore.config import NodeConfig, StoreConfig
+from kvstore.errors import KVStoreError
 from kvstore.hostid import host_id
 from kvstore.memory.arena import generation_table_bytes
 from kvstore.node.control import ControlServer
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 LOST_PAGE = 8192
 """Most lost keys one heartbeat reports; the rest go with the next ones."""
+HELD_PAGE = 200_000
+"""Held keys per registration message (~10 MiB); more go in ReportHeld pages."""
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -162,18 +165,31 @@ class StoreNode:
 
     def _register(self) -> None:
         held = [mpb.HeldKey(key=k, size=n, checksum=c) for k, n, c in self.store.entries()]
+        pages = [held[i:i + HELD_PAGE] for i in range(0, len(held), HELD_PAGE)] or [[]]
+        lost = self.store.take_lost()  # the registration tells the master the full truth
         req = mpb.RegisterNodeRequest(node_id=self.node_id, host=self.host_id,
-                                      control_address=self.control_address,
-                                      endpoints=self._endpoints(), tiers=self._tiers(), held=held)
-        resp = self._master.RegisterNode(req, timeout=10, metadata=self._metadata())
-        for key in resp.drop:
+                                      control_address=self.control_address, endpoints=self._endpoints(),
+                                      tiers=self._tiers(), held=pages[0], more_held=len(pages) > 1)
+        try:
+            resp = self._master.RegisterNode(req, timeout=10, metadata=self._metadata())
+            drop = list(resp.drop)
+            for i, page in enumerate(pages[1:], 2):  # a node may hold millions of chunks
+                more = self._master.ReportHeld(mpb.ReportHeldRequest(
+                    node_id=self.node_id, epoch=resp.epoch, held=page, last=i == len(pages)),
+                    timeout=10, metadata=self._metadata())
+                if more.reregister:
+                    raise KVStoreError("the master restarted the registration")
+                drop += more.drop
+        except (grpc.RpcError, KVStoreError):
+            self.store.return_lost(lost)
+            raise
+        for key in drop:
             self.store.remove(key)
-        self.store.take_lost()  # the master just learned the full truth
         self.epoch = resp.epoch
         if resp.heartbeat_interval_ms > 0:
             self.heartbeat_interval = resp.heartbeat_interval_ms / 1000
-        log.info("node %s registered: epoch %d, %d held, %d dropped", self.node_id, self.epoch,
-                 len(held), len(resp.drop))
+        log.info("node %s registered: epoch %d, %d held (%d page(s)), %d dropped", self.node_id, self.epoch,
+                 len(held), len(pages), len(drop))
         self.registered.set()
 
     def _heartbeat(self) -> None:
@@ -206,6 +222,8 @@ class StoreNode:
                         self._heartbeat()
                 except grpc.RpcError as e:
                     log.warning("node %s: master %s: %s", self.node_id, self.cfg.master, _rpc_text(e))
+                except KVStoreError as e:
+                    log.warning("node %s: registration with %s: %s", self.node_id, self.cfg.master, e)
                 next_beat = now + self.heartbeat_interval
             self.holds.reap()
             self._stop.wait(min(0.2, self.heartbeat_interval))

@@ -102,20 +102,22 @@ class HeldKey(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("node_id", "host", "control_address", "endpoints", "tiers", "held")
+    __slots__ = ("node_id", "host", "control_address", "endpoints", "tiers", "held", "more_held")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    MORE_HELD_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     host: str
     control_address: str
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     tiers: _containers.RepeatedCompositeFieldContainer[TierCapacity]
     held: _containers.RepeatedCompositeFieldContainer[HeldKey]
-    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., held: _Optional[_Iterable[_Union[HeldKey, _Mapping]]] = ...) -> None: ...
+    more_held: bool
+    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., held: _Optional[_Iterable[_Union[HeldKey, _Mapping]]] = ..., more_held: _Optional[bool] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
     __slots__ = ("epoch", "heartbeat_interval_ms", "node_ttl_ms", "drop")
@@ -355,3 +357,23 @@ class ReportBadResponse(_message.Message):
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedScalarFieldContainer[ItemStatus]
     def __init__(self, statuses: _Optional[_Iterable[_Union[ItemStatus, str]]] = ...) -> None: ...
+
+class ReportHeldRequest(_message.Message):
+    __slots__ = ("node_id", "epoch", "held", "last")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    epoch: int
+    held: _containers.RepeatedCompositeFieldContainer[HeldKey]
+    last: bool
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., held: _Optional[_Iterable[_Union[HeldKey, _Mapping]]] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class ReportHeldResponse(_message.Message):
+    __slots__ = ("reregister", "drop")
+    REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    reregister: bool
+    drop: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, reregister: _Optional[bool] = ..., drop: _Optional[_Iterable[bytes]] = ...) -> None: ...

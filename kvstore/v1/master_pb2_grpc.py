@@ -104,6 +104,11 @@ class MasterStub:
                 request_serializer=kvstore_dot_v1_dot_master__pb2.ReportBadRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_master__pb2.ReportBadResponse.FromString,
                 _registered_method=True)
+        self.ReportHeld = channel.unary_unary(
+                '/kvstore.v1.Master/ReportHeld',
+                request_serializer=kvstore_dot_v1_dot_master__pb2.ReportHeldRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_master__pb2.ReportHeldResponse.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -204,6 +209,14 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportHeld(self, request, context):
+        """The rest of a registering node's held keys, in pages (RegisterNode with more_held):
+        replicas the node did not name are forgotten after the page marked last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +289,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.ReportBad,
                     request_deserializer=kvstore_dot_v1_dot_master__pb2.ReportBadRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_master__pb2.ReportBadResponse.SerializeToString,
+            ),
+            'ReportHeld': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportHeld,
+                    request_deserializer=kvstore_dot_v1_dot_master__pb2.ReportHeldRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_master__pb2.ReportHeldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -656,6 +674,33 @@ class Master:
             '/kvstore.v1.Master/ReportBad',
             kvstore_dot_v1_dot_master__pb2.ReportBadRequest.SerializeToString,
             kvstore_dot_v1_dot_master__pb2.ReportBadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportHeld(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Master/ReportHeld',
+            kvstore_dot_v1_dot_master__pb2.ReportHeldRequest.SerializeToString,
+            kvstore_dot_v1_dot_master__pb2.ReportHeldResponse.FromString,
             options,
             channel_credentials,
             insecure,

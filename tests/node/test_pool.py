@@ -128,7 +128,7 @@ def test_master_restart_finds_committed_keys(cluster):
         assert all(c.get(k) == value_for(k) for k in keys)
 
 
-def test_paused_node_reregisters_and_serves_nothing_stale(cluster):
+def test_paused_node_reregisters_keeps_its_chunks_and_serves_nothing_stale(cluster):
     with Client(cluster.master_address, timeout=5) as c:
         keys = [b"p%d" % i for i in range(20)]
         c.put_batch([(k, value_for(k)) for k in keys])
@@ -140,15 +140,23 @@ def test_paused_node_reregisters_and_serves_nothing_stale(cluster):
         while victim in cluster.live_nodes() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert victim not in cluster.live_nodes()
-        # While it is gone another client rewrites one of its keys elsewhere.
-        c.put(on_victim[0], value_for(on_victim[0]))
+        with Client(cluster.master_address, timeout=5) as fresh:  # the master does not list them meanwhile
+            assert not any(fresh.exists_batch(on_victim))
+        # While it is gone another client removes one of its keys and rewrites another with
+        # new bytes elsewhere.
+        assert c.remove(on_victim[0]) is False  # its only replica is on the dead node
+        newer = b"newer-" + value_for(on_victim[1])
+        c.put(on_victim[1], newer)
         cluster.nodes[idx].signal(signal.SIGCONT)
         cluster.wait_nodes(3)
-        time.sleep(1.0)
-        # The master never points at the resumed node's old copies.
-        assert all(node_of(c, k) != victim for k in on_victim)
-        assert c.get(on_victim[0]) == value_for(on_victim[0])
-        assert all(c.get(k) is None for k in on_victim[1:])
+        deadline = time.monotonic() + 10
+        while not all(c.exists_batch(on_victim[2:])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # Its chunks come back (the node re-registered what it holds)...
+        assert all(c.get(k) == value_for(k) for k in on_victim[2:])
+        # ...but never a stale version: the rewritten key reads the new bytes, from the new node only.
+        assert c.get(on_victim[1]) == newer and node_of(c, on_victim[1]) != victim
+        assert c.get(on_victim[0]) is None  # removed while it was away: never brought back
 
 
 def test_bad_requests_get_clear_errors(cluster):
