@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 EXTRAS := test,dev,ucx,vllm,hf
 STAMP := $(VENV)/.installed
 
-.PHONY: install run local-demo test test-fast bench lint clean
+.PHONY: install run local-demo test test-fast bench chaos lint clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	# The xxHash library (run-time AVX2/AVX-512 dispatch) for the native block checksums;
@@ -53,6 +53,15 @@ bench: install
 	$(BIN)/python benchmarks/kernels.py --quick --json bench-results/kernels.json
 	$(BIN)/python benchmarks/store.py --quick --json bench-results/store.json
 	$(BIN)/python benchmarks/pd_handoff.py --quick --json bench-results/pd_handoff.json
+	$(BIN)/python benchmarks/chaos.py --quick --json bench-results/chaos.json
+
+# The long chaos run: SEEDS seeds of SECONDS each (kill -9, pause, corruption); exits 1 on any
+# wrong read, lost acknowledged write or unexpected crash.
+SEEDS ?= 20
+SECONDS_PER_SEED ?= 60
+chaos: install
+	mkdir -p bench-results
+	$(BIN)/python benchmarks/chaos.py --seeds $(SEEDS) --seconds $(SECONDS_PER_SEED) --json bench-results/chaos.json
 
 lint: install
 	$(BIN)/ruff check kvstore transport connectors tests benchmarks

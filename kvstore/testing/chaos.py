@@ -1,0 +1,267 @@
+"""A chaos harness: clients with their own record of acknowledged writes, a nemesis that
+kills, pauses and corrupts real processes, and a checker that proves nothing is lost.
+
+``run(seed, workdir, seconds=...)`` starts a :class:`~kvstore.testing.cluster.Cluster`
+(one master with a journal, ``nodes`` store nodes), ``clients`` client processes
+doing put / get / remove / longest_prefix on their own keys (``replicas=2``), and,
+driven by ``seed``, a nemesis that every ``period`` seconds does one of:
+
+* ``kill_node``: SIGKILL a node and start it again (its DRAM contents are gone);
+* ``pause_node``: SIGSTOP a node past the node TTL, then SIGCONT;
+* ``kill_master``: SIGKILL the master and start it again (it recovers its journal);
+* ``pause_master``: SIGSTOP the master for 1.5x the node TTL, then SIGCONT;
+* ``corrupt``: flip a byte of a value in a node's arena.
+
+At most one fault is active at a time. Afterwards everything is healed and the
+checker reads back every acknowledged write. It reports, per seed:
+
+* ``wrong_reads``: a get returned bytes other than a value put under that key (must be 0);
+* ``lost_acked_writes``: an acknowledged put (not removed later) that cannot be read
+  back although a replica of it survived: it was placed on a node that was never
+  killed or corrupted after the put (must be 0);
+* ``destroyed``: acknowledged puts whose every replica was killed or corrupted (not a loss);
+* operations and errors by kind, and crashes of processes the nemesis did not kill.
+
+No pickle crosses a socket: the client processes report through ``multiprocessing``
+queues only to their parent, in plain tuples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import queue
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VALUE_SIZES = (4096, 65536, 300_000)
+NEMESES = ("kill_node", "pause_node", "kill_master", "pause_master", "corrupt")
+
+
+def value_for(key: bytes, version: int) -> bytes:
+    """The bytes version ``version`` of ``key`` holds (deterministic: a reader can check any get)."""
+    size = VALUE_SIZES[int.from_bytes(hashlib.sha256(key).digest()[:2], "little") % len(VALUE_SIZES)]
+    seed = hashlib.sha256(key + version.to_bytes(4, "little")).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def _client(idx: int, master: str, seconds: float, seed: int, out: Any) -> None:
+    """One client process: random operations on its own keys; every outcome goes to ``out``."""
+    import logging
+
+    import grpc
+
+    from kvstore.client import Client
+    from kvstore.errors import KVStoreError
+    from kvstore.v1 import master_pb2 as pb
+    from kvstore.v1 import master_pb2_grpc as pb_grpc
+
+    logging.getLogger("kvstore").setLevel(logging.ERROR)  # expected failures are counted, not logged
+    stub = pb_grpc.MasterStub(grpc.insecure_channel(master))  # type: ignore[no-untyped-call]
+
+    def placed(key: bytes) -> list[str]:
+        """The nodes the master lists for ``key`` right after its put was acknowledged."""
+        try:
+            loc = stub.Lookup(pb.LookupRequest(keys=[key]), timeout=3).locations[0]
+        except grpc.RpcError:
+            return []  # unknown placement: the checker counts a loss of it as a loss
+        return [n.node_id for n in loc.nodes]
+
+    rng = random.Random(seed * 1000 + idx)
+    keys = [b"chaos-%d-%03d" % (idx, i) for i in range(40)]
+    version: dict[bytes, int] = {}  # last version this client tried to put
+    ops: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    wrong: list[str] = []
+    # key -> [acked version, when, nodes, uncertain]: the last acknowledged put, and whether an
+    # operation on the key failed since (it may or may not have taken effect)
+    acked: dict[bytes, list[Any]] = {}
+    deadline = time.monotonic() + seconds
+    with Client(master, timeout=3.0, retries=2, replicas=2) as c:
+        while time.monotonic() < deadline:
+            key = rng.choice(keys)
+            op = rng.choices(("put", "get", "remove", "prefix"), (4, 8, 1, 1))[0]
+            ops[op] += 1
+            try:
+                if op == "put":
+                    v = version.get(key, 0) + 1
+                    version[key] = v
+                    if key in acked:  # keys are immutable: a new version replaces the old one
+                        acked[key][3] = True
+                        c.remove(key, force=True)
+                        del acked[key]
+                    c.put(key, value_for(key, v))
+                    acked[key] = [v, time.time(), placed(key), False]
+                elif op == "get":
+                    got = c.get(key)
+                    if got is not None and all(bytes(got) != value_for(key, v) for v in range(1, version.get(key, 0) + 1)):
+                        wrong.append(f"{key!r}: {len(got)} bytes matching no version put")
+                elif op == "remove":
+                    if key in acked:
+                        acked[key][3] = True
+                    c.remove(key, force=True)
+                    acked.pop(key, None)
+                else:
+                    c.longest_prefix(keys[:8])
+            except KVStoreError as e:
+                errors[type(e).__name__] += 1
+                if op == "put" and key not in acked:  # a put that failed may still have landed
+                    acked[key] = [version[key], time.time(), [], True]
+    out.put(("done", idx, dict(ops), dict(errors), wrong,
+             {k.hex(): [*a, version[k]] for k, a in acked.items()}))
+
+
+@dataclass
+class Report:
+    seed: int
+    ops: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    wrong_reads: int = 0
+    lost_acked_writes: int = 0
+    destroyed: int = 0
+    checked: int = 0
+    faults: list[tuple[float, str, str]] = field(default_factory=list)
+    crashes: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {"seed": self.seed, "ops": sum(self.ops.values()), "errors": sum(self.errors.values()),
+                "errors_by_kind": dict(self.errors), "faults": len(self.faults),
+                "fault_kinds": dict(Counter(f[1] for f in self.faults)), "wrong_reads": self.wrong_reads,
+                "lost_acked_writes": self.lost_acked_writes, "destroyed": self.destroyed,
+                "checked": self.checked, "crashes": self.crashes}
+
+
+def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, nodes: int = 3,
+        period: float = 4.0, node_ttl: float = 2.0) -> Report:
+    """One seed of the harness (see the module docstring). Processes are ended by PID."""
+    from kvstore.client import Client
+    from kvstore.errors import KVStoreError
+    from kvstore.testing.cluster import Cluster
+
+    rng = random.Random(seed)
+    report = Report(seed)
+    cl = Cluster(workdir, node_ttl=f"{node_ttl}s", dram="64MiB")
+    ctx = mp.get_context("spawn")
+    out: Any = ctx.Queue()
+    procs = []
+    try:
+        cl.start(nodes=nodes)
+        procs = [ctx.Process(target=_client, args=(i, cl.master_address, seconds, seed, out), daemon=True)
+                 for i in range(clients)]
+        for p in procs:
+            p.start()
+        start = time.monotonic()
+        killed_at: dict[str, list[float]] = {f"node{i}": [] for i in range(nodes)}
+        while time.monotonic() - start < seconds - period:
+            time.sleep(period * rng.uniform(0.5, 1.0))
+            kind = rng.choice(NEMESES)
+            i = rng.randrange(nodes)
+            name = f"node{i}"
+            report.faults.append((round(time.monotonic() - start, 2), kind, name if "node" in kind else "master"))
+            if kind == "kill_node":
+                cl.nodes[i].signal(signal.SIGKILL)
+                killed_at[name].append(time.time())
+                time.sleep(0.5)
+                cl.start_node(i)
+            elif kind == "pause_node":
+                cl.nodes[i].signal(signal.SIGSTOP)
+                time.sleep(1.5 * node_ttl)
+                cl.nodes[i].signal(signal.SIGCONT)
+            elif kind == "kill_master":
+                assert cl.master is not None
+                cl.master.signal(signal.SIGKILL)
+                time.sleep(0.5)
+                cl.start_master()
+            elif kind == "pause_master":
+                assert cl.master is not None
+                cl.master.signal(signal.SIGSTOP)
+                time.sleep(1.5 * node_ttl)
+                cl.master.signal(signal.SIGCONT)
+            else:
+                if _corrupt_one(cl.nodes[i].pid, rng):
+                    killed_at[name].append(time.time())  # that replica may be gone (a miss, never wrong bytes)
+        results: list[Any] = []
+        give_up = time.monotonic() + seconds + 120
+        while len(results) < len(procs) and time.monotonic() < give_up:
+            try:
+                results.append(out.get(timeout=1))
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+        for p in procs:
+            p.join(30)
+        done = {r[1] for r in results}
+        report.crashes += [f"client{i}" for i in range(len(procs)) if i not in done]
+        # Heal, then read back every acknowledged write.
+        for i, node in enumerate(cl.nodes):
+            node.signal(signal.SIGCONT)
+            if not node.alive():
+                report.crashes.append(f"node{i}")
+                cl.start_node(i)
+        if cl.master is not None and not cl.master.alive():
+            report.crashes.append("master")
+            cl.start_master()
+        cl.wait_nodes(nodes, timeout=60)
+        time.sleep(node_ttl)
+        with Client(cl.master_address, timeout=10) as c:
+            for _, idx, ops, errors, wrong, acked in results:
+                report.ops.update(ops)
+                report.errors.update(errors)
+                report.wrong_reads += len(wrong)
+                report.details += [f"client {idx}: {w}" for w in wrong[:5]]
+                for khex, (version, when, placed, uncertain, last) in acked.items():
+                    key = bytes.fromhex(khex)
+                    try:
+                        got = c.get(key)
+                    except KVStoreError as e:
+                        got = None
+                        report.details.append(f"{key!r}: {e}")
+                    if got is not None:
+                        report.checked += 1
+                        if all(bytes(got) != value_for(key, v) for v in range(version, last + 1)):
+                            report.wrong_reads += 1
+                            report.details.append(f"{key!r}: read back bytes of no version in {version}..{last}")
+                        continue
+                    if uncertain:
+                        continue  # its last operation failed: absent is one of the possible outcomes
+                    report.checked += 1
+                    survived = [n for n in placed if not any(t > when for t in killed_at.get(n, []))]
+                    if placed and not survived:
+                        report.destroyed += 1
+                    else:
+                        report.lost_acked_writes += 1
+                        report.details.append(f"{key!r} v{version} on {placed} lost (faults: {report.faults})")
+        return report
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        cl.stop()
+
+
+def _corrupt_one(pid: int, rng: random.Random) -> bool:
+    """Flip one non-zero byte of the node's DRAM arena (its ``kvstore-arena`` memfd)."""
+    import os
+
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "/memfd:kvstore-arena (deleted)" and not os.readlink(fd).startswith(
+                    "/memfd:kvstore-arena"):
+                continue
+            with open(fd, "r+b") as f:
+                data = f.read()
+                used = [i for i in (rng.randrange(len(data)) for _ in range(2000)) if data[i]]
+                if not used:
+                    return False
+                f.seek(used[0])
+                f.write(bytes([data[used[0]] ^ 0xFF]))
+                return True
+        except OSError:
+            continue
+    return False
