@@ -149,3 +149,27 @@ def test_scheduler_looks_up_and_saves_under_the_request_identity(tmp_path: Path)
                 sched._plan_save(meta, sched._reqs[rid], 3 * CHUNK)
             assert [(s.req_id, s.extras) for s in meta.saves] == [("b", chunk_extras(b, CHUNK, 3))]
 
+
+
+def test_identity_from_vllms_own_config_objects(tiny_model: Path) -> None:
+    """model_identity reads vLLM's ModelConfig/CacheConfig; stage_identity gives each PP
+    stage (vLLM's own layer partition, get_pp_indices) its own namespace."""
+    from vllm.config import CacheConfig, ModelConfig
+    from vllm.distributed.utils import get_pp_indices
+
+    def cfg(**kw: Any) -> Any:
+        mc = ModelConfig(model=str(tiny_model), dtype=kw.get("dtype", "float32"), max_model_len=512,
+                         revision=kw.get("revision"))
+        return SimpleNamespace(model_config=mc, cache_config=CacheConfig(cache_dtype=kw.get("kv", "auto")))
+
+    base = model_identity(cfg())
+    assert base == model_identity(cfg())
+    assert model_identity(cfg(dtype="bfloat16")) != base
+    assert model_identity(cfg(kv="fp8")) != base
+    layers = 8
+    stages = []
+    for rank in range(2):
+        lo, hi = get_pp_indices(layers, rank, 2)
+        stages.append(stage_identity([f"model.layers.{i}.self_attn.attn" for i in range(lo, hi)], rank, 2))
+    assert stages[0] != stages[1]
+    assert stage_identity([f"model.layers.{i}.self_attn.attn" for i in range(4)], 0, 1) not in stages
