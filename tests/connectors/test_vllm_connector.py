@@ -115,7 +115,8 @@ def test_prefix_sharing_across_instances(engine_a_ran: None, engine_b: EnginePro
 def test_corrupted_chunk_detected_and_recomputed(engine_a_ran: None, engine_b: EngineProcess,
                                                  cluster: Cluster, plain: dict[str, list[int]],
                                                  request: pytest.FixtureRequest) -> None:
-    """Negative control: bytes flipped in the node's memory are caught, never served."""
+    """Negative control: bytes flipped in the node's memory are caught, never served, and
+    the reader's report takes the bad replica out of every engine's lookups."""
     from connectors.testing.engine import ROOT  # noqa: F401  (the engine reads the same repo)
     from connectors.vllm.naming import keys_for, namespace
 
@@ -126,11 +127,16 @@ def test_corrupted_chunk_detected_and_recomputed(engine_a_ran: None, engine_b: E
         assert value is not None, "instance A should have stored the chunk"
         assert corrupt_value(cluster.nodes[0].pid, value) >= 1
         assert c.get(key) is None  # detected by the checksum: a miss, not wrong bytes
-    before = engine_b.call("stats")["worker"]
+        assert c.counters["bad_replicas_reported"] >= 1
+        chunks = keys_for(namespace(hs, CHUNK, ""), CORRUPT[0])
+        assert c.longest_prefix(chunks) == 1  # the master no longer counts the bad chunk as a hit
+    before = engine_b.call("stats")
     out = engine_b.generate(CORRUPT, MAX_TOKENS)
-    after = engine_b.call("stats")["worker"]
+    after = engine_b.call("stats")
     assert out["tokens"] == expect(plain, CORRUPT)
-    assert after.get("load_chunk_misses", 0) > before.get("load_chunk_misses", 0)
+    # the engine loads the good chunk and recomputes from the bad one on
+    assert after["scheduler"]["load_requests"] == before["scheduler"].get("load_requests", 0) + 1
+    assert after["worker"].get("load_error_blocks", 0) == before["worker"].get("load_error_blocks", 0)
 
 
 def _handshake(e: EngineProcess) -> Any:
