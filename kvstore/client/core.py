@@ -167,6 +167,7 @@ class ClientCore:
         todo: dict[str, list[int]] = defaultdict(list)
         nodes: dict[str, mpb.NodeInfo] = {}
         busy = []
+        refused = None
         for i, p in enumerate(resp.placements):
             if p.status == mpb.OK:
                 for n in p.nodes:
@@ -176,11 +177,14 @@ class ClientCore:
                 self.counters["puts.existing"] += 1
             elif p.status == mpb.BUSY:
                 busy.append(i)
-            else:
-                yield from self._revoke_flow(resp.put_id, keys, todo, deadline)
-                name = mpb.ItemStatus.Name(p.status)
-                what = f"no node has room for {len(views[i])} bytes" if p.status == mpb.NO_SPACE else "refused"
-                raise status_error(name, f"put of key {keys[i][:16]!r}: {what}") or KVStoreError(name)
+            elif refused is None:
+                refused = i
+        if refused is not None:  # every reservation of the call is given back, not just the earlier ones
+            yield from self._revoke_flow(resp.put_id, keys, todo, deadline)
+            st = resp.placements[refused].status
+            name = mpb.ItemStatus.Name(st)
+            what = f"no node has room for {len(views[refused])} bytes" if st == mpb.NO_SPACE else "refused"
+            raise status_error(name, f"put of key {keys[refused][:16]!r}: {what}") or KVStoreError(name)
         failed: set[int] = set()
         placed: dict[int, Known] = {}
         try:

@@ -1,4 +1,5 @@
-"""Phantom hits: a replica a client fails to verify is reported and leaves the master's view."""
+"""The master's view of replicas stays true: phantoms reported by readers leave it, and a
+refused put gives back every reservation it made."""
 
 from __future__ import annotations
 
@@ -28,3 +29,20 @@ def test_a_replica_that_fails_verification_stops_counting_as_a_hit(tmp_path: Pat
             assert st.counters["bad_replicas"] == 1
             reader.put(b"bad", value)  # and the key can be stored again
             assert reader.get(b"bad") == value
+
+
+def test_a_refused_item_gives_back_every_reservation_of_the_call(tmp_path: Path) -> None:
+    """put_batch([a, too_big, c]): NoSpace, and neither a nor c stays reserved (another
+    writer can put c at once; before, only the items ahead of the refused one were revoked)."""
+    import pytest
+
+    from kvstore.errors import NoSpace
+
+    with Cluster(tmp_path, dram="8MiB").start(nodes=1) as cl:
+        with Client(cl.master_address, timeout=10) as c:
+            with pytest.raises(NoSpace):
+                c.put_batch([(b"a", b"x" * 1000), (b"too-big", b"y" * (64 << 20)), (b"c", b"z" * 1000)])
+            assert c.stats().pending == 0
+        with Client(cl.master_address, timeout=10, retries=0) as other:
+            other.put(b"c", b"z" * 1000)  # not BUSY
+            assert other.get(b"c") == b"z" * 1000
