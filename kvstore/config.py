@@ -124,6 +124,11 @@ class MasterConfig:
         default=False,
         metadata={"doc": "fsync the RocksDB WAL on every change (power-loss safe, slower)."},
     )
+    insecure: bool = field(
+        default=False,
+        metadata={"doc": "Serve a non-loopback master.host without master.token_file (protected mode "
+                         "refuses that by default)."},
+    )
 
     def __post_init__(self) -> None:
         _coerce_units(self, "master")

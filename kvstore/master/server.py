@@ -10,6 +10,7 @@ Limits (``master.*`` config): messages up to ``max_message`` bytes, at most
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import TypeVar
 import grpc
 
 from kvstore.config import MasterConfig
-from kvstore.errors import KVStoreError, TransportError
+from kvstore.errors import ConfigError, KVStoreError, TransportError
 from kvstore.master.fast_server import serve_fast
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
@@ -94,6 +95,26 @@ class MasterServer:
         await self._stopped.wait()
 
 
+def refuse_unprotected(config: MasterConfig, token: str | None) -> None:
+    """Protected mode (as Redis has): a master reachable from other hosts must require a
+    token, unless ``master.insecure`` says otherwise. Raises :class:`ConfigError`."""
+    if token or config.insecure or _loopback(config.host):
+        return
+    raise ConfigError(
+        f"master: refusing to serve {config.host} without authentication: anyone on the network could "
+        "read the pool's metadata and register fake nodes. Set master.token_file (--token-file; nodes "
+        "and clients then send the token), bind 127.0.0.1, or set master.insecure = true.")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 async def start_master(config: MasterConfig, *, token: str | None = None,
                        clock: Callable[[], int] | None = None) -> MasterServer:
     """Open the data dir, restore the state, bind ``config.host:config.port`` and serve.
@@ -104,6 +125,7 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     """
     clock = clock or Clock()
     token = token if token is not None else read_token(config.token_file)
+    refuse_unprotected(config, token)
     state = MasterState(
         node_ttl_ms=int(config.node_ttl * 1000),
         heartbeat_interval_ms=int(config.heartbeat_interval * 1000),

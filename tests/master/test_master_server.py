@@ -188,3 +188,17 @@ def test_longest_prefix_throughput(stub: pb_grpc.MasterStub) -> None:
         stub.LongestPrefix(req)
     # Measured, not asserted (a loaded machine is slower): benchmarks/store.py reports it.
     print(f"LongestPrefix: {n / (time.perf_counter() - t0):,.0f} keys/s in batches of 1000")
+
+
+def test_protected_mode_refuses_an_exposed_master_without_a_token() -> None:
+    from kvstore.errors import ConfigError
+    from kvstore.master.server import refuse_unprotected
+
+    with pytest.raises(ConfigError, match="refusing to serve 0.0.0.0 without authentication"):
+        serve_master(MasterConfig(host="0.0.0.0", port=0, metrics_port=-1))  # refused before binding
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        refuse_unprotected(MasterConfig(host=host), None)  # loopback: no token needed
+    refuse_unprotected(MasterConfig(host="0.0.0.0"), "s3cret")
+    refuse_unprotected(MasterConfig(host="10.0.0.5", insecure=True), None)
+    with pytest.raises(ConfigError):
+        refuse_unprotected(MasterConfig(host="master.example"), None)
