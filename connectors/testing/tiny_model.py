@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from kvstore.errors import InvalidArgument
 
@@ -99,16 +100,23 @@ def build_tiny_llama(out: Path | str, spec: TinyModelSpec | None = None) -> Path
         torch_dtype="float32",  # type: ignore[call-arg]  # transformers' stubs lag the accepted kwargs
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)  # type: ignore[no-untyped-call,arg-type]
-    # Random weights at the default 0.02 scale give near-uniform logits; a larger
-    # scale makes greedy decoding depend strongly on the KV, so a wrong cache shows.
+    _save_sharpened(LlamaForCausalLM(cfg), out)  # type: ignore[no-untyped-call]
+    stamp.write_text(json.dumps(asdict(spec)))
+    return out
+
+
+def _save_sharpened(model: Any, out: Path) -> None:
+    """Save ``model`` in fp32 with its matrices redrawn at scale 0.08: random weights at the
+    default 0.02 give near-uniform logits; a larger scale makes greedy decoding depend
+    strongly on the KV, so a wrong cache shows."""
+    import torch
+
+    model = model.to(torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(str(out), safe_serialization=True)
-    stamp.write_text(json.dumps(asdict(spec)))
-    return out
 
 
 def build_tiny_lora(out: Path | str, model_dir: Path | str, spec: TinyModelSpec | None = None, *,
@@ -166,11 +174,6 @@ def build_tiny_deepseek(out: Path | str, *, layers: int = 2, seed: int = 0) -> P
         torch_dtype="float32",  # type: ignore[call-arg]
     )
     torch.manual_seed(seed)
-    model = DeepseekV2ForCausalLM(cfg).to(torch.float32)  # type: ignore[no-untyped-call,arg-type]
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(str(out), safe_serialization=True)
+    _save_sharpened(DeepseekV2ForCausalLM(cfg), out)  # type: ignore[no-untyped-call]
     stamp.write_text(json.dumps(spec))
     return out

@@ -251,8 +251,7 @@ def _corrupt_one(pid: int, rng: random.Random) -> bool:
 
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
-            if os.readlink(fd) != "/memfd:kvstore-arena (deleted)" and not os.readlink(fd).startswith(
-                    "/memfd:kvstore-arena"):
+            if not os.readlink(fd).startswith("/memfd:kvstore-arena"):
                 continue
             with open(fd, "r+b") as f:
                 data = f.read()
