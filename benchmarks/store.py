@@ -10,8 +10,11 @@ client processes: put/get throughput and p50/p99 latency through
 * Mooncake Store over TCP with zero-copy registered buffers, when
   ``mooncake-transfer-engine-non-cuda`` is installed (``make bench`` installs it),
 
-plus single-thread memcpy of the same sizes (sources rotating over as many
-buffers as the get loop reads, so neither side is served from a warm cache) and
+plus two physical limits of the same sizes: single-thread memcpy (sources
+rotating over as many buffers as the get loop reads, so neither side is served
+from a warm cache) and one loopback TCP stream between two processes (a plain
+socket ``sendall`` answered into a reused buffer, 256 KiB per ``recv_into``: what
+any TCP store's get or put can at most reach on this machine), and
 batched ``LongestPrefix`` keys/s. ``get`` returns a new buffer (like Redis's
 ``GET``), so it pays for faulting in fresh pages; ``get_into`` reads into a
 buffer the caller reuses (what an engine does) and is the one compared with
@@ -26,6 +29,7 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -109,6 +113,49 @@ def _prefix_rate(master: str, seconds: float) -> float:
         rate = n * len(keys) / (time.perf_counter() - start)
         c.remove_batch(keys, force=True)
     return rate
+
+
+def _loopback_server(port: int, ready: Any) -> None:
+    """Serve ``size`` bytes (8-byte request) from a pre-touched buffer until the peer hangs up."""
+    srv = socket.create_server(("127.0.0.1", port))
+    ready.set()
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    src = np.random.default_rng(0).integers(0, 256, max(SIZES.values()), dtype=np.uint8)
+    with conn:
+        while (req := conn.recv(8)) and len(req) == 8:
+            conn.sendall(memoryview(src)[: int.from_bytes(req, "little")])
+
+
+def _loopback(size: int, calls: int) -> float:
+    """GB/s of one loopback TCP stream from another process into one reused buffer (median call)."""
+    port = free_port()
+    ready = mp.get_context("spawn").Event()
+    server = mp.get_context("spawn").Process(target=_loopback_server, args=(port, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(30):
+            raise TimeoutError("loopback server did not start")
+        dst = np.ones(size, dtype=np.uint8)
+        view = memoryview(dst)
+        times = []
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(calls + 1):  # the first call warms the connection up
+                t = time.perf_counter()
+                s.sendall(size.to_bytes(8, "little"))
+                pos = 0
+                while pos < size:
+                    got = s.recv_into(view[pos:min(pos + (256 << 10), size)])
+                    if not got:
+                        raise ConnectionError("loopback server went away")
+                    pos += got
+                times.append(time.perf_counter() - t)
+        return size / sorted(times[1:])[calls // 2] / 1e9
+    finally:
+        server.join(10)
+        if server.is_alive():
+            server.kill()
 
 
 def _memcpy(size: int, sources: int, rounds: int) -> float:
@@ -198,7 +245,8 @@ def main() -> None:
             rows = []
             for name, size in SIZES.items():
                 n, rounds = ops[name]
-                results["limits"][name] = {"memcpy_gbps": _memcpy(size, n, max(rounds, 3))}
+                results["limits"][name] = {"memcpy_gbps": _memcpy(size, n, max(rounds, 3)),
+                                           "loopback_tcp_gbps": _loopback(size, max(n * rounds, 8))}
                 for clients in (1, 4):
                     for path in paths:
                         tasks = [{"size": size, "n": n, "rounds": rounds, "path": path, "seed": i,
@@ -222,11 +270,12 @@ def main() -> None:
                                      "get_into_p50_ms": r["get_into"]["p50_us"] / 1e3 if intos else None,
                                      "put_GBps": r["put"]["gbps"] * clients,
                                      "put_p50_ms": r["put"]["p50_us"] / 1e3,
-                                     "memcpy_GBps": results["limits"][name]["memcpy_gbps"]})
+                                     "memcpy_GBps": results["limits"][name]["memcpy_gbps"],
+                                     "tcp_GBps": results["limits"][name]["loopback_tcp_gbps"]})
         print_table("Pooled store vs Redis (get: aggregate GB/s over all clients)", rows,
                     ["path", "size", "clients", "get_GBps", "get_p50_ms", "get_p99_ms", "get_into_GBps",
                      "get_into_p50_ms", "put_GBps",
-                     "put_p50_ms", "memcpy_GBps"])
+                     "put_p50_ms", "memcpy_GBps", "tcp_GBps"])
         rate = _prefix_rate(master, 1.0 if args.quick else 3.0)
         print(f"\nLongestPrefix (batches of 1000 keys): {rate:,.0f} keys/s")
         runs = results["runs"]
@@ -257,6 +306,10 @@ def _ratios(runs: dict[str, Any], limits: dict[str, Any], paths: list[str]) -> d
     out = {f"get_samehost_vs_memcpy_{s}": gbps("kvstore", s) / limits[s]["memcpy_gbps"] for s in ("4MiB", "32MiB")}
     out["get_new_buffer_samehost_vs_memcpy_32MiB"] = (runs["kvstore/32MiB/1"]["get_aggregate_gbps"]
                                                       / limits["32MiB"]["memcpy_gbps"])
+    for s in SIZES:  # how close the TCP path comes to one plain loopback stream
+        out[f"get_tcp_vs_loopback_{s}"] = gbps("kvstore-tcp", s) / limits[s]["loopback_tcp_gbps"]
+    for s in ("4MiB", "32MiB"):
+        out[f"put_tcp_vs_loopback_{s}"] = gbps("kvstore-tcp", s, "put") / limits[s]["loopback_tcp_gbps"]
     if "redis" in paths:
         out["get_p50_redis_over_kvstore_1MiB"] = p50("redis", "1MiB", "get") / p50("kvstore", "1MiB", "get_into")
         out["get_vs_redis_4MiB_4clients"] = (runs["kvstore/4MiB/4"]["get_aggregate_gbps"]
@@ -268,6 +321,8 @@ def _ratios(runs: dict[str, Any], limits: dict[str, Any], paths: list[str]) -> d
         for s in SIZES:
             out[f"get_tcp_vs_mooncake_{s}"] = gbps("kvstore-tcp", s) / gbps("mooncake", s)
             out[f"get_samehost_vs_mooncake_{s}"] = gbps("kvstore", s) / gbps("mooncake", s)
+        for s in SIZES:
+            out[f"mooncake_get_vs_loopback_{s}"] = gbps("mooncake", s) / limits[s]["loopback_tcp_gbps"]
         for s in ("4MiB", "32MiB"):
             out[f"put_tcp_vs_mooncake_{s}"] = gbps("kvstore-tcp", s, "put") / gbps("mooncake", s, "put")
     return out

@@ -44,6 +44,8 @@ async def serve_fast(servicer: MasterServicer, host: str, port: int) -> asyncio.
             writer.write(frame(REPLY_BIT, msgpack.packb(["INVALID_ARGUMENT", f"bad request: {e}"]), FLAG_ERROR))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):  # the client went away
             pass
+        except asyncio.CancelledError:  # the server is stopping: end quietly (asyncio would log it)
+            return
         finally:
             writer.close()
 
