@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := test,dev,ucx,vllm,hf
+EXTRAS := test,dev,ucx,vllm,hf,ha
 STAMP := $(VENV)/.installed
 
 .PHONY: install run local-demo test test-fast bench chaos lint clean
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml setup.py Makefile
 	dpkg -s libxxhash-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get update -qq && apt-get install -y -qq libxxhash-dev; } || \
 		echo "libxxhash-dev not installed (needs root + apt): checksums use the Python xxhash package"; }
+	# etcd for the tests of several masters with leader election (started per test on loopback).
+	command -v etcd >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && apt-get install -y -qq etcd-server; } || \
+		echo "etcd-server not installed (needs root + apt): the leader-election tests skip"; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'

@@ -129,6 +129,23 @@ class MasterConfig:
         metadata={"doc": "Serve a non-loopback master.host without master.token_file (protected mode "
                          "refuses that by default)."},
     )
+    etcd: str | None = field(
+        default=None,
+        metadata={"doc": "etcd endpoints HOST:PORT[,HOST:PORT] to elect the leader of master.cluster "
+                         "among several masters (the others wait as standbys); unset runs one master."},
+    )
+    cluster: str = field(
+        default="default",
+        metadata={"doc": "Name of the cluster of masters in etcd; nodes and clients then use "
+                         "etcd://HOST:PORT/NAME as the master address."},
+    )
+    leader_ttl: float = _duration("3s", "The leader's etcd lease: a standby takes over this long "
+                                        "after the leader dies or stalls (whole seconds, >= 2s).")
+    advertise: str | None = field(
+        default=None,
+        metadata={"doc": "host:port the leader publishes in etcd for nodes and clients; default "
+                         "master.host and the bound port (required when master.host is a wildcard)."},
+    )
 
     def __post_init__(self) -> None:
         _coerce_units(self, "master")
@@ -153,6 +170,17 @@ class MasterConfig:
         for name in ("put_ttl", "lease_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"master.{name} must be > 0")
+        if self.leader_ttl < 2 or self.leader_ttl != int(self.leader_ttl):
+            raise ConfigError(f"master.leader_ttl must be whole seconds, at least 2s (an etcd lease), "
+                              f"got {self.leader_ttl}s")
+        if self.etcd is not None:
+            from kvstore.master.discovery import check_cluster, parse_endpoints
+
+            try:
+                parse_endpoints(self.etcd)
+                check_cluster(self.cluster)
+            except ValueError as e:
+                raise ConfigError(f"master.etcd / master.cluster: {e}") from e
         if self.max_message < 1 << 20:
             raise ConfigError(f"master.max_message must be at least 1MiB, got {self.max_message}")
         if self.max_batch < 1:
@@ -169,7 +197,9 @@ class NodeConfig:
     """A store node: identity, listen addresses, transports, timers."""
 
     node_id: str = field(default="", metadata={"doc": "Stable node name; default: hostname-port."})
-    master: str = field(default="127.0.0.1:5555", metadata={"doc": "Master address host:port."})
+    master: str = field(default="127.0.0.1:5555",
+                        metadata={"doc": "Master address host:port, or etcd://HOST:PORT[,HOST:PORT]/CLUSTER "
+                                         "to follow the leader of a cluster of masters."})
     host: str = field(default="127.0.0.1", metadata={"doc": "Address the node's services bind."})
     control_port: int = field(default=0, metadata={"doc": "Port of the node control service (0: any)."})
     transports: tuple[str, ...] = field(

@@ -13,7 +13,7 @@ from kvstore.units import format_size, parse_size
 
 
 @click.command("demo")
-@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port.")
+@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port, or etcd://HOST:PORT/CLUSTER (follow the leader of a cluster of masters).")
 @click.option("--chunks", default=256, show_default=True, help="How many chunks to put and get.")
 @click.option("--size", default="1MiB", show_default=True, help="Bytes per chunk.")
 @click.option("--batch", default=16, show_default=True, help="Chunks per batched call.")

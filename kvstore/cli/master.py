@@ -29,16 +29,34 @@ from kvstore.units import parse_duration
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with a shared token; every RPC must then send "
                    "'authorization: Bearer <token>'.")
+@click.option("--etcd", default=None,
+              help="etcd endpoints HOST:PORT[,HOST:PORT]: elect one leader among the masters of "
+                   "--cluster; the others wait as standbys [default: one master, no etcd].")
+@click.option("--cluster", default=None,
+              help="Cluster name in etcd; nodes and clients use etcd://HOST:PORT/NAME as the master "
+                   "[default: default, master.cluster].")
+@click.option("--advertise", default=None,
+              help="HOST:PORT nodes and clients reach this master at, published in etcd when it "
+                   "leads [default: --host and the bound port].")
+@click.option("--leader-ttl", default=None,
+              help="etcd lease of the leader, whole seconds >= 2: a standby takes over this long "
+                   "after the leader dies [default: 3s, master.leader_ttl].")
 def master(host: str | None, port: int | None, metrics_port: int | None, data_dir: Path | None,
-           node_ttl: str | None, config_file: Path | None, token_file: Path | None) -> None:
+           node_ttl: str | None, config_file: Path | None, token_file: Path | None, etcd: str | None,
+           cluster: str | None, advertise: str | None, leader_ttl: str | None) -> None:
     """Run the metadata master: knows where every chunk lives, never touches data.
 
     Prints its address, serves until Ctrl-C or SIGTERM, then shuts down cleanly.
+    With --etcd it campaigns for the leadership of --cluster: as a standby it
+    refuses calls (UNAVAILABLE) until the leader's etcd lease runs out, then
+    restores its journal and leads; the nodes re-register with it.
     """
     flags: dict[str, Any] = {"host": host, "port": port, "metrics_port": metrics_port,
                              "data_dir": str(data_dir) if data_dir else None,
                              "node_ttl": node_ttl,
-                             "token_file": str(token_file) if token_file else None}
+                             "token_file": str(token_file) if token_file else None,
+                             "etcd": etcd, "cluster": cluster, "advertise": advertise,
+                             "leader_ttl": leader_ttl}
     overrides = {f"master.{k}": v for k, v in flags.items() if v is not None}
     if node_ttl is not None:
         # A shorter TTL needs faster heartbeats: cap them at a fifth of it.
@@ -60,6 +78,8 @@ async def _serve(cfg: MasterConfig) -> None:
         if server.metrics_port is not None else ""
     store = f", data in {cfg.data_dir}" if cfg.data_dir else ", in memory only (no --data-dir)"
     fast = f", framed channel on {server.fast_address}" if server.fast_address else ""
-    click.echo(f"kvstore master listening on {server.address}{fast}{metrics}{store}", nl=True)
+    ha = f"; campaigning for cluster {cfg.cluster!r} in etcd {cfg.etcd} (etcd://{cfg.etcd}/{cfg.cluster})" \
+        if cfg.etcd else ""
+    click.echo(f"kvstore master listening on {server.address}{fast}{metrics}{store}{ha}", nl=True)
     await server.wait_stopped()
     click.echo("kvstore master stopped")

@@ -31,7 +31,7 @@ def serve_until_signal(stop: Any) -> None:
 
 
 @click.command("node")
-@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port.")
+@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port, or etcd://HOST:PORT/CLUSTER (follow the leader of a cluster of masters).")
 @click.option("--node-id", default="", help="Stable node name (default: hostname-port).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the node's services bind.")
 @click.option("--control-port", default=0, show_default=True, help="Node control service port (0: any).")

@@ -11,7 +11,7 @@ from kvstore.units import format_size
 
 
 @click.command("status")
-@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port.")
+@click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port, or etcd://HOST:PORT/CLUSTER (follow the leader of a cluster of masters).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with the master's shared token.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the master.")

@@ -12,6 +12,7 @@ tasks. Use one AsyncClient from one event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -35,6 +36,7 @@ from kvstore.client.core import (
 )
 from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.keys import check_key
+from kvstore.master.discovery import MasterAddress
 from kvstore.master.errors import error_from_rpc
 from kvstore.master.fast import AsyncFastMasterClient, resolve
 from kvstore.node.control_aio import AsyncControlClient
@@ -51,8 +53,12 @@ class AsyncClient(ClientCore):
 
     def __init__(self, master: str = "127.0.0.1:5555", **kwargs: Any) -> None:
         super().__init__(master, **kwargs)
-        self._channel = grpc.aio.insecure_channel(master, options=GRPC_OPTIONS)
-        self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
+        # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
+        self._address = MasterAddress(master)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+        self._dialed = ""
+        self._fast_master = ""
         # Node connections and same-host mappings; the control clients are async ones.
         self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,18 +80,20 @@ class AsyncClient(ClientCore):
 
     async def _do(self, e: Effect) -> Any:
         if isinstance(e, Master):
-            remaining = e.deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(f"deadline expired before {e.method}")
-            fast = await self._fast_channel(remaining)
-            if fast is not None:
-                try:
-                    return await fast.call(e.method, e.request, remaining)
-                except TransportError:
-                    self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
-                    fast.close()
-                    raise
-            return await self._grpc(e.method, e.request, remaining)
+            remaining = self._attempt(e)
+            try:
+                fast = await self._fast_channel(remaining)
+                if fast is not None:
+                    try:
+                        return await fast.call(e.method, e.request, remaining)
+                    except TransportError:
+                        self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
+                        fast.close()
+                        raise
+                return await self._grpc(e.method, e.request, remaining)
+            except (TransportError, Timeout):
+                self._address.stale()  # a cluster's leader may have changed: ask etcd again
+                raise
         if isinstance(e, Connect):
             return await self._connect(e.node)
         if isinstance(e, Release):
@@ -107,14 +115,30 @@ class AsyncClient(ClientCore):
             raise
         raise AssertionError(f"unknown effect {e!r}")
 
+    async def _master_stub(self, timeout: float) -> Any:
+        address = await self._address.current_async(timeout)
+        if address != self._dialed or self._stub is None:
+            if self._channel is not None:
+                await self._channel.close()
+            self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
+            self._dialed = address
+        return self._stub
+
     async def _grpc(self, method: str, request: Any, timeout: float) -> Any:
+        stub = await self._master_stub(timeout)
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
+            return await getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise error_from_rpc(err) from err
+            raise error_from_rpc(err, f"master {self._dialed}") from err
 
     async def _fast_channel(self, timeout: float) -> AsyncFastMasterClient | None:
         """See :meth:`Client._fast_channel`."""
+        master = await self._address.current_async(timeout)
+        if master != self._fast_master:  # a new leader: its own framed channel
+            if self._fast is not None:
+                self._fast.close()
+            self._fast, self._fast_retry_at, self._fast_master = None, 0.0, master
         if self._fast is None and time.monotonic() >= self._fast_retry_at:
             self._fast_retry_at = time.monotonic() + FAST_RETRY
             try:
@@ -125,7 +149,7 @@ class AsyncClient(ClientCore):
                 log.debug("no framed master channel (%s); using gRPC", err)
                 return None
             if hello.fast_address:
-                self._fast = AsyncFastMasterClient(resolve(hello.fast_address, self.master), self._auth)
+                self._fast = AsyncFastMasterClient(resolve(hello.fast_address, master), self._auth)
         fast: AsyncFastMasterClient | None = self._fast
         return fast
 
@@ -153,17 +177,17 @@ class AsyncClient(ClientCore):
     async def _retrying(self, make: Callable[[float], Flow[T]], timeout: float | None) -> T:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         delay = 0.02
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count():
             try:
                 return await self._run(make(deadline))
             except KVStoreError as e:
-                if not e.retryable or attempt == self.retries:
+                if self._give_up(e, attempt):
                     raise
                 wait = min(delay * (1 + random.random()), deadline - time.monotonic())
                 if wait <= 0:
                     raise
                 await asyncio.sleep(wait)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, self._max_delay)
         raise AssertionError("unreachable")
 
     # -- the Client API, awaited --------------------------------------------------------
@@ -228,7 +252,8 @@ class AsyncClient(ClientCore):
         self._conns.close()
         if self._fast is not None:
             self._fast.close()
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -33,6 +33,7 @@ with blocking calls (:class:`~kvstore.client.AsyncClient` with awaits).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -57,10 +58,10 @@ from kvstore.client.core import (
 from kvstore.client.releaser import Releaser
 from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.keys import check_key
+from kvstore.master.discovery import MasterLink
 from kvstore.master.errors import error_from_rpc
 from kvstore.master.fast import FastMasterClient, resolve
 from kvstore.v1 import master_pb2 as mpb
-from kvstore.v1 import master_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,8 +76,9 @@ class Client(ClientCore):
 
     def __init__(self, master: str = "127.0.0.1:5555", **kwargs: Any) -> None:
         super().__init__(master, **kwargs)
-        self._channel = grpc.insecure_channel(master, options=GRPC_OPTIONS)
-        self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
+        # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
+        self._link = MasterLink(master, GRPC_OPTIONS)
+        self._fast_master = ""  # the master whose framed channel self._fast is
         self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout)
         self._releaser = Releaser()
 
@@ -98,18 +100,20 @@ class Client(ClientCore):
 
     def _do(self, e: Effect) -> Any:
         if isinstance(e, Master):
-            remaining = e.deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(f"deadline expired before {e.method}")
-            fast = self._fast_channel(remaining)
-            if fast is not None:
-                try:
-                    return fast.call(e.method, e.request, remaining)
-                except TransportError:
-                    self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
-                    fast.close()
-                    raise
-            return self._grpc(e.method, e.request, remaining)
+            remaining = self._attempt(e)
+            try:
+                fast = self._fast_channel(remaining)
+                if fast is not None:
+                    try:
+                        return fast.call(e.method, e.request, remaining)
+                    except TransportError:
+                        self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
+                        fast.close()
+                        raise
+                return self._grpc(e.method, e.request, remaining)
+            except (TransportError, Timeout):
+                self._link.failed()  # a cluster's leader may have changed: ask etcd again
+                raise
         if isinstance(e, Connect):
             return self._conns.get(e.node)
         if isinstance(e, Release):
@@ -129,14 +133,20 @@ class Client(ClientCore):
         raise AssertionError(f"unknown effect {e!r}")
 
     def _grpc(self, method: str, request: Any, timeout: float) -> Any:
+        stub = self._link.stub(timeout)
         try:
-            return getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
+            return getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise error_from_rpc(err) from err
+            raise error_from_rpc(err, f"master {self._link.dialed}") from err
 
     def _fast_channel(self, timeout: float) -> FastMasterClient | None:
         """The master's framed channel, asking it once (then after failures, at most every
         FAST_RETRY seconds); None: use gRPC."""
+        master = self._link.address.current(timeout)
+        if master != self._fast_master:  # a new leader: its own framed channel
+            if self._fast is not None:
+                self._fast.close()
+            self._fast, self._fast_retry_at, self._fast_master = None, 0.0, master
         if self._fast is None and time.monotonic() >= self._fast_retry_at:
             self._fast_retry_at = time.monotonic() + FAST_RETRY
             try:
@@ -147,25 +157,25 @@ class Client(ClientCore):
                 log.debug("no framed master channel (%s); using gRPC", err)
                 return None
             if hello.fast_address:
-                self._fast = FastMasterClient(resolve(hello.fast_address, self.master), self._auth)
+                self._fast = FastMasterClient(resolve(hello.fast_address, master), self._auth)
         fast: FastMasterClient | None = self._fast
         return fast
 
     def _retrying(self, make: Callable[[float], Flow[T]], timeout: float | None) -> T:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         delay = 0.02
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count():
             try:
                 return self._run(make(deadline))
             except KVStoreError as e:
-                if not e.retryable or attempt == self.retries:
+                if self._give_up(e, attempt):
                     raise
                 wait = min(delay * (1 + random.random()), deadline - time.monotonic())
                 if wait <= 0:
                     raise
                 log.debug("retrying after %s (attempt %d)", e, attempt + 1)
                 time.sleep(wait)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, self._max_delay)
         raise AssertionError("unreachable")
 
     # -- writes ------------------------------------------------------------------------
@@ -253,7 +263,7 @@ class Client(ClientCore):
         self._conns.close()
         if self._fast is not None:
             self._fast.close()
-        self._channel.close()
+        self._link.close()
 
     def __enter__(self) -> Client:
         return self

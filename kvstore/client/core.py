@@ -28,12 +28,14 @@ from kvstore.errors import (
     Corruption,
     InvalidArgument,
     KVStoreError,
+    Timeout,
     TransportError,
     TryAgain,
     status_error,
 )
 from kvstore.hostid import host_id
 from kvstore.keys import check_key
+from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
 from kvstore.v1 import master_pb2 as mpb
@@ -92,6 +94,10 @@ class Release(NamedTuple):
 
 Effect = Master | Connect | NodeCall | Fetch | Store | Release
 FAST_RETRY = 5.0
+MASTER_ATTEMPT = 2.0
+"""With a followed master (etcd://), one try of a master call gives up after this long
+(then asks etcd for the leader and retries), so a paused or dead leader costs one try,
+not the whole deadline."""
 """Seconds before a client asks the master again for its framed channel after it failed."""
 Flow = Generator[Effect, Any, T]
 
@@ -105,6 +111,7 @@ class ClientCore:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0, got {timeout}")
         self.master = master
+        self._followed = is_etcd(master)
         self.timeout = timeout
         self.retries = retries
         self.replicas = replicas
@@ -121,6 +128,28 @@ class ClientCore:
         self._locations = None if not cache_locations else LocationCache(
             1 << 18 if cache_locations is True else int(cache_locations))
         self.counters: Counter[str] = Counter()
+
+    @property
+    def _max_delay(self) -> float:
+        """Longest back-off between tries (short when following a cluster's leader)."""
+        return 0.25 if self._followed else 1.0
+
+    def _give_up(self, e: KVStoreError, attempt: int) -> bool:
+        """After a failed try: raise ``e`` now? Retryable errors are retried ``retries``
+        times; with a followed master (etcd://), an unreachable or not-yet-serving master
+        is retried until the deadline instead (a failover takes a lease TTL)."""
+        if not e.retryable:
+            return True
+        if self._followed and isinstance(e, (TransportError, Timeout)):
+            return False
+        return attempt >= self.retries
+
+    def _attempt(self, e: Master) -> float:
+        """Seconds this try of master call ``e`` may take (Timeout if its deadline passed)."""
+        remaining = e.deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"deadline expired before {e.method}")
+        return min(remaining, MASTER_ATTEMPT) if self._followed else remaining
 
     # -- arguments (checked before anything is sent) ----------------------------------
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,6 +22,8 @@ import grpc
 
 from kvstore.config import MasterConfig
 from kvstore.errors import ConfigError, KVStoreError, TransportError
+from kvstore.master.discovery import EtcdTarget, parse_endpoints
+from kvstore.master.election import Election
 from kvstore.master.fast_server import serve_fast
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
@@ -45,18 +49,40 @@ class MasterServer:
     """
 
     def __init__(self, server: grpc.aio.Server, servicer: MasterServicer, port: int,
-                 metrics_port: int | None, tick_s: float, fast: asyncio.Server | None = None) -> None:
+                 metrics_port: int | None, tick_s: float, fast: asyncio.Server | None = None,
+                 election: Election | None = None, new_state: Callable[[], MasterState] | None = None) -> None:
         self.server = server
         self.fast = fast
         self.fast_address = servicer.fast_address
         self.servicer = servicer
-        self.state = servicer.state
+        self.election = election
         self.port = port
         self.address = f"{servicer.config.host}:{port}"
         self.metrics_port = metrics_port
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(tick_s))
+        self._leader: asyncio.Task[None] | None = None
+        if election is not None and new_state is not None:
+            self._leader = asyncio.get_running_loop().create_task(self._lead_loop(election, new_state))
+
+    @property
+    def state(self) -> MasterState:
+        """The table this master serves (a standby's is empty; inspect it only from this loop)."""
+        return self.servicer.state
+
+    async def _lead_loop(self, election: Election, new_state: Callable[[], MasterState]) -> None:
+        """Campaign; once elected, restore the journal and serve until the lease is lost;
+        then drop the table (the new leader's is the pool's) and campaign again."""
+        while True:
+            await election.campaign()
+            # nodes watch the leader key and re-register at once; the slowest within a heartbeat
+            self.servicer.lead(new_state(), min(self.servicer.config.heartbeat_interval, 1.0))
+            self.servicer.leading = election.leading
+            await election.lost.wait()
+            self.servicer.leading = _never
+            self.servicer.state = new_state()
+            log.warning("master %s stepped down; campaigning again as a standby", election.name)
 
     async def _tick_loop(self, every_s: float) -> None:
         while True:
@@ -79,11 +105,15 @@ class MasterServer:
 
     async def _stop(self, grace: float) -> None:
         self._ticker.cancel()
+        if self._leader is not None:
+            self._leader.cancel()
         if self.fast is not None:
             self.fast.close()
         try:
             await self.server.stop(grace)
             self.servicer.flush()
+            if self.election is not None:
+                await self.election.resign()  # a standby takes over now, not after a TTL
         finally:
             self.servicer.metrics.close()
             if self.servicer.store is not None:
@@ -126,29 +156,43 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     clock = clock or Clock()
     token = token if token is not None else read_token(config.token_file)
     refuse_unprotected(config, token)
-    state = MasterState(
-        node_ttl_ms=int(config.node_ttl * 1000),
-        heartbeat_interval_ms=int(config.heartbeat_interval * 1000),
-        put_ttl_ms=int(config.put_ttl * 1000), lease_ttl_ms=int(config.lease_ttl * 1000),
-        max_replicas=config.max_replicas,
-        # the loop ticks every min(0.5 s, TTL/4): a silence of TTL/2 means the master itself stalled
-        pause_ms=max(int(config.node_ttl * 500), 1000))
+    if config.etcd is not None:
+        _aetcd_or_fail()
+        if config.advertise is None and config.host in _WILDCARDS:
+            raise ConfigError(f"master: bound to {config.host} with master.etcd: set master.advertise "
+                              "(--advertise HOST:PORT), the address nodes and clients reach this master at")
+
+    def new_state() -> MasterState:
+        return MasterState(
+            node_ttl_ms=int(config.node_ttl * 1000),
+            heartbeat_interval_ms=int(config.heartbeat_interval * 1000),
+            put_ttl_ms=int(config.put_ttl * 1000), lease_ttl_ms=int(config.lease_ttl * 1000),
+            max_replicas=config.max_replicas,
+            # the loop ticks every min(0.5 s, TTL/4): a silence of TTL/2 means the master itself stalled
+            pause_ms=max(int(config.node_ttl * 500), 1000))
+
+    state = new_state()
     store = None
     if config.data_dir is not None:
         store = MasterStore(config.data_dir, sync=config.sync_writes)
-        try:
-            state.restore(store.load(), clock())
-        except KVStoreError:
-            store.close()
-            raise
-        s = state.stats(clock())
-        log.info("master: restored %d objects on %d nodes from %s", s.objects, len(s.nodes),
-                 config.data_dir)
+        if config.etcd is None:  # an elected master restores its journal once it wins
+            try:
+                state.restore(store.load(), clock())
+            except KVStoreError:
+                store.close()
+                raise
+            s = state.stats(clock())
+            log.info("master: restored %d objects on %d nodes from %s", s.objects, len(s.nodes),
+                     config.data_dir)
     else:
         log.warning("master: no master.data_dir; metadata lives in memory only")
     metrics = MasterMetrics()
     servicer = MasterServicer(state, config, store=store, metrics=metrics, token=token,
                               clock=clock)
+    if config.etcd is not None:
+        servicer.leading = _never  # a standby until it wins the election
+        servicer.standby_message = (f"this master is not the leader of cluster {config.cluster!r}: "
+                                    f"ask etcd (etcd://{config.etcd}/{config.cluster}) for the leader")
     opts = [("grpc.max_receive_message_length", config.max_message),
             ("grpc.max_send_message_length", config.max_message),
             ("grpc.so_reuseport", 0)]
@@ -190,7 +234,27 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     servicer.flush()
     metrics.update(state.stats(clock()))
     tick_s = min(0.5, config.node_ttl / 4)
-    return MasterServer(server, servicer, port, metrics_port, tick_s, fast)
+    election = None
+    if config.etcd is not None:
+        target = EtcdTarget(parse_endpoints(config.etcd), config.cluster)
+        advertise = config.advertise or f"{config.host}:{port}"
+        election = Election(target, advertise, f"{socket.gethostname()}:{os.getpid()}@{advertise}",
+                            int(config.leader_ttl))
+    return MasterServer(server, servicer, port, metrics_port, tick_s, fast, election, new_state)
+
+
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
+def _never() -> bool:
+    return False
+
+
+def _aetcd_or_fail() -> None:
+    try:
+        import aetcd  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("master.etcd needs the aetcd package: pip install 'kvstore[ha]'") from e
 
 
 class MasterThread:

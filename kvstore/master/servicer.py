@@ -52,6 +52,9 @@ MAX_NODE_ID = 256
 
 
 
+NODE_CALLS = frozenset({"RegisterNode", "ReportHeld", "Heartbeat"})
+
+
 class _Reject(Exception):
     """A request-level refusal: the whole call fails with ``code``."""
 
@@ -100,6 +103,13 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self._pauses_logged = 0
         self.fast_address = ""
         """host:port of the framed channel (kvstore.master.fast), once it serves."""
+        self.leading: Callable[[], bool] | None = None
+        """With leader election (kvstore.master.election): whether this master leads now;
+        every call is refused with UNAVAILABLE while it does not."""
+        self.standby_message = ""
+        self.warm_until = 0.0
+        """Until then (monotonic; just elected) only nodes' calls are served: clients wait
+        (UNAVAILABLE, retried) until the nodes have re-registered what they hold."""
         self.methods: dict[str, Callable[[Any], Any]] = {name: getattr(self, "_" + name) for name in METHODS}
         for name in METHODS:
             setattr(self, name, self._wrap(name))
@@ -113,6 +123,11 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         try:
             if self._token is not None:
                 self._check_token(authorization)
+            if self.leading is not None and not self.leading():
+                raise _Reject(grpc.StatusCode.UNAVAILABLE, self.standby_message)
+            if self.warm_until and name not in NODE_CALLS and time.monotonic() < self.warm_until:
+                raise _Reject(grpc.StatusCode.UNAVAILABLE, "newly elected master: nodes are re-registering "
+                              f"what they hold; retry in {self.warm_until - time.monotonic():.1f}s")
             resp = self.methods[name](request)
             self.flush()
             return resp
@@ -147,6 +162,16 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         if not hmac.compare_digest(authorization, self._token):
             raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
                           "bad token; send metadata 'authorization: Bearer <master.token_file>'")
+
+    def lead(self, state: MasterState, warmup: float) -> None:
+        """Serve ``state``, restored from the journal (this master just won the election);
+        clients wait ``warmup`` seconds while the nodes re-register."""
+        if self.store is not None:
+            state.restore(self.store.load(), self.clock())
+        self.state, self._unwritten = state, []
+        self.warm_until = time.monotonic() + warmup
+        self.flush()
+        self.metrics.update(state.stats(self.clock()))
 
     def flush(self) -> None:
         """Write the state's journal in one batch; a failed write is retried on the next call."""
@@ -282,6 +307,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     def tick(self) -> None:
         """Expire what is due, persist, refresh metrics. Logs; raises only KVStoreError."""
+        if self.leading is not None and not self.leading():
+            return  # a standby's (or deposed leader's) table is not the pool's
         now = self.clock()
         r = self.state.tick(now)
         if self.state.counters["pauses"] != self._pauses_logged:

@@ -29,13 +29,13 @@ import grpc
 from kvstore.config import NodeConfig, StoreConfig
 from kvstore.errors import KVStoreError
 from kvstore.hostid import host_id
+from kvstore.master.discovery import LeaderWatch, MasterLink
 from kvstore.memory.arena import generation_table_bytes
 from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, NodeService
 from kvstore.store import LocalStore
 from kvstore.v1 import master_pb2 as mpb
-from kvstore.v1 import master_pb2_grpc
 from transport.base import Transport
 from transport.regions import Region
 from transport.registry import create
@@ -98,8 +98,12 @@ class StoreNode:
         self.control_address = self._control.address
         self.control_port = int(self.control_address.rpartition(":")[2])
         self.node_id = node.node_id or f"{socket.gethostname()}-{self.control_port}"
-        self._channel = grpc.insecure_channel(node.master, options=GRPC_OPTIONS)
-        self._master = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
+        # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
+        self._link = MasterLink(node.master, GRPC_OPTIONS)
+        self._leader_changed = threading.Event()
+        self._inflight: Any = None
+        self._watch = LeaderWatch(self._link.address.target, self._on_new_leader) \
+            if self._link.address.target is not None else None
         self.epoch = 0
         self.heartbeat_interval = 1.0
         self._stop = threading.Event()
@@ -125,6 +129,8 @@ class StoreNode:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self, register_timeout: float = 10.0) -> StoreNode:
+        if self._watch is not None:
+            self._watch.start()
         self._thread.start()
         if not self.registered.wait(register_timeout):
             log.warning("node %s: master %s not reachable yet; still trying", self.node_id, self.cfg.master)
@@ -135,9 +141,11 @@ class StoreNode:
         if self._stop.is_set():
             return
         self._stop.set()
+        if self._watch is not None:
+            self._watch.stop()
         self._control.close()
         self._thread.join(timeout=5)
-        self._channel.close()
+        self._link.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.holds.close()
@@ -171,12 +179,11 @@ class StoreNode:
                                       control_address=self.control_address, endpoints=self._endpoints(),
                                       tiers=self._tiers(), held=pages[0], more_held=len(pages) > 1)
         try:
-            resp = self._master.RegisterNode(req, timeout=10, metadata=self._metadata())
+            resp = self._rpc("RegisterNode", req, 10)
             drop = list(resp.drop)
             for i, page in enumerate(pages[1:], 2):  # a node may hold millions of chunks
-                more = self._master.ReportHeld(mpb.ReportHeldRequest(
-                    node_id=self.node_id, epoch=resp.epoch, held=page, last=i == len(pages)),
-                    timeout=10, metadata=self._metadata())
+                more = self._rpc("ReportHeld", mpb.ReportHeldRequest(
+                    node_id=self.node_id, epoch=resp.epoch, held=page, last=i == len(pages)), 10)
                 if more.reregister:
                     raise KVStoreError("the master restarted the registration")
                 drop += more.drop
@@ -199,9 +206,8 @@ class StoreNode:
             lost = lost[:LOST_PAGE]
         req = mpb.HeartbeatRequest(node_id=self.node_id, epoch=self.epoch, tiers=self._tiers(), lost=lost)
         try:
-            resp = self._master.Heartbeat(req, timeout=max(self.heartbeat_interval, 2.0),
-                                          metadata=self._metadata())
-        except grpc.RpcError:
+            resp = self._rpc("Heartbeat", req, max(self.heartbeat_interval, 2.0))
+        except (grpc.RpcError, KVStoreError):
             self.store.return_lost(lost)  # report them next time
             raise
         if resp.reregister:
@@ -210,10 +216,32 @@ class StoreNode:
         for key in resp.remove:
             self.store.remove(key)
 
+    def _rpc(self, method: str, req: Any, timeout: float) -> Any:
+        """One call to the master; abandoned at once if the cluster's leader changes meanwhile
+        (a paused leader would otherwise hold the node for the whole timeout)."""
+        fut = getattr(self._link.stub(timeout), method).future(req, timeout=timeout, metadata=self._metadata())
+        self._inflight = fut
+        try:
+            return fut.result()
+        except grpc.FutureCancelledError as e:
+            raise KVStoreError(f"{method} abandoned: the cluster's leader changed") from e
+        finally:
+            self._inflight = None
+
+    def _on_new_leader(self) -> None:
+        self._link.failed()
+        self._leader_changed.set()
+        fut = self._inflight
+        if fut is not None:
+            fut.cancel()
+
     def _loop(self) -> None:
         next_beat = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
+            if self._leader_changed.is_set():  # a cluster's new leader: heartbeat to it now
+                self._leader_changed.clear()
+                next_beat = 0.0
             if now >= next_beat:
                 try:
                     if not self.registered.is_set() or self.epoch == 0:
@@ -221,9 +249,11 @@ class StoreNode:
                     else:
                         self._heartbeat()
                 except grpc.RpcError as e:
-                    log.warning("node %s: master %s: %s", self.node_id, self.cfg.master, _rpc_text(e))
+                    log.warning("node %s: master %s: %s", self.node_id, self._link.dialed, _rpc_text(e))
+                    self._link.failed()  # a cluster's leader may have changed: ask etcd again
                 except KVStoreError as e:
-                    log.warning("node %s: registration with %s: %s", self.node_id, self.cfg.master, e)
+                    log.warning("node %s: master %s: %s", self.node_id, self._link.dialed, e)
+                    self._link.failed()
                 next_beat = now + self.heartbeat_interval
             self.holds.reap()
             self._stop.wait(min(0.2, self.heartbeat_interval))

@@ -78,34 +78,74 @@ class Cluster:
     master_port: int = field(default_factory=free_port)
     master: Proc | None = None
     nodes: list[Proc] = field(default_factory=list)
+    etcd: str | None = None
+    """An etcd endpoint: run ``1 + standbys`` masters electing a leader (etcd:// address)."""
+    standbys: int = 0
+    cluster: str = "kv"
+    leader_ttl: str = "2s"
+    masters: list[Proc] = field(default_factory=list)
+    master_ports: list[int] = field(default_factory=list)
 
     @property
     def master_address(self) -> str:
+        if self.etcd is not None:
+            return f"etcd://{self.etcd}/{self.cluster}"
         return f"127.0.0.1:{self.master_port}"
 
     def env(self) -> dict[str, str]:
         root = str(Path(__file__).resolve().parents[2])
         return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
 
-    def start_master(self) -> Proc:
+    def start_master(self, i: int = 0) -> Proc:
+        """Start master ``i`` (0 unless several masters run through etcd)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [*CLI, "master", "--port", str(self.master_port), "--metrics-port", "-1",
-                "--data-dir", str(self.workdir / "master"), "--node-ttl", self.node_ttl]
-        self.master = Proc("master", args, self.workdir / "master.log").start(self.env())
-        self.wait_master()
-        return self.master
+        if i == 0 and not self.master_ports:
+            self.master_ports.append(self.master_port)
+        while len(self.master_ports) <= i:
+            self.master_ports.append(free_port())
+        port = self.master_ports[i]
+        name = "master" if i == 0 else f"master{i}"
+        args = [*CLI, "master", "--port", str(port), "--metrics-port", "-1",
+                "--data-dir", str(self.workdir / name), "--node-ttl", self.node_ttl]
+        if self.etcd is not None:
+            args += ["--etcd", self.etcd, "--cluster", self.cluster, "--leader-ttl", self.leader_ttl]
+        proc = Proc(name, args, self.workdir / f"{name}.log").start(self.env())
+        if i < len(self.masters):
+            self.masters[i] = proc
+        else:
+            self.masters.append(proc)
+        if i == 0:
+            self.master = proc
+        self.wait_master(i)
+        return proc
 
-    def wait_master(self, timeout: float = 20.0) -> None:
+    def wait_master(self, i: int = 0, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
+        proc, port = (self.masters[i], self.master_ports[i]) if self.masters else (self.master, self.master_port)
         while time.monotonic() < deadline:
-            assert self.master is not None
-            if not self.master.alive():
-                raise RuntimeError(f"master exited: {self.master.log.read_text()[-2000:]}")
+            assert proc is not None
+            if not proc.alive():
+                raise RuntimeError(f"master exited: {proc.log.read_text()[-2000:]}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.master_port)) == 0:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
                     return
             time.sleep(0.05)
         raise TimeoutError("master did not start")
+
+    def leader(self, timeout: float = 20.0) -> int:
+        """Index of the master that leads now (through etcd), waiting for one to."""
+        from kvstore.master.discovery import find_leader, parse_etcd
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                address = find_leader(parse_etcd(self.master_address), 2.0)
+                return self.master_ports.index(int(address.rpartition(":")[2]))
+            except (KVStoreError, ValueError) as e:
+                last = e
+            time.sleep(0.1)
+        raise TimeoutError(f"no master led within {timeout}s ({last})")
 
     def start_node(self, i: int | None = None) -> Proc:
         i = len(self.nodes) if i is None else i
@@ -124,6 +164,10 @@ class Cluster:
 
     def start(self, nodes: int = 1) -> Cluster:
         self.start_master()
+        if self.etcd is not None:
+            self.leader()  # the first master leads before the standbys start
+            for i in range(1, 1 + self.standbys):
+                self.start_master(i)
         for _ in range(nodes):
             self.start_node()
         self.wait_nodes(nodes)
@@ -152,16 +196,19 @@ class Cluster:
 
     def logs(self) -> str:
         out = []
-        for p in [self.master, *self.nodes]:
+        for p in [*self._master_procs(), *self.nodes]:
             if p is not None and p.log.exists():
                 out.append(f"--- {p.name} ---\n{p.log.read_text()[-3000:]}")
         return "\n".join(out)
 
+    def _master_procs(self) -> list[Proc]:
+        return self.masters or ([self.master] if self.master is not None else [])
+
     def stop(self) -> None:
         for p in self.nodes:
             p.stop()
-        if self.master is not None:
-            self.master.stop()
+        for m in self._master_procs():
+            m.stop()
 
     def __enter__(self) -> Cluster:
         return self

@@ -36,7 +36,7 @@ def cluster(tmp_path):
 def node_of(client: Client, key: bytes) -> str:
     from kvstore.v1 import master_pb2 as mpb
 
-    loc = client._stub.Lookup(mpb.LookupRequest(keys=[key]), timeout=5).locations[0]
+    loc = client._link.stub(5).Lookup(mpb.LookupRequest(keys=[key]), timeout=5).locations[0]
     return loc.nodes[0].node_id if loc.nodes else ""
 
 
