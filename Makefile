@@ -59,7 +59,8 @@ bench: install
 	$(BIN)/python benchmarks/pd_handoff.py --quick --json bench-results/pd_handoff.json
 	$(BIN)/python benchmarks/chaos.py --quick --json bench-results/chaos.json
 
-# The long chaos run: SEEDS seeds of SECONDS each (kill -9, pause, corruption); exits 1 on any
+# The long chaos run: SEEDS seeds of SECONDS each (kill -9, pause, corruption; two masters
+# electing a leader through etcd); exits 1 on any
 # wrong read, lost acknowledged write or unexpected crash.
 SEEDS ?= 20
 SECONDS_PER_SEED ?= 60

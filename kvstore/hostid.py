@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import cache
 from pathlib import Path
@@ -9,9 +10,15 @@ from pathlib import Path
 
 @cache
 def host_id() -> str:
-    """``hostname/boot-id``: equal exactly for processes on the same running kernel."""
+    """``hostname/boot-id/netns``: equal exactly for processes on the same running kernel
+    in the same network namespace (``shm://`` meets its peers on an abstract Unix socket,
+    which does not cross network namespaces: containers on one kernel are different hosts)."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot = "unknown-boot"
-    return f"{socket.gethostname()}/{boot}"
+    try:
+        netns = f"/net:{os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        netns = ""
+    return f"{socket.gethostname()}/{boot}{netns}"

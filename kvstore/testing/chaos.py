@@ -12,6 +12,12 @@ driven by ``seed``, a nemesis that every ``period`` seconds does one of:
 * ``pause_master``: SIGSTOP the master for 1.5x the node TTL, then SIGCONT;
 * ``corrupt``: flip a byte of a value in a node's arena.
 
+With ``etcd`` (an endpoint) two masters run as one cluster (leader + standby, a 2 s
+lease) and everyone uses its ``etcd://`` address; the master faults then hit the
+*leader*, and the harness measures each failover: the time from the fault until a
+fresh client's call is answered (``failovers``), and the share of the clients'
+operations started in that window that succeeded (``availability_during_failover``).
+
 At most one fault is active at a time. Afterwards everything is healed and the
 checker reads back every acknowledged write. It reports, per seed:
 
@@ -59,16 +65,14 @@ def _client(idx: int, master: str, seconds: float, seed: int, out: Any) -> None:
     from kvstore.client import Client
     from kvstore.errors import KVStoreError
     from kvstore.v1 import master_pb2 as pb
-    from kvstore.v1 import master_pb2_grpc as pb_grpc
 
     logging.getLogger("kvstore").setLevel(logging.ERROR)  # expected failures are counted, not logged
-    stub = pb_grpc.MasterStub(grpc.insecure_channel(master))  # type: ignore[no-untyped-call]
 
     def placed(key: bytes) -> list[str]:
         """The nodes the master lists for ``key`` right after its put was acknowledged."""
         try:
-            loc = stub.Lookup(pb.LookupRequest(keys=[key]), timeout=3).locations[0]
-        except grpc.RpcError:
+            loc = c._link.stub(3).Lookup(pb.LookupRequest(keys=[key]), timeout=3).locations[0]
+        except (grpc.RpcError, KVStoreError):
             return []  # unknown placement: the checker counts a loss of it as a loss
         return [n.node_id for n in loc.nodes]
 
@@ -81,12 +85,14 @@ def _client(idx: int, master: str, seconds: float, seed: int, out: Any) -> None:
     # key -> [acked version, when, nodes, uncertain]: the last acknowledged put, and whether an
     # operation on the key failed since (it may or may not have taken effect)
     acked: dict[bytes, list[Any]] = {}
+    timeline: list[tuple[float, bool]] = []  # (wall time an op started, whether it succeeded)
     deadline = time.monotonic() + seconds
     with Client(master, timeout=3.0, retries=2, replicas=2) as c:
         while time.monotonic() < deadline:
             key = rng.choice(keys)
             op = rng.choices(("put", "get", "remove", "prefix"), (4, 8, 1, 1))[0]
             ops[op] += 1
+            timeline.append((time.time(), False))
             try:
                 if op == "put":
                     v = version.get(key, 0) + 1
@@ -108,12 +114,13 @@ def _client(idx: int, master: str, seconds: float, seed: int, out: Any) -> None:
                     acked.pop(key, None)
                 else:
                     c.longest_prefix(keys[:8])
+                timeline[-1] = (timeline[-1][0], True)
             except KVStoreError as e:
                 errors[type(e).__name__] += 1
                 if op == "put" and key not in acked:  # a put that failed may still have landed
                     acked[key] = [version[key], time.time(), [], True]
     out.put(("done", idx, dict(ops), dict(errors), wrong,
-             {k.hex(): [*a, version[k]] for k, a in acked.items()}))
+             {k.hex(): [*a, version[k]] for k, a in acked.items()}, timeline))
 
 
 @dataclass
@@ -128,17 +135,37 @@ class Report:
     faults: list[tuple[float, str, str]] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
     details: list[str] = field(default_factory=list)
+    failovers: list[float] = field(default_factory=list)
+    """Seconds from each fault of the leader until a fresh client was answered (etcd mode)."""
+    failover_ops: int = 0
+    failover_ok: int = 0
+
+    @property
+    def availability_during_failover(self) -> float | None:
+        return self.failover_ok / self.failover_ops if self.failover_ops else None
 
     def row(self) -> dict[str, Any]:
         return {"seed": self.seed, "ops": sum(self.ops.values()), "errors": sum(self.errors.values()),
                 "errors_by_kind": dict(self.errors), "faults": len(self.faults),
                 "fault_kinds": dict(Counter(f[1] for f in self.faults)), "wrong_reads": self.wrong_reads,
                 "lost_acked_writes": self.lost_acked_writes, "destroyed": self.destroyed,
-                "checked": self.checked, "crashes": self.crashes}
+                "checked": self.checked, "crashes": self.crashes,
+                "failovers_s": [round(f, 2) for f in self.failovers],
+                "availability_during_failover": self.availability_during_failover}
+
+
+def _failover(cl: Any, since: float) -> float:
+    """Seconds from ``since`` (wall time of a fault of the leader) until a fresh client's
+    call is answered by the cluster's (new) leader."""
+    from kvstore.client import Client
+
+    with Client(cl.master_address, timeout=30) as probe:
+        probe.stats()
+    return time.time() - since
 
 
 def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, nodes: int = 3,
-        period: float = 4.0, node_ttl: float = 2.0) -> Report:
+        period: float = 4.0, node_ttl: float = 2.0, etcd: str | None = None) -> Report:
     """One seed of the harness (see the module docstring). Processes are ended by PID."""
     from kvstore.client import Client
     from kvstore.errors import KVStoreError
@@ -146,7 +173,9 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
 
     rng = random.Random(seed)
     report = Report(seed)
-    cl = Cluster(workdir, node_ttl=f"{node_ttl}s", dram="64MiB")
+    cl = Cluster(workdir, node_ttl=f"{node_ttl}s", dram="64MiB", etcd=etcd, standbys=1 if etcd else 0,
+                 cluster=f"chaos{seed}", leader_ttl="2s")
+    windows: list[tuple[float, float]] = []  # (fault, answered again) of each leader fault
     ctx = mp.get_context("spawn")
     out: Any = ctx.Queue()
     procs = []
@@ -163,7 +192,7 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
             kind = rng.choice(NEMESES)
             i = rng.randrange(nodes)
             name = f"node{i}"
-            report.faults.append((round(time.monotonic() - start, 2), kind, name if "node" in kind else "master"))
+            report.faults.append((round(time.monotonic() - start, 2), kind, "master" if "master" in kind else name))
             if kind == "kill_node":
                 cl.nodes[i].signal(signal.SIGKILL)
                 killed_at[name].append(time.time())
@@ -174,15 +203,24 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
                 time.sleep(1.5 * node_ttl)
                 cl.nodes[i].signal(signal.SIGCONT)
             elif kind == "kill_master":
-                assert cl.master is not None
-                cl.master.signal(signal.SIGKILL)
+                li = cl.leader() if etcd else 0
+                cl.master_procs()[li].signal(signal.SIGKILL)
+                t0 = time.time()
                 time.sleep(0.5)
-                cl.start_master()
+                cl.start_master(li)  # with etcd it comes back as the standby
+                if etcd:
+                    report.failovers.append(_failover(cl, t0))
+                    windows.append((t0, t0 + report.failovers[-1]))
             elif kind == "pause_master":
-                assert cl.master is not None
-                cl.master.signal(signal.SIGSTOP)
-                time.sleep(1.5 * node_ttl)
-                cl.master.signal(signal.SIGCONT)
+                li = cl.leader() if etcd else 0
+                m = cl.master_procs()[li]
+                m.signal(signal.SIGSTOP)
+                t0 = time.time()
+                if etcd:  # past its 2 s lease: the standby takes over while it sleeps
+                    report.failovers.append(_failover(cl, t0))
+                    windows.append((t0, t0 + report.failovers[-1]))
+                time.sleep(max(1.5 * node_ttl - (time.time() - t0), 0))
+                m.signal(signal.SIGCONT)
             else:
                 if _corrupt_one(cl.nodes[i].pid, rng):
                     killed_at[name].append(time.time())  # that replica may be gone (a miss, never wrong bytes)
@@ -204,13 +242,18 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
             if not node.alive():
                 report.crashes.append(f"node{i}")
                 cl.start_node(i)
-        if cl.master is not None and not cl.master.alive():
-            report.crashes.append("master")
-            cl.start_master()
+        for i, m in enumerate(cl.master_procs()):
+            if not m.alive():
+                report.crashes.append(f"master{i}")
+                cl.start_master(i)
         cl.wait_nodes(nodes, timeout=60)
         time.sleep(node_ttl)
         with Client(cl.master_address, timeout=10) as c:
-            for _, idx, ops, errors, wrong, acked in results:
+            for _, idx, ops, errors, wrong, acked, timeline in results:
+                for t, ok in timeline:
+                    if any(lo <= t <= hi for lo, hi in windows):
+                        report.failover_ops += 1
+                        report.failover_ok += ok
                 report.ops.update(ops)
                 report.errors.update(errors)
                 report.wrong_reads += len(wrong)

@@ -196,18 +196,18 @@ class Cluster:
 
     def logs(self) -> str:
         out = []
-        for p in [*self._master_procs(), *self.nodes]:
+        for p in [*self.master_procs(), *self.nodes]:
             if p is not None and p.log.exists():
                 out.append(f"--- {p.name} ---\n{p.log.read_text()[-3000:]}")
         return "\n".join(out)
 
-    def _master_procs(self) -> list[Proc]:
+    def master_procs(self) -> list[Proc]:
         return self.masters or ([self.master] if self.master is not None else [])
 
     def stop(self) -> None:
         for p in self.nodes:
             p.stop()
-        for m in self._master_procs():
+        for m in self.master_procs():
             m.stop()
 
     def __enter__(self) -> Cluster:

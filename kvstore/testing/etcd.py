@@ -29,6 +29,7 @@ class EtcdServer:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server; `make install` does)")
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-etcd-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port, peer = free_port(), free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.log = self.data_dir / "etcd.log"
