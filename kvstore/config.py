@@ -120,6 +120,11 @@ class MasterConfig:
         default=None,
         metadata={"doc": "File holding a shared token; RPCs must send 'authorization: Bearer <token>'."},
     )
+    auth_dir: Path | None = field(
+        default=None,
+        metadata={"doc": "Credentials directory from `kvstore auth init`: tokens per role (admin, node, "
+                         "client per tenant); re-read when it changes. Exclusive with master.token_file."},
+    )
     sync_writes: bool = field(
         default=False,
         metadata={"doc": "fsync the RocksDB WAL on every change (power-loss safe, slower)."},
@@ -170,6 +175,9 @@ class MasterConfig:
         for name in ("put_ttl", "lease_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"master.{name} must be > 0")
+        if self.token_file is not None and self.auth_dir is not None:
+            raise ConfigError("master.token_file and master.auth_dir are exclusive: one shared token, "
+                              "or a credentials directory with a token per role")
         if self.leader_ttl < 2 or self.leader_ttl != int(self.leader_ttl):
             raise ConfigError(f"master.leader_ttl must be whole seconds, at least 2s (an etcd lease), "
                               f"got {self.leader_ttl}s")
@@ -187,7 +195,7 @@ class MasterConfig:
             raise ConfigError(f"master.max_batch must be >= 1, got {self.max_batch}")
         if self.max_replicas < 1:
             raise ConfigError(f"master.max_replicas must be >= 1, got {self.max_replicas}")
-        for name in ("data_dir", "token_file"):
+        for name in ("data_dir", "token_file", "auth_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 
@@ -216,6 +224,21 @@ class NodeConfig:
     metrics_port: int = field(
         default=0, metadata={"doc": "Prometheus /metrics HTTP port on node.host; 0 picks one, -1 disables."}
     )
+    max_connections: int = field(
+        default=1024, metadata={"doc": "Most open connections on the node's control channel; more are refused."}
+    )
+    idle_timeout: float = field(
+        default=300.0,
+        metadata={"unit": "duration", "doc": "Close a control connection idle this long between requests."},
+    )
+    max_holds: int = field(
+        default=65536, metadata={"doc": "Most handles (puts/reads in flight) one client session may hold."}
+    )
+    insecure: bool = field(
+        default=False,
+        metadata={"doc": "Serve a non-loopback node.host without a token (protected mode refuses that "
+                         "by default)."},
+    )
 
     def __post_init__(self) -> None:
         _coerce_units(self, "node")
@@ -227,6 +250,12 @@ class NodeConfig:
                 raise ConfigError(f"node.transports: {uri!r} is not a URI like 'tcp://'")
         if self.hold_ttl <= 0:
             raise ConfigError("node.hold_ttl must be > 0")
+        for name in ("max_connections", "max_holds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"node.{name} must be an integer >= 1, got {v!r}")
+        if self.idle_timeout <= 0:
+            raise ConfigError("node.idle_timeout must be > 0")
 
 
 @dataclass(frozen=True)

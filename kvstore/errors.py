@@ -113,6 +113,7 @@ STATUS_ERRORS: dict[str, type[KVStoreError] | None] = {
     "INVALID": InvalidArgument,
     "MALFORMED": InvalidArgument,
     "INTERNAL": TransportError,
+    "DENIED": PermissionDenied,  # the peer refused this caller's credential
     "ITEM_STATUS_UNSPECIFIED": KVStoreError,
 }
 """Per-item status name (any vocabulary) -> the error it means (``None``: not an error)."""

@@ -49,11 +49,12 @@ Thread-safety: every method may be called from any thread concurrently.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
@@ -102,6 +103,10 @@ class TransportOptions:
     listen: bool = True
     """Serve peers. ``False``: an initiator only (no listening socket, no server threads;
     :meth:`Transport.metadata` then raises), for processes that only connect out."""
+    token: bytes | None = None
+    """Credential sent when connecting to peers that require one (``tcp://``: an AUTH frame)."""
+    authorize: Callable[[bytes | None], bool] | None = None
+    """Serving side: a peer must first present a token this accepts (``tcp://``); None: open."""
 
 
 class Peer:
@@ -134,7 +139,7 @@ class Transport(ABC):
         opts = options or TransportOptions()
         params = dict(opts.params)
         params.update(parse_qsl(parts.query))
-        self.options = TransportOptions(opts.streams, opts.stripe_min, opts.connect_timeout, params, opts.listen)
+        self.options = dataclasses.replace(opts, params=params)
         if self.options.streams < 1:
             raise InvalidArgument(f"streams must be >= 1, got {self.options.streams}")
         self.uri = uri

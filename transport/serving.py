@@ -21,6 +21,8 @@ from kvstore.errors import InvalidArgument, KVStoreError
 from transport.base import Transport
 from transport.regions import Region
 from transport.wire import (
+    AUTH,
+    E_DENIED,
     E_INVALID,
     E_MALFORMED,
     HEADER,
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 # handler(conn, header, descs, aux) -> keep the connection open?
 Handler = Callable[[socket.socket, Header, list[WireDesc], bytes], bool]
 _U64 = struct.Struct("<Q")
+MAX_TOKEN = 1024
 
 
 def send_reply(
@@ -84,9 +87,13 @@ def release_ranges(t: Transport, got: list[tuple[Region, WireDesc]]) -> None:
         t._release(r.id)
 
 
-def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str) -> None:
-    """Serve frames on ``conn`` until EOF, an error, or a handler asks to close."""
+def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str,
+                     authorize: Callable[[bytes | None], bool] | None = None) -> None:
+    """Serve frames on ``conn`` until EOF, an error, or a handler asks to close. With
+    ``authorize``, the first frame must be an AUTH whose token (its aux bytes) passes it;
+    anything else, or a refused token, is answered DENIED and the connection closed."""
     hdr = bytearray(HEADER.size)
+    authed = authorize is None
     try:
         while True:
             try:
@@ -103,6 +110,19 @@ def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str
                 log.warning("%s: rejecting malformed frame: %s", who, e)
                 send_reply(conn, E_MALFORMED, 0, str(e))
                 return
+            if not authed or h.op == AUTH:
+                if h.op != AUTH or h.n or h.aux_len > MAX_TOKEN:
+                    log.warning("%s: refused a peer that did not authenticate first", who)
+                    send_reply(conn, E_DENIED, h.req_id, "authenticate first: this endpoint requires a token")
+                    return
+                token = recv_bytes(conn, h.aux_len)
+                if authorize is not None and not authorize(token):
+                    log.warning("%s: refused a peer's token", who)
+                    send_reply(conn, E_DENIED, h.req_id, "token refused")
+                    return
+                authed = True
+                send_reply(conn, OK, h.req_id)
+                continue
             descs = parse_descs(recv_bytes(conn, h.n * 28), h.n)
             aux = recv_bytes(conn, h.aux_len)
             handler = handlers.get(h.op)
@@ -125,12 +145,16 @@ def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str
 
 class ConnectionServer:
     """Accept loop over a bound, listening socket; ``serve(conn)`` on a daemon thread per
-    connection. ``close()`` wakes the accept loop and shuts every open connection."""
+    connection, at most ``max_connections`` at once (more are closed on accept, logged).
+    ``close()`` wakes the accept loop and shuts every open connection."""
 
-    def __init__(self, listener: socket.socket, serve: Callable[[socket.socket], None], who: str) -> None:
+    def __init__(self, listener: socket.socket, serve: Callable[[socket.socket], None], who: str, *,
+                 max_connections: int = 4096) -> None:
         self._listener = listener
         self._serve_conn = serve
         self._who = who
+        self.max_connections = max_connections
+        self.rejected = 0
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -147,7 +171,16 @@ class ConnectionServer:
                 if self._closed:
                     conn.close()
                     return
-                self._conns.add(conn)
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                self.rejected += 1
+                if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
+                    log.warning("%s: %d connections open (the cap); refused %d so far", self._who,
+                                self.max_connections, self.rejected)
+                conn.close()
+                continue
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name=f"{self._who}-conn", daemon=True).start()
@@ -178,10 +211,21 @@ class ConnectionServer:
 
 
 class FrameServer(ConnectionServer):
-    """A :class:`ConnectionServer` speaking the data-plane frames to ``handlers``."""
+    """A :class:`ConnectionServer` speaking the data-plane frames to ``handlers`` (peers
+    authenticate first when ``authorize`` is given)."""
 
-    def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str) -> None:
-        super().__init__(listener, lambda conn: serve_connection(conn, handlers, who), who)
+    def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str,
+                 authorize: Callable[[bytes | None], bool] | None = None,
+                 admit: Callable[[socket.socket], str | None] | None = None) -> None:
+        def serve(conn: socket.socket) -> None:
+            refusal = admit(conn) if admit is not None else None
+            if refusal is not None:
+                log.warning("%s: refused a peer: %s", who, refusal)
+                send_reply(conn, E_DENIED, 0, refusal)
+                return
+            serve_connection(conn, handlers, who, authorize)
+
+        super().__init__(listener, serve, who)
 
 
 def control_handlers(t: Transport) -> dict[int, Handler]:

@@ -7,6 +7,7 @@ message naming them (a typo must not silently disable a feature).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from kvstore.client.breaker import Breaker
@@ -35,7 +36,10 @@ class ConnectorConfig:
     """P/D: seconds a consumer waits for chunks the producer announced in
     ``kv_transfer_params`` but has not finished storing yet."""
     token: str | None = None
-    """Bearer token for the master, if it requires one."""
+    """Bearer token for the master and the nodes, if they require one (prefer ``token_file``)."""
+    token_file: str | None = None
+    """File holding that token (a tenant's token from ``kvstore auth init``/``add-tenant``),
+    so the secret stays out of the engine's command line and logs."""
     kernel_threads: int = 1
     """Threads of the gather/scatter kernels (the engine's own threads do the math)."""
     load_batch_bytes: int = 64 << 20
@@ -95,6 +99,16 @@ class ConnectorConfig:
             raise ConfigError("kv_connector_extra_config.master is required ('127.0.0.1:PORT')")
         if "load_async" in extra:
             extra["load_async"] = _as_bool("load_async", extra["load_async"])
+        if extra.get("token_file"):
+            if extra.get("token"):
+                raise ConfigError("kv_connector_extra_config: give token or token_file, not both")
+            try:
+                extra["token"] = Path(str(extra["token_file"])).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"kv_connector_extra_config.token_file {extra['token_file']}: "
+                                  f"{e.strerror}") from e
+            if not extra["token"]:
+                raise ConfigError(f"kv_connector_extra_config.token_file {extra['token_file']} is empty")
         for name in ("timeout", "lookup_timeout", "handoff_wait", "shutdown_flush_timeout", "breaker_max_backoff"):
             if name in extra:
                 extra[name] = _as_float(name, extra[name])

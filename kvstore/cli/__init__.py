@@ -22,6 +22,7 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
+    from kvstore.cli.auth import auth
     from kvstore.cli.demo import demo
     from kvstore.cli.local_demo import local_demo
     from kvstore.cli.master import master
@@ -29,7 +30,7 @@ def _register() -> None:
     from kvstore.cli.status import status
     from kvstore.cli.up import up
 
-    for command in (up, master, node, status, demo, local_demo):
+    for command in (up, master, node, status, demo, local_demo, auth):
         cli.add_command(command)
     from kvstore.cli.proxy import proxy; cli.add_command(proxy)  # noqa: E702, I001
 

@@ -19,7 +19,7 @@ from kvstore.units import format_size, parse_size
 @click.option("--batch", default=16, show_default=True, help="Chunks per batched call.")
 @click.option("--tcp", is_flag=True, help="Disable the same-host shared-memory path (use TCP).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File with the master's shared token.")
+              help="File with this caller's token: the master's shared token, or one from `kvstore auth init`.")
 @click.option("--handoff", is_flag=True,
               help="Instead: prefill a prompt with a tiny local Llama in one process, decode it in "
                    "another from the store, and compare with a single-process run (needs kvstore[hf]).")

@@ -29,6 +29,9 @@ from kvstore.units import parse_duration
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with a shared token; every RPC must then send "
                    "'authorization: Bearer <token>'.")
+@click.option("--auth-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Credentials directory from `kvstore auth init`: a token per role (admin, node, "
+                   "client per tenant) [default: none, master.auth_dir].")
 @click.option("--etcd", default=None,
               help="etcd endpoints HOST:PORT[,HOST:PORT]: elect one leader among the masters of "
                    "--cluster; the others wait as standbys [default: one master, no etcd].")
@@ -42,7 +45,8 @@ from kvstore.units import parse_duration
               help="etcd lease of the leader, whole seconds >= 2: a standby takes over this long "
                    "after the leader dies [default: 3s, master.leader_ttl].")
 def master(host: str | None, port: int | None, metrics_port: int | None, data_dir: Path | None,
-           node_ttl: str | None, config_file: Path | None, token_file: Path | None, etcd: str | None,
+           node_ttl: str | None, config_file: Path | None, token_file: Path | None, auth_dir: Path | None,
+           etcd: str | None,
            cluster: str | None, advertise: str | None, leader_ttl: str | None) -> None:
     """Run the metadata master: knows where every chunk lives, never touches data.
 
@@ -55,6 +59,7 @@ def master(host: str | None, port: int | None, metrics_port: int | None, data_di
                              "data_dir": str(data_dir) if data_dir else None,
                              "node_ttl": node_ttl,
                              "token_file": str(token_file) if token_file else None,
+                             "auth_dir": str(auth_dir) if auth_dir else None,
                              "etcd": etcd, "cluster": cluster, "advertise": advertise,
                              "leader_ttl": leader_ttl}
     overrides = {f"master.{k}": v for k, v in flags.items() if v is not None}

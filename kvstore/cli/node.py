@@ -43,7 +43,7 @@ def serve_until_signal(stop: Any) -> None:
 @click.option("--disk", default="4GiB", show_default=True, help="Disk tier capacity.")
 @click.option("--metrics-port", default=0, show_default=True, help="Prometheus port (0: any, -1: off).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File with the master's shared token.")
+              help="File with this caller's token: the master's shared token, or one from `kvstore auth init`.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML config file ([store] section; flags win).")
 def node(master: str, node_id: str, host: str, control_port: int, transports: tuple[str, ...], dram: str,

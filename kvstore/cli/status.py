@@ -13,7 +13,7 @@ from kvstore.units import format_size
 @click.command("status")
 @click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port, or etcd://HOST:PORT/CLUSTER (follow the leader of a cluster of masters).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File with the master's shared token.")
+              help="File with this caller's token: the master's shared token, or one from `kvstore auth init`.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the master.")
 def status(master: str, token_file: Path | None, timeout: float) -> None:
     """Print nodes, tiers (used/capacity), objects and hit/miss counts."""

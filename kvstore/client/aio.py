@@ -60,7 +60,7 @@ class AsyncClient(ClientCore):
         self._dialed = ""
         self._fast_master = ""
         # Node connections and same-host mappings; the control clients are async ones.
-        self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout)
+        self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout, token=self.token)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- running flows -----------------------------------------------------------------
@@ -157,7 +157,8 @@ class AsyncClient(ClientCore):
         conn = self._conns.cached(node)
         if conn is not None:
             return conn
-        conn = NodeConn(node.node_id, node.epoch, AsyncControlClient(node.control_address, self.timeout))
+        conn = NodeConn(node.node_id, node.epoch, AsyncControlClient(
+            node.control_address, self.timeout, token=self._conns.token, session=self._conns.session))
         ep = self._conns.shm_endpoint(node)
         if ep is not None:
             try:

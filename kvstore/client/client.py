@@ -79,7 +79,7 @@ class Client(ClientCore):
         # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
         self._link = MasterLink(master, GRPC_OPTIONS)
         self._fast_master = ""  # the master whose framed channel self._fast is
-        self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout)
+        self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout, token=self.token)
         self._releaser = Releaser()
 
     # -- running flows -----------------------------------------------------------------

@@ -12,6 +12,7 @@ and extent-generation table, for one-sided reads and direct writes
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +59,13 @@ class NodeConn:
 class Connections:
     """Opens and caches connections to nodes. Thread-safe."""
 
-    def __init__(self, host_id: str, *, same_host: bool, timeout: float) -> None:
+    def __init__(self, host_id: str, *, same_host: bool, timeout: float, token: str | None = None) -> None:
         self.host_id = host_id
         self.same_host = same_host
         self.timeout = timeout
+        self.token = token
+        self.session = secrets.token_bytes(16)
+        """Named in every connection's AUTH: the node binds this client's handles to it."""
         self._shm: Transport | None = None
         self._conns: dict[tuple[str, int], NodeConn] = {}
         self._lock = threading.Lock()
@@ -98,7 +102,8 @@ class Connections:
         conn = self.cached(node)
         if conn is not None:
             return conn
-        conn = NodeConn(node.node_id, node.epoch, ControlClient(node.control_address, self.timeout))
+        conn = NodeConn(node.node_id, node.epoch, ControlClient(node.control_address, self.timeout,
+                                                                token=self.token, session=self.session))
         ep = self.shm_endpoint(node)
         if ep is not None:
             try:

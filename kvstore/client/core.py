@@ -117,6 +117,7 @@ class ClientCore:
         self.replicas = replicas
         self.same_host = same_host
         self.host_id = host or host_id()
+        self.token = token
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._auth = f"Bearer {token}".encode() if token else None
         # The master's framed channel (kvstore.master.fast), learned from Hello; re-asked

@@ -128,12 +128,13 @@ class MasterServer:
 def refuse_unprotected(config: MasterConfig, token: str | None) -> None:
     """Protected mode (as Redis has): a master reachable from other hosts must require a
     token, unless ``master.insecure`` says otherwise. Raises :class:`ConfigError`."""
-    if token or config.insecure or _loopback(config.host):
+    if token or config.auth_dir is not None or config.insecure or _loopback(config.host):
         return
     raise ConfigError(
         f"master: refusing to serve {config.host} without authentication: anyone on the network could "
-        "read the pool's metadata and register fake nodes. Set master.token_file (--token-file; nodes "
-        "and clients then send the token), bind 127.0.0.1, or set master.insecure = true.")
+        "read the pool's metadata and register fake nodes. Set master.auth_dir (--auth-dir, from "
+        "`kvstore auth init`) or master.token_file (--token-file; nodes and clients then send a token), "
+        "bind 127.0.0.1, or set master.insecure = true.")
 
 
 def _loopback(host: str) -> bool:

@@ -15,7 +15,6 @@ The server around it (binding, tick task, shutdown) is :mod:`kvstore.master.serv
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from kvstore.auth import CREDENTIALS, Credentials
 from kvstore.config import MasterConfig
 from kvstore.errors import ConfigError, KVStoreError, NoSpace
 from kvstore.master.convert import (
@@ -98,7 +98,11 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self.store = store
         self.metrics = metrics or MasterMetrics()
         self.clock = clock or Clock()
-        self._token = f"Bearer {token}".encode() if token else None
+        # who may call: one shared token (master.token_file, every role) or a credentials
+        # directory (master.auth_dir: tokens mapped to roles; re-read when it changes)
+        self.credentials: Credentials | None = Credentials.shared(token) if token else \
+            Credentials.load(config.auth_dir) if config.auth_dir is not None else None
+        self._credentials_mtime = self._auth_mtime()
         self._unwritten: list[Any] = []
         self._pauses_logged = 0
         self.fast_address = ""
@@ -121,8 +125,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         with the gRPC status to answer."""
         t0 = time.perf_counter()
         try:
-            if self._token is not None:
-                self._check_token(authorization)
+            if self.credentials is not None:
+                self._authorize(name, authorization)
             if self.leading is not None and not self.leading():
                 raise _Reject(grpc.StatusCode.UNAVAILABLE, self.standby_message)
             if self.warm_until and name not in NODE_CALLS and time.monotonic() < self.warm_until:
@@ -153,15 +157,57 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
         return handler
 
-    def _check_token(self, authorization: bytes | None) -> None:
-        assert self._token is not None
+    def _authorize(self, name: str, authorization: bytes | None) -> None:
+        """The caller's token must stand for a role allowed to call ``name``."""
+        assert self.credentials is not None
+        where = ("master.token_file" if self.credentials.source == "master.token_file"
+                 else "the role's token file (master.auth_dir)")
         if authorization is None:
             raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
-                          "this master requires a token; send metadata "
-                          "'authorization: Bearer <token from master.token_file>'")
-        if not hmac.compare_digest(authorization, self._token):
+                          f"this master requires a token; send metadata 'authorization: Bearer <token>' "
+                          f"with the token from {where}")
+        token = authorization.removeprefix(b"Bearer ").strip()
+        who = self.credentials.check(token)
+        if who is None:
             raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
-                          "bad token; send metadata 'authorization: Bearer <master.token_file>'")
+                          f"bad token: send 'authorization: Bearer <token>' with the token from {where}")
+        if who.role != "admin" and name != "Hello" and (who.role == "node") != (name in NODE_CALLS):
+            raise _Reject(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{name} is not allowed for a {who.role} credential "
+                          f"({'only nodes register and heartbeat' if name in NODE_CALLS else 'nodes may only register and heartbeat'})")
+
+    def _auth_mtime(self) -> float:
+        if self.config.auth_dir is None:
+            return 0.0
+        try:
+            return (Path(self.config.auth_dir) / CREDENTIALS).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _reload_credentials(self) -> None:
+        """Pick up tenants added while running (``kvstore auth add-tenant``)."""
+        if self.config.auth_dir is None or self.credentials is None:
+            return
+        mtime = self._auth_mtime()
+        if mtime == self._credentials_mtime:
+            return
+        try:
+            self.credentials = Credentials.load(self.config.auth_dir)
+        except ConfigError as e:
+            log.error("keeping the previous credentials: %s", e)
+        else:
+            log.info("credentials reloaded from %s: %d entries", self.config.auth_dir,
+                     len(self.credentials.entries))
+        self._credentials_mtime = mtime
+
+    def _auth_fields(self, known_version: str | None) -> dict[str, Any]:
+        """The client-token digests a node must accept (when its copy is not current)."""
+        if self.credentials is None:
+            return {}
+        version = self.credentials.version()
+        if known_version == version:
+            return {"auth_version": version}
+        return {"auth_version": version, "client_digests": self.credentials.client_digests()}
 
     def lead(self, state: MasterState, warmup: float) -> None:
         """Serve ``state``, restored from the journal (this master just won the election);
@@ -223,7 +269,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
             log.info("node %s registered (epoch %d), told to drop %d stale keys",
                      req.node_id, r.epoch, len(r.drop))
         return pb.RegisterNodeResponse(epoch=r.epoch, heartbeat_interval_ms=r.heartbeat_interval_ms,
-                                       node_ttl_ms=r.node_ttl_ms, drop=r.drop)
+                                       node_ttl_ms=r.node_ttl_ms, drop=r.drop, **self._auth_fields(None))
 
     def _ReportHeld(self, req: pb.ReportHeldRequest) -> pb.ReportHeldResponse:
         self._node_id(req.node_id)
@@ -236,7 +282,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self._keys(req.lost, "Heartbeat.lost")
         r = self.state.heartbeat(self.clock(), req.node_id, req.epoch, tiers_in(req.tiers),
                                  list(req.lost))
-        return pb.HeartbeatResponse(reregister=r.reregister, remove=r.remove)
+        return pb.HeartbeatResponse(reregister=r.reregister, remove=r.remove,
+                                    **self._auth_fields(req.auth_version))
 
     def _PutStart(self, req: pb.PutStartRequest) -> pb.PutStartResponse:
         self._keys([i.key for i in req.items], "PutStart")
@@ -307,6 +354,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     def tick(self) -> None:
         """Expire what is due, persist, refresh metrics. Logs; raises only KVStoreError."""
+        self._reload_credentials()
         if self.leading is not None and not self.leading():
             return  # a standby's (or deposed leader's) table is not the pool's
         now = self.clock()

@@ -8,6 +8,7 @@ makes two of them (docs/design/node-control.md).
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -19,10 +20,11 @@ import numpy as np
 import xxhash
 
 from kvstore.checksum import BLOCK, combine, key_seed, nblocks, segments
-from kvstore.errors import InvalidArgument, Timeout, TransportError
+from kvstore.errors import InvalidArgument, PermissionDenied, Timeout, TransportError
 from kvstore.framing import FLAG_ERROR, HEADER, REPLY_BIT
 from kvstore.node.protocol import (
     MAX_ITEMS,
+    MAX_PREAUTH_FRAME,
     Allocated,
     Fetched,
     Op,
@@ -61,7 +63,17 @@ class Incoming:
             n -= take
 
 
-Handler = Callable[[Op, list[Any], Incoming], "list[Any] | Streamed"]
+Handler = Callable[[Op, list[Any], Incoming, bytes], "list[Any] | Streamed"]
+Authorize = Callable[[bytes | None], bool]
+
+
+def _auth_item(items: list[Any], session: bytes) -> tuple[bytes | None, bytes]:
+    """AUTH's ``[token or None, session]``; ValueError if malformed."""
+    if len(items) != 2 or not (items[0] is None or isinstance(items[0], (bytes, str))) \
+            or not isinstance(items[1], bytes) or len(items[1]) != 16:
+        raise ValueError("AUTH takes [token or nil, 16-byte session id]")
+    token = items[0].encode() if isinstance(items[0], str) else items[0]
+    return token, items[1]
 
 
 def _unpack(payload: bytes) -> Any:
@@ -70,27 +82,54 @@ def _unpack(payload: bytes) -> Any:
 
 
 class ControlServer:
-    """Serves ``handler(op, items) -> results`` on ``host:port``, one thread per connection."""
+    """Serves ``handler(op, items, incoming, session) -> results`` on ``host:port``, one
+    thread per connection (at most ``max_connections``; one idle past ``idle_timeout``
+    seconds between requests is closed).
 
-    def __init__(self, host: str, port: int, handler: Handler) -> None:
+    ``authorize(token) -> bool``: when given, a connection must open with an AUTH whose
+    token passes it; nothing else is served before that. Every connection's session is
+    the one its AUTH named (a fresh one without AUTH): handles belong to it.
+    """
+
+    def __init__(self, host: str, port: int, handler: Handler, *, authorize: Authorize | None = None,
+                 max_connections: int = 1024, idle_timeout: float = 300.0) -> None:
         self._handler = handler
+        self._authorize = authorize
+        self._idle = idle_timeout
         lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind((host, port))
         lsock.listen(128)
         self.address = f"{host}:{lsock.getsockname()[1]}"
-        self._server = ConnectionServer(lsock, self._serve, "node-control")
+        self.refused = 0
+        self._server = ConnectionServer(lsock, self._serve, "node-control", max_connections=max_connections)
 
     def _serve(self, conn: socket.socket) -> None:
+        session = secrets.token_bytes(16)
+        authed = self._authorize is None
         try:
             while True:
                 try:
+                    conn.settimeout(self._idle)  # between requests; a request then has its own pace
                     op, _flags, length = parse_header(recv_bytes(conn, HEADER.size))
+                    if not authed and (op != Op.AUTH or length > MAX_PREAUTH_FRAME):
+                        self.refused += 1
+                        raise PermissionError("authenticate first: this node requires a token (AUTH)")
+                    conn.settimeout(None)
                     items = _unpack(recv_bytes(conn, length))
                     if not isinstance(items, list) or len(items) > MAX_ITEMS:
                         raise ValueError(f"payload must be a list of at most {MAX_ITEMS} items")
-                    results = self._handler(Op(op), items, Incoming(conn))
-                except (ValueError, TypeError, InvalidArgument, msgpack.UnpackException) as e:
+                    if op == Op.AUTH:
+                        token, session = _auth_item(items, session)
+                        if self._authorize is not None and not self._authorize(token):
+                            self.refused += 1
+                            conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb([SlotStatus.DENIED])))
+                            return
+                        authed = True
+                        conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb([SlotStatus.OK])))
+                        continue
+                    results = self._handler(Op(op), items, Incoming(conn), session)
+                except (ValueError, TypeError, InvalidArgument, PermissionError, msgpack.UnpackException) as e:
                     # The stream can no longer be trusted: answer once, then hang up.
                     conn.sendall(pack_frame(REPLY_BIT, msgpack.packb(f"bad request: {e}"), FLAG_ERROR))
                     return
@@ -103,7 +142,7 @@ class ControlServer:
                         results.done()
                 else:
                     conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb(results)))
-        except (ConnectionError, OSError, TransportError):  # the client went away
+        except (ConnectionError, OSError, TransportError):  # the client went away (or idled out)
             return
 
     def close(self) -> None:
@@ -116,11 +155,13 @@ class ControlClient:
     (:class:`kvstore.node.control_aio.AsyncControlClient` is the asyncio twin.)
     """
 
-    def __init__(self, address: str, connect_timeout: float = 5.0) -> None:
+    def __init__(self, address: str, connect_timeout: float = 5.0, *, token: str | None = None,
+                 session: bytes | None = None) -> None:
         host, _, port = address.rpartition(":")
         self._addr = (host.strip("[]"), int(port))
         self.address = address
         self._connect_timeout = connect_timeout
+        self._auth = auth_frame(token, session or secrets.token_bytes(16))
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -191,15 +232,42 @@ class ControlClient:
             if self._idle:
                 return self._idle.pop()
         try:
-            return connect_tcp(self._addr, min(timeout, self._connect_timeout))
+            sock = connect_tcp(self._addr, min(timeout, self._connect_timeout))
         except OSError as e:
             raise TransportError(f"cannot reach node control {self.address}: {e}") from e
+        try:  # every connection opens with AUTH: the token (if any) and this client's session
+            sock.settimeout(min(timeout, self._connect_timeout))
+            sock.sendall(self._auth)
+            rop, flags, length = parse_header(recv_bytes(sock, HEADER.size))
+            check_auth(rop, flags, _unpack(recv_bytes(sock, length)), self.address)
+        except (OSError, ValueError, TypeError, TransportError) as e:
+            sock.close()
+            if isinstance(e, (PermissionDenied, InvalidArgument)):
+                raise
+            raise TransportError(f"AUTH to node {self.address}: {e}") from e
+        return sock
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for s in idle:
             s.close()
+
+
+def auth_frame(token: str | None, session: bytes) -> bytes:
+    """The AUTH frame a client opens each connection with."""
+    return pack_frame(Op.AUTH, msgpack.packb([token.encode() if token else None, session]))
+
+
+def check_auth(rop: int, flags: int, payload: Any, address: str) -> None:
+    """PermissionDenied if the node refused the token; TransportError for a foreign reply."""
+    if flags & FLAG_ERROR:
+        raise InvalidArgument(f"node {address} refused AUTH: {payload!r:.200}")
+    if isinstance(payload, list) and payload == [SlotStatus.DENIED]:
+        raise PermissionDenied(f"node {address} refused this client's token; use a token the "
+                               "master's credentials accept (a client or admin token)")
+    if rop != Op.AUTH | REPLY_BIT or payload != [SlotStatus.OK]:
+        raise TransportError(f"AUTH to node {address}: malformed reply")
 
 
 def check_reply(op: Op, rop: int, flags: int, payload: Any, n: int, address: str) -> list[Any]:

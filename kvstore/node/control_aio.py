@@ -10,19 +10,22 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
 
-from kvstore.errors import InvalidArgument, Timeout, TransportError
+from kvstore.errors import InvalidArgument, PermissionDenied, Timeout, TransportError
 from kvstore.framing import HEADER
 from kvstore.node.control import (
     FetchRequest,
     ReceivePlan,
     StoreRequest,
     _unpack,
+    auth_frame,
+    check_auth,
     check_reply,
     fetch_items,
 )
@@ -33,11 +36,13 @@ from transport.wire import connect_tcp_async, recv_bytes_async, recv_exact_async
 class AsyncControlClient:
     """Calls a node's control server from asyncio code. Not thread-safe (one loop)."""
 
-    def __init__(self, address: str, connect_timeout: float = 5.0) -> None:
+    def __init__(self, address: str, connect_timeout: float = 5.0, *, token: str | None = None,
+                 session: bytes | None = None) -> None:
         host, _, port = address.rpartition(":")
         self._addr = (host.strip("[]"), int(port))
         self.address = address
         self._connect_timeout = connect_timeout
+        self._auth = auth_frame(token, session or secrets.token_bytes(16))
         self._idle: list[socket.socket] = []
 
     async def call(self, op: Op, items: list[Any], timeout: float) -> list[Any]:
@@ -101,9 +106,21 @@ class AsyncControlClient:
         if self._idle:
             return self._idle.pop()
         try:
-            return await connect_tcp_async(self._addr, min(timeout, self._connect_timeout))
+            sock = await connect_tcp_async(self._addr, min(timeout, self._connect_timeout))
         except (OSError, TimeoutError) as e:
             raise TransportError(f"cannot reach node control {self.address}: {e}") from e
+        loop = asyncio.get_running_loop()
+        try:  # every connection opens with AUTH (see ControlClient)
+            async with asyncio.timeout(min(timeout, self._connect_timeout)):
+                await loop.sock_sendall(sock, self._auth)
+                rop, flags, length = parse_header(await recv_bytes_async(sock, HEADER.size))
+                check_auth(rop, flags, _unpack(await recv_bytes_async(sock, length)), self.address)
+        except (OSError, ValueError, TypeError, TimeoutError, TransportError) as e:
+            sock.close()
+            if isinstance(e, (PermissionDenied, InvalidArgument)):
+                raise
+            raise TransportError(f"AUTH to node {self.address}: {e}") from e
+        return sock
 
     def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -18,6 +18,7 @@ that already know it and re-registers when the master returns.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -26,8 +27,9 @@ from typing import Any
 
 import grpc
 
+from kvstore.auth import digest
 from kvstore.config import NodeConfig, StoreConfig
-from kvstore.errors import KVStoreError
+from kvstore.errors import ConfigError, KVStoreError
 from kvstore.hostid import host_id
 from kvstore.master.discovery import LeaderWatch, MasterLink
 from kvstore.memory.arena import generation_table_bytes
@@ -36,7 +38,7 @@ from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, NodeService
 from kvstore.store import LocalStore
 from kvstore.v1 import master_pb2 as mpb
-from transport.base import Transport
+from transport.base import Transport, TransportOptions
 from transport.regions import Region
 from transport.registry import create
 
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 LOST_PAGE = 8192
 """Most lost keys one heartbeat reports; the rest go with the next ones."""
 HELD_PAGE = 200_000
+# Transports that check their peers: shm:// (same uid only, SO_PEERCRED) and tcp:// (the token).
+AUTHENTICATED_SCHEMES = ("shm", "tcp")
 """Held keys per registration message (~10 MiB); more go in ReportHeld pages."""
 
 GRPC_OPTIONS = [
@@ -72,8 +76,15 @@ class StoreNode:
     def __init__(self, node: NodeConfig, store: StoreConfig, *, token: str | None = None) -> None:
         self.cfg = node
         self.token = token
+        protect(node, token)
+        # digests of the tokens this node's listeners accept: its own until the master sends
+        # the set of client tokens (RegisterNode / Heartbeat replies)
+        self._digests: frozenset[str] = frozenset({digest(token)}) if token else frozenset()
+        self._auth_version = ""
         self.host_id = node.host_id or host_id()
-        self.transports: list[Transport] = [create(_transport_uri(u, node.host)) for u in node.transports]
+        # with a token, tcp:// peers must present one this node accepts (shm:// checks uids)
+        opts = TransportOptions(authorize=self.authorize) if token else None
+        self.transports: list[Transport] = [create(_transport_uri(u, node.host), opts) for u in node.transports]
         # The arena lives in the memory the first same-host transport serves best
         # (a shared segment peers map): same-host clients then copy straight from it.
         # Beside it, the arena's extent-generation table, which same-host clients map to
@@ -90,11 +101,13 @@ class StoreNode:
                 self.regions[t.scheme] = self._arena_region
             else:
                 self.regions[t.scheme] = t.register(self.store.arena.buffer, name="arena")
-        self.holds = Holds(node.hold_ttl)
+        self.holds = Holds(node.hold_ttl, per_owner=node.max_holds)
         maps = {shared.scheme: self._gens_region.remote().to_bytes()} \
             if shared is not None and self._gens_region is not None else {}
         self.service = NodeService(self.store, self.holds, maps)
-        self._control = ControlServer(node.host, node.control_port, self.service.handle)
+        self._control = ControlServer(node.host, node.control_port, self.service.handle,
+                                      authorize=self.authorize if token else None,
+                                      max_connections=node.max_connections, idle_timeout=node.idle_timeout)
         self.control_address = self._control.address
         self.control_port = int(self.control_address.rpartition(":")[2])
         self.node_id = node.node_id or f"{socket.gethostname()}-{self.control_port}"
@@ -159,6 +172,18 @@ class StoreNode:
 
     # -- master protocol --------------------------------------------------------
 
+    def authorize(self, token: bytes | None) -> bool:
+        """Whether a peer presenting ``token`` may use this node's listeners."""
+        return bool(token) and digest(token) in self._digests  # type: ignore[arg-type]
+
+    def _take_digests(self, version: str, digests: list[str]) -> None:
+        if version and digests:
+            self._digests = frozenset(digests)
+            if version != self._auth_version:
+                log.info("node %s: %d client credentials accepted (version %s)", self.node_id,
+                         len(digests), version)
+            self._auth_version = version
+
     def _metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
@@ -193,6 +218,7 @@ class StoreNode:
         for key in drop:
             self.store.remove(key)
         self.epoch = resp.epoch
+        self._take_digests(resp.auth_version, list(resp.client_digests))
         if resp.heartbeat_interval_ms > 0:
             self.heartbeat_interval = resp.heartbeat_interval_ms / 1000
         log.info("node %s registered: epoch %d, %d held (%d page(s)), %d dropped", self.node_id, self.epoch,
@@ -204,12 +230,14 @@ class StoreNode:
         if len(lost) > LOST_PAGE:  # the master takes at most master.max_batch keys per call
             self.store.return_lost(lost[LOST_PAGE:])
             lost = lost[:LOST_PAGE]
-        req = mpb.HeartbeatRequest(node_id=self.node_id, epoch=self.epoch, tiers=self._tiers(), lost=lost)
+        req = mpb.HeartbeatRequest(node_id=self.node_id, epoch=self.epoch, tiers=self._tiers(), lost=lost,
+                                   auth_version=self._auth_version)
         try:
             resp = self._rpc("Heartbeat", req, max(self.heartbeat_interval, 2.0))
         except (grpc.RpcError, KVStoreError):
             self.store.return_lost(lost)  # report them next time
             raise
+        self._take_digests(resp.auth_version, list(resp.client_digests))
         if resp.reregister:
             self._register()
             return
@@ -257,6 +285,32 @@ class StoreNode:
                 next_beat = now + self.heartbeat_interval
             self.holds.reap()
             self._stop.wait(min(0.2, self.heartbeat_interval))
+
+
+def protect(node: NodeConfig, token: str | None) -> None:
+    """Protected mode: a node reachable from other hosts must require a token (unless
+    ``node.insecure``), and may then serve only transports that check it."""
+    if token is None:
+        if not node.insecure and not _loopback(node.host):
+            raise ConfigError(
+                f"node: refusing to serve {node.host} without authentication: anyone on the network could "
+                "read and overwrite the arena. Give the node a token (--token-file: the master's shared "
+                "token or node.token from `kvstore auth init`), bind 127.0.0.1, or set node.insecure = true.")
+        return
+    open_ = [u for u in node.transports if u.partition("://")[0] not in AUTHENTICATED_SCHEMES]
+    if open_ and not node.insecure:
+        raise ConfigError(f"node: {', '.join(open_)} cannot check tokens yet, so a node with a token does "
+                          f"not serve it (it would expose the arena); serve {', '.join(AUTHENTICATED_SCHEMES)} "
+                          "only, or set node.insecure = true")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _obj(region: Region | None) -> Any:

@@ -21,6 +21,12 @@ sets :data:`FLAG_ERROR` and its payload is a message string. Limits are checked
 before anything is allocated: a frame over :data:`MAX_FRAME` or a batch over
 :data:`MAX_ITEMS` is refused and the connection closed. No pickle: msgpack of
 ints and bytes only.
+
+A client opens every connection with AUTH: its token (when the node requires
+one: then nothing else is served before it, and frames before it are capped at
+:data:`MAX_PREAUTH_FRAME`) and a random session id shared by all its connections.
+Handles are random 63-bit numbers bound to the session that got them: another
+session cannot COMMIT, ABORT or RELEASE them.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ class Op(enum.IntEnum):
     REMOVE = 7  # items: key                      -> status (OK or NOT_FOUND)
     FETCH = 8  # items: [key, checksum(, ranges)] -> Fetched, then the bytes of each OK item
     STORE = 9  # items: [key, size, checksum], then the bytes of each item -> Allocated (committed)
+    AUTH = 10  # items: [token or None, session id (16 random bytes)] -> status; first on a connection
+
+
+MAX_PREAUTH_FRAME = 4096
+"""Largest frame a connection may send before it authenticated (an AUTH is ~100 bytes)."""
 
 
 class Fetched(NamedTuple):
@@ -99,6 +110,8 @@ class SlotStatus(enum.IntEnum):
     CORRUPT = 4  # COMMIT: the bytes that landed do not match the checksum
     EXPIRED = 5  # COMMIT/RELEASE/ABORT: unknown or reclaimed handle
     INVALID = 6  # malformed item (empty or long key, size 0, too big)
+    DENIED = 7  # AUTH: the token is not one this node accepts
+    BUSY = 8  # ALLOCATE/ACQUIRE: this client holds too many handles already
 
 
 pack_frame = FRAMING.pack

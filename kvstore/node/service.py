@@ -18,7 +18,7 @@ from kvstore.checksum import BLOCK, check_ranges, combine, covering, hasher
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
 from kvstore.keys import MAX_KEY_BYTES
 from kvstore.node.control import Incoming, Streamed
-from kvstore.node.holds import Holds
+from kvstore.node.holds import Holds, TooManyHolds
 from kvstore.node.protocol import Acquired, Allocated, Fetched, Maps, Op, SlotStatus
 from kvstore.store import LocalStore
 from kvstore.tiers.dram import Lease
@@ -29,7 +29,7 @@ RPC_SECONDS = Histogram(
     "kvstore_node_rpc_seconds", "Node control call latency (server side)", ["method"], registry=None,
     buckets=(2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0),
 )
-_TIMERS = {op: RPC_SECONDS.labels(op.name.lower()) for op in Op}
+_TIMERS = {op: RPC_SECONDS.labels(op.name.lower()) for op in Op if op != Op.AUTH}
 
 
 def _key(v: Any) -> bytes | None:
@@ -68,24 +68,34 @@ class NodeService:
         # scheme -> RemoteRegion bytes of the generation table, for mappable transports
         self.maps = maps or {}
         self._streaming: dict[Op, Callable[[list[Any], Incoming], list[Any]]]
-        self._ops: dict[Op, Callable[[list[Any]], list[Any] | Streamed]] = {
+        # ops on handles take the caller's session: a handle belongs to the session that got it
+        self._held: dict[Op, Callable[[list[Any], bytes], list[Any]]] = {
             Op.ALLOCATE: self.allocate,
             Op.COMMIT: self.commit,
             Op.ABORT: self.release,
             Op.ACQUIRE: self.acquire,
             Op.RELEASE: self.release,
+        }
+        self._ops: dict[Op, Callable[[list[Any]], list[Any] | Streamed]] = {
             Op.MAPS: self.map_info,
             Op.REMOVE: self.remove,
             Op.FETCH: self.fetch,
         }
         self._streaming = {Op.STORE: self.store_stream}
 
-    def handle(self, op: Op, items: list[Any], incoming: Incoming | None = None) -> list[Any] | Streamed:
+    def handle(self, op: Op, items: list[Any], incoming: Incoming | None = None,
+               session: bytes = b"") -> list[Any] | Streamed:
+        """Serve one request of the connection whose session is ``session``. ValueError for
+        an op this service does not serve (the server hangs up)."""
+        if op not in _TIMERS:
+            raise ValueError(f"op {op.name} is not a request")
         with _TIMERS[op].time():
             if op in self._streaming:
                 if incoming is None:
                     raise ValueError(f"{op.name} needs the bytes that follow its request")
                 return self._streaming[op](items, incoming)
+            if op in self._held:
+                return self._held[op](items, session)
             return self._ops[op](items)
 
     def store_stream(self, items: list[Any], incoming: Incoming) -> list[Any]:
@@ -128,7 +138,7 @@ class NodeService:
             out.append(Allocated(SlotStatus.OK, 0, offset, generation))
         return out
 
-    def allocate(self, items: list[Any]) -> list[Any]:
+    def allocate(self, items: list[Any], session: bytes = b"") -> list[Any]:
         out: list[Any] = []
         for item in items:
             key, size = (_key(item[0]), _uint(item[1])) if isinstance(item, list) and len(item) == 2 \
@@ -144,18 +154,23 @@ class NodeService:
             except InvalidArgument:
                 out.append(Allocated(SlotStatus.INVALID))
                 continue
-            out.append(Allocated(SlotStatus.OK, self.holds.add(alloc, key), alloc.offset,
-                                 self.store.arena.generation(alloc.offset)))
+            try:
+                handle = self.holds.add(alloc, key, session)
+            except TooManyHolds:
+                alloc.release()
+                out.append(Allocated(SlotStatus.BUSY))
+                continue
+            out.append(Allocated(SlotStatus.OK, handle, alloc.offset, self.store.arena.generation(alloc.offset)))
         return out
 
-    def commit(self, items: list[Any]) -> list[Any]:
+    def commit(self, items: list[Any], session: bytes = b"") -> list[Any]:
         out: list[Any] = []
         for item in items:
             if not (isinstance(item, list) and len(item) == 3):
                 out.append(SlotStatus.INVALID)
                 continue
             handle, key, checksum = _uint(item[0]), _key(item[1]), _uint(item[2])
-            hold = self.holds.take(handle) if handle is not None else None
+            hold = self.holds.take(handle, session) if handle is not None else None
             if hold is None or key is None or checksum is None or hold.key != key:
                 if hold is not None:
                     hold.obj.release()
@@ -169,7 +184,7 @@ class NodeService:
                 out.append(SlotStatus.CORRUPT)
         return out
 
-    def acquire(self, items: list[Any]) -> list[Any]:
+    def acquire(self, items: list[Any], session: bytes = b"") -> list[Any]:
         out: list[Any] = []
         for item in items:
             key = _key(item)
@@ -180,7 +195,12 @@ class NodeService:
             if lease is None:
                 out.append(Acquired(SlotStatus.NOT_FOUND))
                 continue
-            h = self.holds.add(lease, key)
+            try:
+                h = self.holds.add(lease, key, session)
+            except TooManyHolds:
+                lease.release()
+                out.append(Acquired(SlotStatus.BUSY))
+                continue
             out.append(Acquired(SlotStatus.OK, h, lease.alloc.offset, lease.alloc.size, lease.checksum,
                                 lease.generation, _sums(lease)))
         return out
@@ -234,6 +254,6 @@ class NodeService:
         return [SlotStatus.INVALID if (k := _key(i)) is None
                 else SlotStatus.OK if self.store.remove(k) else SlotStatus.NOT_FOUND for i in items]
 
-    def release(self, items: list[Any]) -> list[Any]:
-        return [SlotStatus.OK if (h := _uint(i)) is not None and self.holds.release(h) else SlotStatus.EXPIRED
-                for i in items]
+    def release(self, items: list[Any], session: bytes = b"") -> list[Any]:
+        return [SlotStatus.OK if (h := _uint(i)) is not None and self.holds.release(h, session)
+                else SlotStatus.EXPIRED for i in items]

@@ -120,36 +120,46 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., held: _Optional[_Iterable[_Union[HeldKey, _Mapping]]] = ..., more_held: _Optional[bool] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("epoch", "heartbeat_interval_ms", "node_ttl_ms", "drop")
+    __slots__ = ("epoch", "heartbeat_interval_ms", "node_ttl_ms", "drop", "client_digests", "auth_version")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     NODE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     DROP_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_VERSION_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     heartbeat_interval_ms: int
     node_ttl_ms: int
     drop: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., node_ttl_ms: _Optional[int] = ..., drop: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    client_digests: _containers.RepeatedScalarFieldContainer[str]
+    auth_version: str
+    def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., node_ttl_ms: _Optional[int] = ..., drop: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "epoch", "tiers", "lost")
+    __slots__ = ("node_id", "epoch", "tiers", "lost", "auth_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
+    AUTH_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
     tiers: _containers.RepeatedCompositeFieldContainer[TierCapacity]
     lost: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., lost: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    auth_version: str
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., lost: _Optional[_Iterable[bytes]] = ..., auth_version: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister", "remove")
+    __slots__ = ("reregister", "remove", "client_digests", "auth_version")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_VERSION_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     remove: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, reregister: _Optional[bool] = ..., remove: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    client_digests: _containers.RepeatedScalarFieldContainer[str]
+    auth_version: str
+    def __init__(self, reregister: _Optional[bool] = ..., remove: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ...) -> None: ...
 
 class PutItem(_message.Message):
     __slots__ = ("key", "size", "checksum")

@@ -5,15 +5,16 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from kvstore.cli import cli
-from kvstore.config import StoreConfig, describe
+from kvstore.config import NodeConfig, StoreConfig, describe
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_config_key_documented_with_its_default():
     text = (ROOT / "docs" / "configuration.md").read_text()
-    for key, default, doc in describe(StoreConfig, "store"):
-        assert f"| `{key}` | `{default}` | {doc} |" in text, f"{key} missing or stale"
+    for cls, section in ((StoreConfig, "store"), (NodeConfig, "node")):
+        for key, default, doc in describe(cls, section):
+            assert f"| `{key}` | `{default}` | {doc} |" in text, f"{key} missing or stale"
 
 
 def test_every_cli_option_documented():

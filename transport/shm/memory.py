@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 
@@ -37,11 +38,17 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""A segment's size is fixed before anyone else gets it: a peer holding the memfd cannot
+truncate it (which would make every mapping of it SIGBUS) nor grow it, nor unseal it."""
+
+
 def segment(nbytes: int, name: str) -> tuple[int, mmap.mmap]:
-    """A new shared segment: (memfd, MAP_SHARED mapping). Caller closes both."""
-    fd = os.memfd_create(f"kvstore-{name}"[:240], os.MFD_CLOEXEC)
+    """A new shared segment: (memfd, MAP_SHARED mapping), sealed at its size. Caller closes both."""
+    fd = os.memfd_create(f"kvstore-{name}"[:240], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
         m = mmap.mmap(fd, nbytes, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     except OSError:
         os.close(fd)
@@ -50,8 +57,13 @@ def segment(nbytes: int, name: str) -> tuple[int, mmap.mmap]:
 
 
 def map_fd(fd: int, expected: int) -> mmap.mmap:
-    """Map a segment received from a peer; checks its real size against ``expected``."""
+    """Map a segment received from a peer; checks its seals (a segment its owner could
+    shrink would crash this process) and its real size against ``expected``."""
     try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if seals & SEALS != SEALS:
+            raise InvalidArgument("shared segment is not sealed against shrinking and growing: refusing "
+                                  "to map it (its owner could truncate it under this process)")
         size = os.fstat(fd).st_size
         if size < expected:
             raise InvalidArgument(f"shared segment is {size} B, region claims {expected} B")

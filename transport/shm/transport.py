@@ -6,7 +6,10 @@ both cases a transfer is one copy straight into the destination, done by the
 side that posts it, split over ``options.streams`` copy threads for large
 batches. A Unix socket in the abstract namespace carries only control traffic
 (segment descriptors, checksums, notifications); nothing is left on disk if a
-process is killed. Peers must be on the same host and run as the same user.
+process is killed. Peers must be on the same host and run as the same user:
+the server checks each connecting process's uid (``SO_PEERCRED``) and serves
+only its own uid (plus those listed in ``?uids=1001,1002``); segments are
+memfds sealed at their size, and a peer refuses to map an unsealed one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transport.stripes import compose, split
 from transport.wire import NOTIFY, PING
 
 _META = struct.Struct("<4sI")
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAGIC = b"KVS1"
 
 
@@ -40,15 +44,27 @@ class ShmTransport(Transport):
 
     def __init__(self, uri: str, options: TransportOptions | None = None) -> None:
         super().__init__(uri, options)
+        try:
+            extra = {int(u) for u in self.options.params.get("uids", "").split(",") if u.strip()}
+        except ValueError as e:
+            raise InvalidArgument(f"shm:// ?uids= takes numeric uids, e.g. ?uids=1000,1001: {e}") from e
+        self.allowed_uids = frozenset({os.getuid(), *extra})
         self._sock_name = f"\0kvstore-shm-{os.getpid()}-{os.urandom(6).hex()}".encode()
         self._server: FrameServer | None = None
         if self.options.listen:
             lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             lsock.bind(self._sock_name)
             lsock.listen(64)
-            self._server = FrameServer(lsock, handlers(self), f"shm-server-{os.getpid()}")
+            self._server = FrameServer(lsock, handlers(self), f"shm-server-{os.getpid()}", admit=self._admit)
         self._pool = ThreadPoolExecutor(self.options.streams, thread_name_prefix="shm-copy")
         self._peers: list[ShmPeer] = []
+
+    def _admit(self, conn: socket.socket) -> str | None:
+        """Only processes of an allowed uid may talk to this transport (the kernel says who)."""
+        pid, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        if uid not in self.allowed_uids:
+            return f"pid {pid} runs as uid {uid}, not one of {sorted(self.allowed_uids)}"
+        return None
 
     def allocate(self, nbytes: int, *, name: str = "") -> Region:
         """A shared segment peers map directly (the fastest shm:// memory)."""

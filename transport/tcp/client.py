@@ -24,6 +24,7 @@ from kvstore.errors import Corruption, KVStoreError, Timeout, TransportError
 from transport.handle import Handle
 from transport.regions import Desc
 from transport.wire import (
+    AUTH,
     F_CHECKSUM,
     HEADER,
     OK,
@@ -75,10 +76,12 @@ class Stripe:
 class Conn:
     """One TCP connection and the worker thread that owns it."""
 
-    def __init__(self, addr: tuple[str, int], name: str, connect_timeout: float) -> None:
+    def __init__(self, addr: tuple[str, int], name: str, connect_timeout: float,
+                 token: bytes | None = None) -> None:
         self.addr = addr
         self.name = name
         self.connect_timeout = connect_timeout
+        self.token = token
         self.queued_bytes = 0
         self._q: queue.SimpleQueue[Stripe | None] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
@@ -111,6 +114,17 @@ class Conn:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        if self.token is not None:  # a peer that requires a token gets it before anything else
+            try:
+                sock.sendall(pack_header(AUTH, 0, 0, 0, len(self.token)) + self.token)
+                h = parse_header(recv_bytes(sock, HEADER.size))
+                msg = recv_bytes(sock, h.aux_len + 8 * h.n)[8 * h.n:].decode(errors="replace")
+            except BaseException:
+                sock.close()
+                raise
+            if h.flags != OK:
+                sock.close()
+                raise status_error(h.flags, f"{self.name} refused this transport's token: {msg}")
         with self._lock:
             self._sock = sock
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from kvstore.errors import InvalidArgument, TransportError
+from kvstore.errors import InvalidArgument, KVStoreError, TransportError
 from transport.base import Capabilities, Peer, Transport, TransportOptions
 from transport.handle import Handle
 from transport.regions import Desc
@@ -60,7 +60,8 @@ class TcpTransport(Transport):
             raise InvalidArgument(f"tcp transport cannot bind {host}:{self.port}: {e}") from e
         lsock.listen(128)
         self.address = lsock.getsockname()[:2]
-        self._server = FrameServer(lsock, handlers(self), f"tcp-server-{self.address[1]}")
+        self._server = FrameServer(lsock, handlers(self), f"tcp-server-{self.address[1]}",
+                                   authorize=self.options.authorize)
         self._peers: list[TcpPeer] = []
 
     def _metadata(self) -> bytes:
@@ -73,13 +74,17 @@ class TcpTransport(Transport):
         _, port = _META.unpack_from(metadata)
         host = metadata[_META.size :].decode()
         name = f"tcp://{host}:{port}"
-        conns = [Conn((host, port), name, self.options.connect_timeout) for _ in range(self.options.streams)]
+        conns = [Conn((host, port), name, self.options.connect_timeout, self.options.token)
+                 for _ in range(self.options.streams)]
         peer = TcpPeer(name, metadata, conns)
         try:
             conns[0].connect(timeout)
         except OSError as e:
             peer.close()
             raise TransportError(f"cannot connect to {name}: {e}") from e
+        except KVStoreError:  # the peer refused our token
+            peer.close()
+            raise
         self._peers.append(peer)
         h = Handle(f"ping {name}", 0, None)
         conns[0].put(Stripe(PING, [], h, h))

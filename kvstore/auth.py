@@ -1,0 +1,156 @@
+"""Credentials: bearer tokens, each mapped to a role (and a tenant) by the master.
+
+Roles:
+
+* ``admin``: every call;
+* ``node``: a store node's calls to the master (``RegisterNode``, ``ReportHeld``,
+  ``Heartbeat``, ``Hello``); nothing a client does;
+* ``client``: the SDK's calls (puts, reads, removes, pins, stats), for one ``tenant``.
+
+A deployment keeps them in one directory made by ``kvstore auth init DIR`` (and
+``kvstore auth add-tenant DIR NAME``): ``DIR/credentials.json`` lists the SHA-256
+digest of every token with its role and tenant (never the tokens), and each token
+sits in its own 0600 file (``admin.token``, ``node.token``, ``tenants/NAME.token``)
+to hand to whoever plays that role. The master reads ``credentials.json``
+(``master.auth_dir``) and re-reads it when it changes; nodes learn the digests of the
+client tokens from the master and check them on their own listeners.
+
+The older single shared token (``master.token_file``) is the same thing with one
+credential that plays every role.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore.errors import ConfigError, InvalidArgument
+
+ROLES = ("admin", "node", "client")
+CREDENTIALS = "credentials.json"
+
+
+def digest(token: str | bytes) -> str:
+    """SHA-256 of a token (hex): what is stored and compared, never the token itself."""
+    raw = token.encode() if isinstance(token, str) else token
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: str
+    tenant: str
+
+
+class Credentials:
+    """digest -> :class:`Principal`; ``check(token)`` in constant time per entry."""
+
+    def __init__(self, entries: dict[str, Principal], source: str = "") -> None:
+        self.entries = entries
+        self.source = source
+
+    @classmethod
+    def shared(cls, token: str) -> Credentials:
+        """One token for every role (``master.token_file``)."""
+        return cls({digest(token): Principal("admin", "default")}, "master.token_file")
+
+    @classmethod
+    def load(cls, directory: Path) -> Credentials:
+        path = Path(directory) / CREDENTIALS
+        try:
+            doc = json.loads(path.read_text())
+            entries = {}
+            for e in doc["credentials"]:
+                role, tenant, d = str(e["role"]), str(e.get("tenant", "default")), str(e["sha256"])
+                if role not in ROLES or len(d) != 64:
+                    raise ValueError(f"bad entry {e!r:.80}")
+                entries[d] = Principal(role, tenant)
+        except OSError as e:
+            raise ConfigError(f"master.auth_dir {directory}: cannot read {CREDENTIALS}: {e.strerror} "
+                              "(create it with `kvstore auth init DIR`)") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"master.auth_dir {directory}: {CREDENTIALS} is malformed: {e}") from e
+        return cls(entries, str(path))
+
+    def check(self, token: str | bytes | None) -> Principal | None:
+        """The principal a presented token stands for, or None."""
+        if not token:
+            return None
+        d = digest(token)
+        for known, who in self.entries.items():
+            if hmac.compare_digest(known, d):
+                return who
+        return None
+
+    def client_digests(self) -> list[str]:
+        """Digests of every token a node must accept on its listeners (clients and admins)."""
+        return sorted(d for d, p in self.entries.items() if p.role in ("client", "admin"))
+
+    def version(self) -> str:
+        """Changes whenever the set of accepted client tokens changes."""
+        return digest(",".join(self.client_digests()))[:16]
+
+
+def check_tenant(name: str) -> str:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        raise InvalidArgument(f"tenant name {name!r} must be 1-64 letters, digits, '-', '_' or '.'")
+    return name
+
+
+def _write_token(path: Path) -> str:
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def _save(directory: Path, doc: dict[str, object]) -> None:
+    tmp = directory / (CREDENTIALS + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, directory / CREDENTIALS)
+
+
+def init(directory: Path, tenant: str = "default") -> dict[str, Path]:
+    """Create ``directory`` with an admin token, a node token and a client token for
+    ``tenant``; refuses to overwrite an existing one. Returns the token files."""
+    directory = Path(directory)
+    if (directory / CREDENTIALS).exists():
+        raise InvalidArgument(f"{directory} already holds {CREDENTIALS}; add tenants with "
+                              "`kvstore auth add-tenant` or pick another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    check_tenant(tenant)
+    files = {"admin": directory / "admin.token", "node": directory / "node.token",
+             f"client:{tenant}": directory / "tenants" / f"{tenant}.token"}
+    entries = []
+    for what, path in files.items():
+        role, _, t = what.partition(":")
+        entries.append({"sha256": digest(_write_token(path)), "role": role, "tenant": t or "default",
+                        "file": str(path.relative_to(directory))})
+    _save(directory, {"version": 1, "credentials": entries})
+    return files
+
+
+def add_tenant(directory: Path, tenant: str) -> Path:
+    """A new client token for ``tenant`` in an existing directory; its token file."""
+    directory = Path(directory)
+    check_tenant(tenant)
+    try:
+        doc = json.loads((directory / CREDENTIALS).read_text())
+    except OSError as e:
+        raise InvalidArgument(f"{directory}: no {CREDENTIALS} ({e.strerror}); run `kvstore auth init` first") from e
+    path = directory / "tenants" / f"{tenant}.token"
+    if path.exists():
+        raise InvalidArgument(f"tenant {tenant!r} already has a token ({path})")
+    doc["credentials"].append({"sha256": digest(_write_token(path)), "role": "client", "tenant": tenant,
+                               "file": str(path.relative_to(directory))})
+    _save(directory, doc)
+    return path

@@ -1,0 +1,205 @@
+"""A secured pool (credentials from `kvstore auth init`, real master and node processes)
+attacked by peers without credentials, with wrong ones, and as another uid: every
+listener refuses them, and the legitimate client keeps reading the right bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore.auth import init
+from kvstore.checksum import checksum
+from kvstore.client import Client
+from kvstore.errors import KVStoreError, PermissionDenied
+from kvstore.testing.cluster import CLI, Proc, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+pytestmark = pytest.mark.timeout(180)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+class Secured:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.files = init(tmp / "auth")
+        self.port = free_port()
+        self.master = Proc("master", [*CLI, "master", "--port", str(self.port), "--metrics-port", "-1",
+                                      "--auth-dir", str(tmp / "auth"), "--node-ttl", "3s"],
+                           tmp / "master.log").start(env())
+        self.node = Proc("node", [*CLI, "node", "--master", self.address, "--node-id", "n1", "--dram", "64MiB",
+                                  "--transport", "shm://", "--transport", "tcp://", "--metrics-port", "-1",
+                                  "--token-file", str(self.files["node"])], tmp / "node.log").start(env())
+        deadline = time.monotonic() + 30
+        last: Exception | None = None
+        while True:
+            try:
+                with self.client("admin", timeout=2) as c:
+                    if c.stats().nodes:
+                        break
+            except KVStoreError as e:  # still starting
+                last = e
+            assert time.monotonic() < deadline, f"{last}\n{self.logs()}"
+            time.sleep(0.2)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def token(self, role: str) -> str:
+        return self.files[role].read_text().strip()
+
+    def client(self, role: str = "client:default", **kw: Any) -> Client:
+        return Client(self.address, token=self.token(role), **kw)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.tmp.glob("*.log"))
+
+    def stop(self) -> None:
+        self.node.stop()
+        self.master.stop()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    tmp = tmp_path_factory.mktemp("secured")
+    s = Secured(tmp)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+SECRET = {f"secret-{i}".encode(): os.urandom(200_000) for i in range(8)}
+
+
+def attack(pool: Secured, parts: list[str], uid: int | None = None) -> dict[str, str]:
+    with pool.client("admin") as c:
+        c.put_batch(list(SECRET.items()))
+        node = c.stats().nodes[0]
+    eps = {e.scheme: e for e in node.endpoints}
+    key = next(iter(SECRET))
+    spec = {"parts": parts, "control": node.control_address, "master": pool.address, "node_id": node.node_id,
+            "key": key.hex(), "checksum": checksum(SECRET[key], key),
+            "tcp_meta": eps["tcp"].metadata.hex(), "tcp_region": eps["tcp"].region.hex(),
+            "shm_meta": eps["shm"].metadata.hex(), "shm_region": eps["shm"].region.hex(),
+            "client_token": pool.token("client:default")}
+    if "master" in parts and uid is None:
+        spec["node_token"] = pool.token("node")
+    spec["uid"] = uid  # the attacker drops to it once its modules are loaded
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "security" / "attacker.py"), json.dumps(spec)],
+                       env=env(), capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def still_served(pool: Secured) -> None:
+    with pool.client(timeout=10) as c, pool.client(timeout=10, same_host=False) as tcp:
+        for k, v in SECRET.items():
+            assert bytes(c.get(k) or b"") == v
+            assert bytes(tcp.get(k) or b"") == v
+
+
+def test_peers_without_credentials_are_refused_everywhere(pool: Secured) -> None:
+    got = attack(pool, ["control", "tcp", "master"])
+    served = {k: v for k, v in got.items() if not v.startswith("refused")}
+    assert not served, served
+    assert len(got) == 6 + 2 + 5
+    assert "PERMISSION_DENIED" in got["master_register_with_client_token"]
+    assert "PERMISSION_DENIED" in got["master_lookup_with_node_token"]
+    assert "UNAUTHENTICATED" in got["master_register_without_token"]
+    still_served(pool)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the attacker as another uid")
+def test_another_uid_is_refused_by_every_listener_including_shared_memory(pool: Secured) -> None:
+    got = attack(pool, ["control", "tcp", "shm", "master"], uid=NOBODY)
+    served = {k: v for k, v in got.items() if not v.startswith("refused")}
+    assert not served, served
+    assert "uid 65534" in got["shm_map_arena"] or "DENIED" in got["shm_map_arena"], got["shm_map_arena"]
+    still_served(pool)
+
+
+def test_a_bad_client_token_is_a_clear_error(pool: Secured) -> None:
+    with Client(pool.address, token="not-a-token", timeout=3) as c, pytest.raises(PermissionDenied, match="bad token"):
+        c.get(b"secret-0")
+    with pool.client("node", timeout=3) as c, pytest.raises(PermissionDenied, match="not allowed for a node"):
+        c.get(b"secret-0")
+
+
+def test_handles_belong_to_the_session_that_got_them(pool: Secured) -> None:
+    from kvstore.node.control import ControlClient
+    from kvstore.node.protocol import Allocated, Op, SlotStatus
+
+    with pool.client("admin") as c:
+        addr = c.stats().nodes[0].control_address
+    a = ControlClient(addr, token=pool.token("client:default"))
+    b = ControlClient(addr, token=pool.token("client:default"))  # same tenant, another session
+    try:
+        got = Allocated(*a.call(Op.ALLOCATE, [[b"mine", 4096]], 5)[0])
+        assert got.status == SlotStatus.OK and got.handle > 1 << 20  # random, not a counter
+        assert b.call(Op.RELEASE, [got.handle], 5) == [SlotStatus.EXPIRED]
+        assert b.call(Op.ABORT, [got.handle], 5) == [SlotStatus.EXPIRED]
+        assert a.call(Op.RELEASE, [got.handle], 5) == [SlotStatus.OK]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_added_tenant_is_accepted_by_master_and_node_while_running(pool: Secured) -> None:
+    from kvstore.auth import add_tenant
+
+    path = add_tenant(pool.tmp / "auth", "team-b")
+    token = path.read_text().strip()
+    deadline = time.monotonic() + 20
+    while True:  # the master re-reads credentials.json; nodes get the new digest on a heartbeat
+        try:
+            with Client(pool.address, token=token, timeout=3, same_host=False) as c:
+                c.put(b"team-b-key", b"hello" * 100)
+                assert bytes(c.get(b"team-b-key") or b"") == b"hello" * 100
+                break
+        except PermissionDenied:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+
+
+def test_shared_segments_cannot_be_truncated_by_their_peers() -> None:
+    from kvstore.errors import InvalidArgument
+    from transport.shm.memory import map_fd, segment
+
+    fd, m = segment(1 << 20, "sealed")
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # what a hostile peer holding the memfd would do
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 2 << 20)
+    finally:
+        m.close()
+        os.close(fd)
+    raw = os.memfd_create("unsealed")
+    os.ftruncate(raw, 4096)
+    with pytest.raises(InvalidArgument, match="not sealed"):
+        map_fd(raw, 4096)
+
+
+def test_protected_mode_for_nodes(tmp_path: Path) -> None:
+    r = subprocess.run([*CLI, "node", "--master", "127.0.0.1:1", "--host", "0.0.0.0", "--dram", "8MiB",
+                        "--metrics-port", "-1"], env=env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "refusing to serve 0.0.0.0 without authentication" in r.stderr
+    token = tmp_path / "t"
+    token.write_text("x" * 32)
+    r = subprocess.run([*CLI, "node", "--master", "127.0.0.1:1", "--transport", "ucx://", "--dram", "8MiB",
+                        "--metrics-port", "-1", "--token-file", str(token)], env=env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "ucx:// cannot check tokens" in r.stderr
