@@ -6,6 +6,8 @@ client processes: put/get throughput and p50/p99 latency through
 * kvstore, default client (same host: one-sided reads out of the node's mapped arena
   once the location is known; the client that put a key knows it),
 * kvstore with the same-host path disabled (TCP),
+* the same TCP path against a second ``kvstore up`` that requires a token
+  (authentication on every listener; ``auth_overhead_get_4MiB`` compares them),
 * Redis (Debian ``redis-server`` on loopback, no persistence; redis-py + hiredis),
 * Mooncake Store over TCP with zero-copy registered buffers, when
   ``mooncake-transfer-engine-non-cuda`` is installed (``make bench`` installs it),
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -88,7 +91,9 @@ def _worker(task: dict[str, Any]) -> dict[str, Any]:
     else:
         from kvstore.client import Client
 
-        with Client(task["master"], same_host=(path != "kvstore-tcp"), timeout=60) as c:
+        secured = path == "kvstore-auth"
+        with Client(task["auth_master"] if secured else task["master"], same_host=path == "kvstore",
+                    token=task["token"] if secured else None, timeout=60) as c:
             puts, _ = _timed(lambda k: c.put(k, value), keys, 1)
             gets, wall = _timed(lambda k: check(c.get(k)), keys, rounds)
             # get_into: into a buffer the caller reuses (what an engine does; no fresh-page faults)
@@ -189,11 +194,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     raise TimeoutError(f"port {port} not open")
 
 
-def _wait_node(master: str, timeout: float = 60) -> None:
+def _wait_node(master: str, timeout: float = 60, token: str | None = None) -> None:
     from kvstore.client import Client
 
     deadline = time.monotonic() + timeout
-    with Client(master, timeout=10) as c:
+    with Client(master, timeout=10, token=token) as c:
         while not c.stats().nodes:
             if time.monotonic() > deadline:
                 raise TimeoutError("the node of kvstore up did not register")
@@ -218,7 +223,16 @@ def main() -> None:
         procs.append(up)
         master = f"127.0.0.1:{port}"
         _wait_port(port, up, tmp / "up.log")
-        paths = ["kvstore", "kvstore-tcp"]
+        paths = ["kvstore", "kvstore-tcp", "kvstore-auth"]
+        token = secrets.token_urlsafe(32)
+        (tmp / "token").write_text(token)
+        auth_port = free_port()
+        secured = _start([*CLI, "up", "--port", str(auth_port), "--data-dir", str(tmp / "kv-auth"), "--dram",
+                          "2GiB", "--disk", "0", "--metrics-port", "-1", "--token-file", str(tmp / "token")],
+                         tmp / "up-auth.log")
+        procs.append(secured)
+        auth_master = f"127.0.0.1:{auth_port}"
+        _wait_port(auth_port, secured, tmp / "up-auth.log")
         redis_port = free_port()
         if shutil.which("redis-server"):
             rs = _start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -238,6 +252,7 @@ def main() -> None:
         except (ImportError, RuntimeError) as e:
             print(f"Mooncake Store not available ({e}): Mooncake columns skipped")
         _wait_node(master)
+        _wait_node(auth_master, token=token)
         ctx = mp.get_context("spawn")
         with ctx.Pool(4) as pool:
             pool.map(_worker, [{"size": 1024, "n": 1, "rounds": 1, "path": "kvstore", "prefix": f"warm{i}",
@@ -251,6 +266,7 @@ def main() -> None:
                     for path in paths:
                         tasks = [{"size": size, "n": n, "rounds": rounds, "path": path, "seed": i,
                                   "prefix": f"{path}-{name}-{clients}-{i}", "master": master,
+                                  "auth_master": auth_master, "token": token,
                                   "port": redis_port, "mooncake": mooncake} for i in range(clients)]
                         outs = pool.map(_worker, tasks)
                         gets = [x for o in outs for x in o["gets"]]
@@ -310,6 +326,8 @@ def _ratios(runs: dict[str, Any], limits: dict[str, Any], paths: list[str]) -> d
         out[f"get_tcp_vs_loopback_{s}"] = gbps("kvstore-tcp", s) / limits[s]["loopback_tcp_gbps"]
     for s in ("4MiB", "32MiB"):
         out[f"put_tcp_vs_loopback_{s}"] = gbps("kvstore-tcp", s, "put") / limits[s]["loopback_tcp_gbps"]
+    if "kvstore-auth" in paths:  # secured / open, same TCP path: p50 latency of a 4 MiB get
+        out["auth_overhead_get_4MiB"] = p50("kvstore-auth", "4MiB", "get_into") / p50("kvstore-tcp", "4MiB", "get_into")
     if "redis" in paths:
         out["get_p50_redis_over_kvstore_1MiB"] = p50("redis", "1MiB", "get") / p50("kvstore", "1MiB", "get_into")
         out["get_vs_redis_4MiB_4clients"] = (runs["kvstore/4MiB/4"]["get_aggregate_gbps"]

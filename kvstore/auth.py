@@ -5,7 +5,10 @@ Roles:
 * ``admin``: every call;
 * ``node``: a store node's calls to the master (``RegisterNode``, ``ReportHeld``,
   ``Heartbeat``, ``Hello``); nothing a client does;
-* ``client``: the SDK's calls (puts, reads, removes, pins, stats), for one ``tenant``.
+* ``client``: the SDK's calls (puts, reads, removes, pins, stats), for one ``tenant``,
+  confined to the keys of that tenant: keys that start with ``@TENANT/`` (the SDK
+  prepends it to every key it is given, so tenants with identical prompts never
+  share or see each other's chunks). The master and the nodes refuse other keys.
 
 A deployment keeps them in one directory made by ``kvstore auth init DIR`` (and
 ``kvstore auth add-tenant DIR NAME``): ``DIR/credentials.json`` lists the SHA-256
@@ -45,6 +48,16 @@ def digest(token: str | bytes) -> str:
 class Principal:
     role: str
     tenant: str
+
+    @property
+    def scope(self) -> bytes:
+        """The key prefix this principal is confined to: a client's tenant (``@NAME/``);
+        empty (any key) for admins and nodes."""
+        return scope_of(self.tenant) if self.role == "client" else b""
+
+
+def scope_of(tenant: str) -> bytes:
+    return f"@{tenant}/".encode()
 
 
 class Credentials:
@@ -91,9 +104,13 @@ class Credentials:
         """Digests of every token a node must accept on its listeners (clients and admins)."""
         return sorted(d for d, p in self.entries.items() if p.role in ("client", "admin"))
 
+    def client_scopes(self) -> list[bytes]:
+        """The key scope of each :meth:`client_digests` entry, in the same order."""
+        return [self.entries[d].scope for d in self.client_digests()]
+
     def version(self) -> str:
-        """Changes whenever the set of accepted client tokens changes."""
-        return digest(",".join(self.client_digests()))[:16]
+        """Changes whenever the set of accepted client tokens (or their scopes) changes."""
+        return digest(",".join(f"{d}:{self.entries[d].scope.hex()}" for d in self.client_digests()))[:16]
 
 
 def check_tenant(name: str) -> str:

@@ -118,6 +118,7 @@ class ClientCore:
         self.same_host = same_host
         self.host_id = host or host_id()
         self.token = token
+        self._key_prefix: bytes | None = None  # the credential's key scope, once known
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._auth = f"Bearer {token}".encode() if token else None
         # The master's framed channel (kvstore.master.fast), learned from Hello; re-asked
@@ -187,6 +188,7 @@ class ClientCore:
     # -- writes ------------------------------------------------------------------------
 
     def _put_flow(self, keys: list[bytes], views: list[memoryview], deadline: float) -> Flow[list[bool]]:
+        keys = yield from self._scoped(keys, deadline)
         blocks = [block_sums(v, k) for k, v in zip(keys, views, strict=True)]
         sums = [combine(b, k) for k, b in zip(keys, blocks, strict=True)]
         req = mpb.PutStartRequest(
@@ -301,6 +303,7 @@ class ClientCore:
                   deadline: float) -> Flow[list[Any]]:
         """Per key: the destination that holds the verified bytes (a new bytearray when
         ``views`` is None), or None on a miss."""
+        keys = yield from self._scoped(keys, deadline)
         out: list[Any] = [None] * len(keys)
         dests: list[memoryview | None] = [None] * len(keys)
         todo = list(range(len(keys)))
@@ -485,13 +488,32 @@ class ClientCore:
 
     # -- metadata ------------------------------------------------------------------------
 
+    def _scoped(self, keys: list[bytes], deadline: float) -> Flow[list[bytes]]:
+        """The keys as the pool names them: a tenant's credential confines it to keys that
+        start with its scope (``@TENANT/``, from ``Hello``, asked once), prepended here."""
+        if self._key_prefix is None:
+            if self.token is None:
+                self._key_prefix = b""
+            else:
+                try:
+                    hello = yield Master("Hello", mpb.HelloRequest(), deadline)
+                except KVStoreError as e:
+                    if "UNIMPLEMENTED" not in str(e):
+                        raise
+                    hello = mpb.HelloResponse()  # a master from before scopes: keys as given
+                self._key_prefix = bytes(hello.key_prefix)
+        prefix = self._key_prefix
+        return [prefix + k for k in keys] if prefix else keys
+
     def _exists_flow(self, keys: list[bytes], deadline: float) -> Flow[list[bool]]:
+        keys = yield from self._scoped(keys, deadline)
         resp = yield Master("Lookup", mpb.LookupRequest(keys=keys), deadline)
         return [loc.status == mpb.OK for loc in resp.locations]
 
     def _prefix_flow(self, keys: list[bytes], deadline: float) -> Flow[int]:
         if not keys:
             return 0
+        keys = yield from self._scoped(keys, deadline)
         resp = yield Master("LongestPrefix", mpb.LongestPrefixRequest(keys=keys), deadline)
         return int(resp.count)
 
@@ -503,6 +525,7 @@ class ClientCore:
         """Remove through the master, then tell the holding nodes at once (so no cached
         location serves the key); a node that can't be reached learns it at its next
         heartbeat."""
+        keys = yield from self._scoped(keys, deadline)
         if self._locations is not None:
             self._locations.forget(keys)
         where = yield Master("Lookup", mpb.LookupRequest(keys=keys), deadline)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from kvstore.auth import CREDENTIALS, Credentials
+from kvstore.auth import CREDENTIALS, Credentials, Principal
 from kvstore.config import MasterConfig
 from kvstore.errors import ConfigError, KVStoreError, NoSpace
 from kvstore.master.convert import (
@@ -53,6 +53,17 @@ MAX_NODE_ID = 256
 
 
 NODE_CALLS = frozenset({"RegisterNode", "ReportHeld", "Heartbeat"})
+# the keys each client call names (checked against the caller's tenant scope)
+KEYED: dict[str, Callable[[Any], Iterable[bytes]]] = {
+    "PutStart": lambda r: (i.key for i in r.items),
+    "PutEnd": lambda r: r.keys,
+    "PutRevoke": lambda r: r.keys,
+    "Lookup": lambda r: r.keys,
+    "LongestPrefix": lambda r: r.keys,
+    "Remove": lambda r: r.keys,
+    "Pin": lambda r: r.keys,
+    "ReportBad": lambda r: (i.key for i in r.items),
+}
 
 
 class _Reject(Exception):
@@ -100,6 +111,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self.clock = clock or Clock()
         # who may call: one shared token (master.token_file, every role) or a credentials
         # directory (master.auth_dir: tokens mapped to roles; re-read when it changes)
+        self._caller: Principal | None = None  # of the call being served (one loop, one call at a time)
         self.credentials: Credentials | None = Credentials.shared(token) if token else \
             Credentials.load(config.auth_dir) if config.auth_dir is not None else None
         self._credentials_mtime = self._auth_mtime()
@@ -125,8 +137,10 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         with the gRPC status to answer."""
         t0 = time.perf_counter()
         try:
+            self._caller = None
             if self.credentials is not None:
-                self._authorize(name, authorization)
+                self._caller = self._authorize(name, authorization)
+                self._check_scope(name, request, self._caller)
             if self.leading is not None and not self.leading():
                 raise _Reject(grpc.StatusCode.UNAVAILABLE, self.standby_message)
             if self.warm_until and name not in NODE_CALLS and time.monotonic() < self.warm_until:
@@ -157,7 +171,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
         return handler
 
-    def _authorize(self, name: str, authorization: bytes | None) -> None:
+    def _authorize(self, name: str, authorization: bytes | None) -> Principal:
         """The caller's token must stand for a role allowed to call ``name``."""
         assert self.credentials is not None
         where = ("master.token_file" if self.credentials.source == "master.token_file"
@@ -175,6 +189,18 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
             raise _Reject(grpc.StatusCode.PERMISSION_DENIED,
                           f"{name} is not allowed for a {who.role} credential "
                           f"({'only nodes register and heartbeat' if name in NODE_CALLS else 'nodes may only register and heartbeat'})")
+        return who
+
+    def _check_scope(self, name: str, request: Any, who: Principal) -> None:
+        """A tenant's client may only name keys of its tenant (which the SDK prepends)."""
+        scope = who.scope
+        if not scope or name not in KEYED:
+            return
+        bad = next((k for k in KEYED[name](request) if not k.startswith(scope)), None)
+        if bad is not None:
+            raise _Reject(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{name}: key {bad[:40]!r} is outside tenant {who.tenant!r} (keys of this "
+                          f"credential start with {scope!r}; the SDK adds it)")
 
     def _auth_mtime(self) -> float:
         if self.config.auth_dir is None:
@@ -207,7 +233,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         version = self.credentials.version()
         if known_version == version:
             return {"auth_version": version}
-        return {"auth_version": version, "client_digests": self.credentials.client_digests()}
+        return {"auth_version": version, "client_digests": self.credentials.client_digests(),
+                "client_scopes": self.credentials.client_scopes()}
 
     def lead(self, state: MasterState, warmup: float) -> None:
         """Serve ``state``, restored from the journal (this master just won the election);
@@ -348,7 +375,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         return stats_out(self.state.stats(self.clock()))
 
     def _Hello(self, req: pb.HelloRequest) -> pb.HelloResponse:
-        return pb.HelloResponse(fast_address=self.fast_address)
+        return pb.HelloResponse(fast_address=self.fast_address,
+                                key_prefix=self._caller.scope if self._caller is not None else b"")
 
     # -- periodic ---------------------------------------------------------------
 

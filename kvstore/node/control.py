@@ -63,8 +63,9 @@ class Incoming:
             n -= take
 
 
-Handler = Callable[[Op, list[Any], Incoming, bytes], "list[Any] | Streamed"]
-Authorize = Callable[[bytes | None], bool]
+Handler = Callable[[Op, list[Any], Incoming, bytes, bytes], "list[Any] | Streamed"]
+Authorize = Callable[[bytes | None], "bytes | None"]
+"""token -> the key scope of its credential (b"": any key), or None: refused."""
 
 
 def _auth_item(items: list[Any], session: bytes) -> tuple[bytes | None, bytes]:
@@ -86,9 +87,11 @@ class ControlServer:
     thread per connection (at most ``max_connections``; one idle past ``idle_timeout``
     seconds between requests is closed).
 
-    ``authorize(token) -> bool``: when given, a connection must open with an AUTH whose
-    token passes it; nothing else is served before that. Every connection's session is
-    the one its AUTH named (a fresh one without AUTH): handles belong to it.
+    ``authorize(token) -> scope | None``: when given, a connection must open with an AUTH
+    whose token it accepts; nothing else is served before that, and the connection's
+    requests may then only name keys starting with the credential's scope. Every
+    connection's session is the one its AUTH named (a fresh one without AUTH): handles
+    belong to it.
     """
 
     def __init__(self, host: str, port: int, handler: Handler, *, authorize: Authorize | None = None,
@@ -107,6 +110,7 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         session = secrets.token_bytes(16)
         authed = self._authorize is None
+        scope = b""
         try:
             while True:
                 try:
@@ -121,14 +125,15 @@ class ControlServer:
                         raise ValueError(f"payload must be a list of at most {MAX_ITEMS} items")
                     if op == Op.AUTH:
                         token, session = _auth_item(items, session)
-                        if self._authorize is not None and not self._authorize(token):
+                        granted = self._authorize(token) if self._authorize is not None else b""
+                        if granted is None:
                             self.refused += 1
                             conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb([SlotStatus.DENIED])))
                             return
-                        authed = True
+                        authed, scope = True, granted
                         conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb([SlotStatus.OK])))
                         continue
-                    results = self._handler(Op(op), items, Incoming(conn), session)
+                    results = self._handler(Op(op), items, Incoming(conn), session, scope)
                 except (ValueError, TypeError, InvalidArgument, PermissionError, msgpack.UnpackException) as e:
                     # The stream can no longer be trusted: answer once, then hang up.
                     conn.sendall(pack_frame(REPLY_BIT, msgpack.packb(f"bad request: {e}"), FLAG_ERROR))

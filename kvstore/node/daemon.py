@@ -77,13 +77,13 @@ class StoreNode:
         self.cfg = node
         self.token = token
         protect(node, token)
-        # digests of the tokens this node's listeners accept: its own until the master sends
-        # the set of client tokens (RegisterNode / Heartbeat replies)
-        self._digests: frozenset[str] = frozenset({digest(token)}) if token else frozenset()
+        # digest -> key scope of the tokens this node's listeners accept: its own until the
+        # master sends the set of client tokens (RegisterNode / Heartbeat replies)
+        self._digests: dict[str, bytes] = {digest(token): b""} if token else {}
         self._auth_version = ""
         self.host_id = node.host_id or host_id()
         # with a token, tcp:// peers must present one this node accepts (shm:// checks uids)
-        opts = TransportOptions(authorize=self.authorize) if token else None
+        opts = TransportOptions(authorize=self.authorize_raw) if token else None
         self.transports: list[Transport] = [create(_transport_uri(u, node.host), opts) for u in node.transports]
         # The arena lives in the memory the first same-host transport serves best
         # (a shared segment peers map): same-host clients then copy straight from it.
@@ -106,7 +106,7 @@ class StoreNode:
             if shared is not None and self._gens_region is not None else {}
         self.service = NodeService(self.store, self.holds, maps)
         self._control = ControlServer(node.host, node.control_port, self.service.handle,
-                                      authorize=self.authorize if token else None,
+                                      authorize=self.scope_of if token else None,
                                       max_connections=node.max_connections, idle_timeout=node.idle_timeout)
         self.control_address = self._control.address
         self.control_port = int(self.control_address.rpartition(":")[2])
@@ -172,13 +172,18 @@ class StoreNode:
 
     # -- master protocol --------------------------------------------------------
 
-    def authorize(self, token: bytes | None) -> bool:
-        """Whether a peer presenting ``token`` may use this node's listeners."""
-        return bool(token) and digest(token) in self._digests  # type: ignore[arg-type]
+    def scope_of(self, token: bytes | None) -> bytes | None:
+        """The key scope of a peer presenting ``token`` on the control channel (b"": any
+        key), or None if this node does not accept it."""
+        return self._digests.get(digest(token)) if token else None
 
-    def _take_digests(self, version: str, digests: list[str]) -> None:
+    def authorize_raw(self, token: bytes | None) -> bool:
+        """``tcp://`` reaches arena offsets, not keys: unscoped credentials only (admins)."""
+        return self.scope_of(token) == b""
+
+    def _take_digests(self, version: str, digests: list[str], scopes: list[bytes]) -> None:
         if version and digests:
-            self._digests = frozenset(digests)
+            self._digests = dict(zip(digests, scopes or [b""] * len(digests), strict=True))
             if version != self._auth_version:
                 log.info("node %s: %d client credentials accepted (version %s)", self.node_id,
                          len(digests), version)
@@ -218,7 +223,7 @@ class StoreNode:
         for key in drop:
             self.store.remove(key)
         self.epoch = resp.epoch
-        self._take_digests(resp.auth_version, list(resp.client_digests))
+        self._take_digests(resp.auth_version, list(resp.client_digests), list(resp.client_scopes))
         if resp.heartbeat_interval_ms > 0:
             self.heartbeat_interval = resp.heartbeat_interval_ms / 1000
         log.info("node %s registered: epoch %d, %d held (%d page(s)), %d dropped", self.node_id, self.epoch,
@@ -237,7 +242,7 @@ class StoreNode:
         except (grpc.RpcError, KVStoreError):
             self.store.return_lost(lost)  # report them next time
             raise
-        self._take_digests(resp.auth_version, list(resp.client_digests))
+        self._take_digests(resp.auth_version, list(resp.client_digests), list(resp.client_scopes))
         if resp.reregister:
             self._register()
             return

@@ -32,6 +32,21 @@ RPC_SECONDS = Histogram(
 _TIMERS = {op: RPC_SECONDS.labels(op.name.lower()) for op in Op if op != Op.AUTH}
 
 
+_KEY_AT = {Op.ALLOCATE: 0, Op.COMMIT: 1, Op.FETCH: 0, Op.STORE: 0}  # list items: where the key is
+
+
+def _check_scope(op: Op, items: list[Any], scope: bytes) -> None:
+    """PermissionError unless every key the request names starts with ``scope``."""
+    if op in (Op.ABORT, Op.RELEASE):
+        return  # handles: bound to the session already
+    for item in items:
+        at = _KEY_AT.get(op)
+        key = item[at] if at is not None and isinstance(item, list) and len(item) > at else item
+        if not (isinstance(key, bytes) and key.startswith(scope)):
+            raise PermissionError(f"{op.name}: key {key!r:.40} is outside this credential's tenant "
+                                  f"(keys must start with {scope!r})")
+
+
 def _key(v: Any) -> bytes | None:
     return v if isinstance(v, bytes) and 0 < len(v) <= MAX_KEY_BYTES else None
 
@@ -84,11 +99,17 @@ class NodeService:
         self._streaming = {Op.STORE: self.store_stream}
 
     def handle(self, op: Op, items: list[Any], incoming: Incoming | None = None,
-               session: bytes = b"") -> list[Any] | Streamed:
-        """Serve one request of the connection whose session is ``session``. ValueError for
-        an op this service does not serve (the server hangs up)."""
+               session: bytes = b"", scope: bytes = b"") -> list[Any] | Streamed:
+        """Serve one request of the connection whose session is ``session`` and whose
+        credential is confined to keys starting with ``scope`` (b"": any key). ValueError
+        for an op this service does not serve, PermissionError for a key outside the scope
+        (the server answers and hangs up)."""
         if op not in _TIMERS:
             raise ValueError(f"op {op.name} is not a request")
+        if scope:
+            if op == Op.MAPS:  # the mapped arena holds every tenant's bytes: control channel only
+                return [Maps(SlotStatus.INVALID) for _ in items]
+            _check_scope(op, items, scope)
         with _TIMERS[op].time():
             if op in self._streaming:
                 if incoming is None:

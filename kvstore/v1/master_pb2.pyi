@@ -120,20 +120,22 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., held: _Optional[_Iterable[_Union[HeldKey, _Mapping]]] = ..., more_held: _Optional[bool] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("epoch", "heartbeat_interval_ms", "node_ttl_ms", "drop", "client_digests", "auth_version")
+    __slots__ = ("epoch", "heartbeat_interval_ms", "node_ttl_ms", "drop", "client_digests", "auth_version", "client_scopes")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     NODE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     DROP_FIELD_NUMBER: _ClassVar[int]
     CLIENT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     AUTH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SCOPES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     heartbeat_interval_ms: int
     node_ttl_ms: int
     drop: _containers.RepeatedScalarFieldContainer[bytes]
     client_digests: _containers.RepeatedScalarFieldContainer[str]
     auth_version: str
-    def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., node_ttl_ms: _Optional[int] = ..., drop: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ...) -> None: ...
+    client_scopes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., node_ttl_ms: _Optional[int] = ..., drop: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ..., client_scopes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch", "tiers", "lost", "auth_version")
@@ -150,16 +152,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., lost: _Optional[_Iterable[bytes]] = ..., auth_version: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister", "remove", "client_digests", "auth_version")
+    __slots__ = ("reregister", "remove", "client_digests", "auth_version", "client_scopes")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     AUTH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SCOPES_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     remove: _containers.RepeatedScalarFieldContainer[bytes]
     client_digests: _containers.RepeatedScalarFieldContainer[str]
     auth_version: str
-    def __init__(self, reregister: _Optional[bool] = ..., remove: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ...) -> None: ...
+    client_scopes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, reregister: _Optional[bool] = ..., remove: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ..., client_scopes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PutItem(_message.Message):
     __slots__ = ("key", "size", "checksum")
@@ -316,10 +320,12 @@ class HelloRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("fast_address",)
+    __slots__ = ("fast_address", "key_prefix")
     FAST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
     fast_address: str
-    def __init__(self, fast_address: _Optional[str] = ...) -> None: ...
+    key_prefix: bytes
+    def __init__(self, fast_address: _Optional[str] = ..., key_prefix: _Optional[bytes] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("nodes", "objects", "pending", "bytes", "leases", "pins", "counters")

@@ -84,14 +84,18 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
 SECRET = {f"secret-{i}".encode(): os.urandom(200_000) for i in range(8)}
 
 
+STORED = b"@default/"  # the tenant's key scope: the pool stores its keys under it
+
+
 def attack(pool: Secured, parts: list[str], uid: int | None = None) -> dict[str, str]:
-    with pool.client("admin") as c:
+    with pool.client() as c:  # the default tenant's client
         c.put_batch(list(SECRET.items()))
         node = c.stats().nodes[0]
     eps = {e.scheme: e for e in node.endpoints}
     key = next(iter(SECRET))
+    stored = STORED + key  # the worst case: the attacker knows the stored key and its checksum
     spec = {"parts": parts, "control": node.control_address, "master": pool.address, "node_id": node.node_id,
-            "key": key.hex(), "checksum": checksum(SECRET[key], key),
+            "key": stored.hex(), "checksum": checksum(SECRET[key], stored),
             "tcp_meta": eps["tcp"].metadata.hex(), "tcp_region": eps["tcp"].region.hex(),
             "shm_meta": eps["shm"].metadata.hex(), "shm_region": eps["shm"].region.hex(),
             "client_token": pool.token("client:default")}
@@ -138,6 +142,55 @@ def test_a_bad_client_token_is_a_clear_error(pool: Secured) -> None:
         c.get(b"secret-0")
 
 
+def test_tenants_with_identical_prompts_never_share_or_see_each_others_chunks(pool: Secured) -> None:
+    from kvstore.auth import add_tenant
+    from kvstore.keys import Namespace, chunk_keys
+    from kvstore.layout import KVLayout
+
+    other = add_tenant(pool.tmp / "auth", "tenant-x").read_text().strip()
+    layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=256)
+    keys = chunk_keys(Namespace(model="m", layout=layout), list(range(4096)))  # one prompt, both tenants
+    a_vals = {k: os.urandom(5000) for k in keys}
+    with pool.client() as a:
+        assert all(a.put_batch(list(a_vals.items())))
+        deadline = time.monotonic() + 20
+        while True:  # the new tenant's token reaches the node on a heartbeat
+            try:
+                with Client(pool.address, token=other, timeout=5) as b:
+                    assert b.longest_prefix(keys) == 0  # a's chunks count for a only
+                    assert b.get_batch(keys) == [None] * len(keys)
+                    b_vals = {k: os.urandom(5000) for k in keys}
+                    assert all(b.put_batch(list(b_vals.items())))  # new for b, not ALREADY_EXISTS
+                    assert b.longest_prefix(keys) == len(keys)
+                    assert [bytes(v or b"") for v in b.get_batch(keys)] == list(b_vals.values())
+                    assert all(b.remove_batch(keys[:4], force=True))
+                break
+            except PermissionDenied:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+        assert a.longest_prefix(keys) == len(keys)  # b's removes did not touch a's chunks
+        assert [bytes(v or b"") for v in a.get_batch(keys)] == list(a_vals.values())
+    # a raw request naming the other tenant's stored key is refused by the master and the node
+    import grpc
+
+    from kvstore.node.control import ControlClient, FetchRequest
+    from kvstore.v1 import master_pb2 as pb
+    from kvstore.v1 import master_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(pool.address) as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.MasterStub(ch).Lookup(pb.LookupRequest(keys=[STORED + keys[0]]),
+                                      metadata=[("authorization", f"Bearer {other}")], timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "outside tenant" in err.value.details()
+    with pool.client("admin") as adm:
+        addr = adm.stats().nodes[0].control_address
+    ctl = ControlClient(addr, token=other)
+    try:
+        with pytest.raises(KVStoreError, match="outside this credential's tenant"):
+            ctl.fetch([FetchRequest(STORED + keys[0], 0, memoryview(bytearray(5000)))], 5)
+    finally:
+        ctl.close()
+
+
 def test_handles_belong_to_the_session_that_got_them(pool: Secured) -> None:
     from kvstore.node.control import ControlClient
     from kvstore.node.protocol import Allocated, Op, SlotStatus
@@ -147,7 +200,7 @@ def test_handles_belong_to_the_session_that_got_them(pool: Secured) -> None:
     a = ControlClient(addr, token=pool.token("client:default"))
     b = ControlClient(addr, token=pool.token("client:default"))  # same tenant, another session
     try:
-        got = Allocated(*a.call(Op.ALLOCATE, [[b"mine", 4096]], 5)[0])
+        got = Allocated(*a.call(Op.ALLOCATE, [[STORED + b"mine", 4096]], 5)[0])
         assert got.status == SlotStatus.OK and got.handle > 1 << 20  # random, not a counter
         assert b.call(Op.RELEASE, [got.handle], 5) == [SlotStatus.EXPIRED]
         assert b.call(Op.ABORT, [got.handle], 5) == [SlotStatus.EXPIRED]
