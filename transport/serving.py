@@ -15,6 +15,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from kvstore.errors import InvalidArgument, KVStoreError
@@ -145,8 +146,11 @@ def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str
 
 class ConnectionServer:
     """Accept loop over a bound, listening socket; ``serve(conn)`` on a daemon thread per
-    connection, at most ``max_connections`` at once (more are closed on accept, logged).
-    ``close()`` wakes the accept loop and shuts every open connection."""
+    connection, at most ``max_connections`` at once. At the cap, a new connection takes
+    the place of the one idle longest (its server marks it with :meth:`idle`), so peers
+    that hold connections open without using them cannot lock others out; with none
+    idle, the new connection is closed (logged). ``close()`` wakes the accept loop and
+    shuts every open connection."""
 
     def __init__(self, listener: socket.socket, serve: Callable[[socket.socket], None], who: str, *,
                  max_connections: int = 4096) -> None:
@@ -155,6 +159,8 @@ class ConnectionServer:
         self._who = who
         self.max_connections = max_connections
         self.rejected = 0
+        self.evicted = 0
+        self._idle_since: dict[socket.socket, float] = {}
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -172,8 +178,20 @@ class ConnectionServer:
                     conn.close()
                     return
                 full = len(self._conns) >= self.max_connections
+                victim = min(self._idle_since, key=self._idle_since.__getitem__) if full and self._idle_since \
+                    else None
+                if victim is not None:
+                    del self._idle_since[victim]
+                    self._conns.discard(victim)
+                    self.evicted += 1
+                    full = False
                 if not full:
                     self._conns.add(conn)
+            if victim is not None:
+                try:
+                    victim.shutdown(socket.SHUT_RDWR)  # its thread ends on the error
+                except OSError:
+                    log.debug("%s: evicted connection already shut", self._who)
             if full:
                 self.rejected += 1
                 if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
@@ -185,12 +203,21 @@ class ConnectionServer:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name=f"{self._who}-conn", daemon=True).start()
 
+    def idle(self, conn: socket.socket, idle: bool) -> None:
+        """``conn`` waits for its next request (``True``) or is serving one (``False``)."""
+        with self._lock:
+            if idle and conn in self._conns:
+                self._idle_since[conn] = time.monotonic()
+            else:
+                self._idle_since.pop(conn, None)
+
     def _serve(self, conn: socket.socket) -> None:
         try:
             self._serve_conn(conn)
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._idle_since.pop(conn, None)
             conn.close()
 
     def close(self) -> None:

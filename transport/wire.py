@@ -120,6 +120,23 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         pos += got
 
 
+def recv_within(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes that must all arrive before ``deadline`` (monotonic), however they are
+    dripped: TimeoutError (an OSError) otherwise. For request frames of untrusted peers."""
+    buf = bytearray(n)
+    view, pos = memoryview(buf), 0
+    while pos < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{pos} of {n} B arrived in time")
+        sock.settimeout(left)
+        got = sock.recv_into(view[pos:], n - pos)
+        if got == 0:
+            raise TransportError(f"peer closed the connection after {pos} of {n} B")
+        pos += got
+    return bytes(buf)
+
+
 def recv_bytes(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     if n:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from kvstore.config import NodeConfig, load_config
+from kvstore.config import load_config
 
 
 def read_token(path: Path | None) -> str | None:
@@ -45,19 +45,26 @@ def serve_until_signal(stop: Any) -> None:
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with this caller's token: the master's shared token, or one from `kvstore auth init`.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="TOML config file ([store] section; flags win).")
+              help="TOML config file ([store] and [node] sections; flags given win).")
 def node(master: str, node_id: str, host: str, control_port: int, transports: tuple[str, ...], dram: str,
          disk_dir: Path | None, disk: str, metrics_port: int, token_file: Path | None,
          config_file: Path | None) -> None:
     """Run a store node: serve DRAM/disk to clients and register with the master."""
     from kvstore.node.daemon import StoreNode
 
-    overrides: dict[str, Any] = {"store.dram": dram, "store.disk": disk}
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:  # flags set on the command line beat the file; defaults do not
+        return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+    overrides: dict[str, Any] = {f"store.{k}": v for k, v in (("dram", dram), ("disk", disk)) if given(k)}
     if disk_dir is not None:
         overrides["store.disk_dir"] = str(disk_dir)
+    flags = {"master": master, "node_id": node_id, "host": host, "control_port": control_port,
+             "transports": list(transports), "metrics_port": metrics_port}
+    overrides.update({f"node.{k}": v for k, v in flags.items() if given(k)})
     cfg = load_config(config_file, overrides)
-    ncfg = NodeConfig(node_id=node_id, master=master, host=host, control_port=control_port,
-                      transports=transports, metrics_port=metrics_port)
+    ncfg = cfg.node
     n = StoreNode(ncfg, cfg.store, token=read_token(token_file)).start()
     click.echo(f"kvstore node {n.node_id} serving on {n.control_address} "
                f"({', '.join(t.scheme for t in n.transports)}), master {master}"

@@ -33,7 +33,7 @@ from kvstore.node.protocol import (
     parse_header,
 )
 from transport.serving import ConnectionServer
-from transport.wire import connect_tcp, recv_bytes, recv_exact
+from transport.wire import connect_tcp, recv_bytes, recv_exact, recv_within
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class Incoming:
             recv_exact(self._sock, scratch[:take])
             n -= take
 
+
+PREAUTH_TIMEOUT = 10.0
+"""Seconds a connection to a node that requires a token may stay without authenticating."""
 
 Handler = Callable[[Op, list[Any], Incoming, bytes, bytes], "list[Any] | Streamed"]
 Authorize = Callable[[bytes | None], "bytes | None"]
@@ -105,7 +108,9 @@ class ControlServer:
         lsock.listen(128)
         self.address = f"{host}:{lsock.getsockname()[1]}"
         self.refused = 0
-        self._server = ConnectionServer(lsock, self._serve, "node-control", max_connections=max_connections)
+        self._server: ConnectionServer | None = None  # a connection may be served before it is set
+        server = ConnectionServer(lsock, self._serve, "node-control", max_connections=max_connections)
+        self._server = server
 
     def _serve(self, conn: socket.socket) -> None:
         session = secrets.token_bytes(16)
@@ -114,13 +119,24 @@ class ControlServer:
         try:
             while True:
                 try:
-                    conn.settimeout(self._idle)  # between requests; a request then has its own pace
-                    op, _flags, length = parse_header(recv_bytes(conn, HEADER.size))
+                    conn.settimeout(self._idle if authed else min(self._idle, PREAUTH_TIMEOUT))
+                    server = self._server
+                    if server is not None:
+                        server.idle(conn, True)  # at the cap, the longest idle makes room
+                    first = conn.recv(1)  # idle until a request starts
+                    if server is not None:
+                        server.idle(conn, False)
+                    if not first:
+                        return
+                    # then the whole request frame must arrive within the idle timeout, however
+                    # slowly it is dripped (a slow peer cannot keep a slot forever)
+                    deadline = time.monotonic() + self._idle
+                    op, _flags, length = parse_header(first + recv_within(conn, HEADER.size - 1, deadline))
                     if not authed and (op != Op.AUTH or length > MAX_PREAUTH_FRAME):
                         self.refused += 1
                         raise PermissionError("authenticate first: this node requires a token (AUTH)")
-                    conn.settimeout(None)
-                    items = _unpack(recv_bytes(conn, length))
+                    items = _unpack(recv_within(conn, length, deadline))
+                    conn.settimeout(self._idle)  # bytes that follow (STORE) and replies: each I/O bounded
                     if not isinstance(items, list) or len(items) > MAX_ITEMS:
                         raise ValueError(f"payload must be a list of at most {MAX_ITEMS} items")
                     if op == Op.AUTH:
@@ -151,7 +167,8 @@ class ControlServer:
             return
 
     def close(self) -> None:
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
 
 
 class ControlClient:

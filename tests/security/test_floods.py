@@ -1,0 +1,175 @@
+"""A node under floods (real master and node processes, small caps from the node's
+config file): idle and slow-drip connections, an acquire flood, decoder bombs. The node's
+threads, memory and holds stay bounded and a legitimate client keeps getting its bytes."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import socket
+import struct
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from kvstore.client import Client
+from kvstore.errors import KVStoreError
+from kvstore.framing import HEADER
+from kvstore.node.control import ControlClient
+from kvstore.node.protocol import MAGIC, VERSION, Acquired, Op, SlotStatus, pack_frame
+from kvstore.testing.cluster import CLI, Proc, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CAP, IDLE, HOLDS = 32, 2.0, 256
+VALUE = np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+class Node:
+    def __init__(self, tmp: Path) -> None:
+        (tmp / "node.toml").write_text(f"[node]\nmax_connections = {CAP}\nidle_timeout = \"{IDLE}s\"\n"
+                                       f"max_holds = {HOLDS}\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.port, self.metrics = free_port(), free_port()
+        self.master = Proc("master", [*CLI, "master", "--port", str(self.port), "--metrics-port", "-1"],
+                           tmp / "master.log").start(env)
+        self.node = Proc("node", [*CLI, "node", "--master", f"127.0.0.1:{self.port}", "--dram", "64MiB",
+                                  "--metrics-port", str(self.metrics), "--config", str(tmp / "node.toml")],
+                         tmp / "node.log").start(env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with self.client() as c:
+                    if c.stats().nodes:
+                        self.control = c.stats().nodes[0].control_address
+                        break
+            except KVStoreError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with self.client() as c:
+            c.put(b"legit", VALUE)
+
+    def client(self, **kw: object) -> Client:
+        return Client(f"127.0.0.1:{self.port}", same_host=False, **kw)  # type: ignore[arg-type]
+
+    def status(self, field: str) -> int:
+        text = Path(f"/proc/{self.node.pid}/status").read_text()
+        return int(re.search(rf"^{field}:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+
+    def holds(self) -> float:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5).read().decode()
+        return float(re.search(r"^kvstore_node_holds\{[^}]*\} (\S+)", body, re.M).group(1))  # type: ignore[union-attr]
+
+    def legit_get(self) -> None:
+        with self.client(timeout=15) as c:
+            assert bytes(c.get(b"legit") or b"") == VALUE
+
+    def stop(self) -> None:
+        self.node.stop()
+        self.master.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    n = Node(tmp_path_factory.mktemp("flood"))
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+def _connect(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def test_2000_idle_connections(node: Node) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    threads, rss = node.status("Threads"), node.status("VmRSS")
+    socks = []
+    try:
+        for _ in range(2000):
+            try:
+                socks.append(_connect(node.control))
+            except OSError:
+                continue
+        time.sleep(0.5)
+        assert node.status("Threads") <= threads + CAP + 4  # one thread per admitted connection
+        assert node.status("VmRSS") - rss < 64 << 10  # kB
+        node.legit_get()  # the idle ones are dropped after IDLE seconds; the client retries meanwhile
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 10
+    while node.status("Threads") > threads + 2:
+        assert time.monotonic() < deadline, "connection threads did not go away"
+        time.sleep(0.2)
+
+
+def test_slow_drip_frames_do_not_keep_their_slots(node: Node) -> None:
+    frame = pack_frame(Op.ACQUIRE, msgpack.packb([b"legit"]))
+    socks = [_connect(node.control) for _ in range(CAP)]
+    try:
+        t = time.monotonic()
+        alive = list(socks)
+        for i in range(len(frame)):  # one byte every IDLE/3 s: each recv in time, the frame never
+            for s in list(alive):
+                try:
+                    s.sendall(frame[i:i + 1])
+                except OSError:
+                    alive.remove(s)
+            if not alive or time.monotonic() - t > 3 * IDLE:
+                break
+            time.sleep(IDLE / 3)
+        assert time.monotonic() - t < 3 * IDLE + 2
+        node.legit_get()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_acquire_flood_is_capped_per_session(node: Node) -> None:
+    c = ControlClient(node.control)
+    try:
+        got = []
+        for _ in range(10):
+            got += [Acquired(*r).status for r in c.call(Op.ACQUIRE, [b"legit"] * 100, 5)]
+        assert got.count(SlotStatus.OK) == HOLDS and got.count(SlotStatus.BUSY) == 1000 - HOLDS
+        assert node.holds() <= HOLDS
+        node.legit_get()  # another session is not affected
+    finally:
+        c.close()  # the holds go at the node's hold TTL; nothing else leaks
+
+
+@pytest.mark.parametrize("payload", [
+    b"\xdd\xff\xff\xff\xff",  # msgpack array32 claiming 4 G items, with none sent
+    b"\xc6\x7f\xff\xff\xff",  # bin32 of 2 GiB
+    b"\x91" * 100_000 + b"\xc0",  # 100,000 nested one-item arrays
+    msgpack.packb([[b"k" * 70_000]]),  # a key far over the limit
+], ids=["array32", "bin32", "nested", "long-key"])
+def test_decoder_bombs_are_refused(node: Node, payload: bytes) -> None:
+    rss = node.status("VmRSS")
+    with _connect(node.control) as s:
+        s.sendall(HEADER.pack(MAGIC, VERSION, Op.ACQUIRE, 0, len(payload)) + payload)
+        s.settimeout(5)
+        data = s.recv(1 << 16)
+    assert data[:4] == MAGIC and data[6] & 1  # an error reply, then the node hangs up
+    assert node.status("VmRSS") - rss < 64 << 10
+    node.legit_get()
+
+
+def test_foreign_frames_are_refused(node: Node) -> None:
+    for raw in (b"GET / HTTP/1.1\r\n\r\n", struct.pack("<4sBBHI", MAGIC, VERSION, 200, 0, 1 << 30)):
+        with _connect(node.control) as s:
+            s.sendall(raw)
+            s.settimeout(5)
+            assert s.recv(1 << 16)[:4] in (MAGIC, b"")
+    node.legit_get()
