@@ -67,7 +67,8 @@ def main() -> None:
                        "checked", "crashes", "failovers_s", "availability_during_failover", "wall_s"])
     ratios: dict[str, Any] = {"wrong_reads": sum(r["wrong_reads"] for r in rows),
                               "lost_acked_writes": sum(r["lost_acked_writes"] for r in rows),
-                              "crashes": sum(len(r["crashes"]) for r in rows)}
+                              "crashes": sum(len(r["crashes"]) for r in rows),
+                              "leaks": sum(len(r["leaks"]) for r in rows)}
     if failovers:
         ratios["failover_p50_s"] = round(sorted(failovers)[len(failovers) // 2], 2)
         ratios["failover_max_s"] = round(max(failovers), 2)
@@ -78,7 +79,7 @@ def main() -> None:
             print(f"  seed {seed}: {line}")
     if args.json:
         write_json(args.json, {"rows": rows, "ratios": ratios, "details": details})
-    if ratios["wrong_reads"] or ratios["lost_acked_writes"] or ratios["crashes"]:
+    if ratios["wrong_reads"] or ratios["lost_acked_writes"] or ratios["crashes"] or ratios["leaks"]:
         sys.exit(1)
 
 

@@ -26,7 +26,8 @@ checker reads back every acknowledged write. It reports, per seed:
   back although a replica of it survived: it was placed on a node that was never
   killed or corrupted after the put (must be 0);
 * ``destroyed``: acknowledged puts whose every replica was killed or corrupted (not a loss);
-* operations and errors by kind, and crashes of processes the nemesis did not kill.
+* operations and errors by kind, and crashes of processes the nemesis did not kill;
+* ``leaks``: pins, read leases or node handles still held once every client finished.
 
 No pickle crosses a socket: the client processes report through ``multiprocessing``
 queues only to their parent, in plain tuples.
@@ -139,6 +140,8 @@ class Report:
     """Seconds from each fault of the leader until a fresh client was answered (etcd mode)."""
     failover_ops: int = 0
     failover_ok: int = 0
+    leaks: list[str] = field(default_factory=list)
+    """Pins, read leases or node handles still held once every client finished (must be empty)."""
 
     @property
     def availability_during_failover(self) -> float | None:
@@ -150,7 +153,7 @@ class Report:
                 "fault_kinds": dict(Counter(f[1] for f in self.faults)), "wrong_reads": self.wrong_reads,
                 "lost_acked_writes": self.lost_acked_writes, "destroyed": self.destroyed,
                 "checked": self.checked, "crashes": self.crashes,
-                "failovers_s": [round(f, 2) for f in self.failovers],
+                "failovers_s": [round(f, 2) for f in self.failovers], "leaks": self.leaks,
                 "availability_during_failover": self.availability_during_failover}
 
 
@@ -174,7 +177,7 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
     rng = random.Random(seed)
     report = Report(seed)
     cl = Cluster(workdir, node_ttl=f"{node_ttl}s", dram="64MiB", etcd=etcd, standbys=1 if etcd else 0,
-                 cluster=f"chaos{seed}", leader_ttl="2s")
+                 cluster=f"chaos{seed}", leader_ttl="2s", node_metrics=True)
     windows: list[tuple[float, float]] = []  # (fault, answered again) of each leader fault
     ctx = mp.get_context("spawn")
     out: Any = ctx.Queue()
@@ -248,6 +251,7 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
                 cl.start_master(i)
         cl.wait_nodes(nodes, timeout=60)
         time.sleep(node_ttl)
+        _check_leaks(cl, nodes, report)
         with Client(cl.master_address, timeout=10) as c:
             for _, idx, ops, errors, wrong, acked, timeline in results:
                 for t, ok in timeline:
@@ -286,6 +290,24 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
             if p.is_alive():
                 p.kill()
         cl.stop()
+
+
+def _check_leaks(cl: Any, nodes: int, report: Report, within: float = 10.0) -> None:
+    """Once every client finished: no pin, no read lease and no node handle may stay held
+    (leases lapse after master.lease_ttl, handles are released by the clients)."""
+    from kvstore.client import Client
+
+    deadline = time.monotonic() + within
+    while True:
+        with Client(cl.master_address, timeout=10) as c:
+            s = c.stats()
+        held = {f"node{i}": cl.node_gauge(i, "kvstore_node_holds") for i in range(nodes)}
+        leaks = [f"{k}: {int(v)} handles" for k, v in held.items() if v] + \
+            ([f"master: {s.pins} pins"] if s.pins else []) + ([f"master: {s.leases} leases"] if s.leases else [])
+        if not leaks or time.monotonic() > deadline:
+            report.leaks = leaks
+            return
+        time.sleep(0.5)
 
 
 def _corrupt_one(pid: int, rng: random.Random) -> bool:

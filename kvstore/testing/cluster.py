@@ -85,6 +85,9 @@ class Cluster:
     leader_ttl: str = "2s"
     masters: list[Proc] = field(default_factory=list)
     master_ports: list[int] = field(default_factory=list)
+    node_metrics: bool = False
+    """Serve each node's Prometheus /metrics (``metrics_ports[i]``) for checks like held handles."""
+    metrics_ports: dict[int, int] = field(default_factory=dict)
 
     @property
     def master_address(self) -> str:
@@ -149,8 +152,10 @@ class Cluster:
 
     def start_node(self, i: int | None = None) -> Proc:
         i = len(self.nodes) if i is None else i
+        if self.node_metrics:
+            self.metrics_ports[i] = free_port()
         args = [*CLI, "node", "--master", self.master_address, "--node-id", f"node{i}",
-                "--dram", self.dram, "--metrics-port", "-1"]
+                "--dram", self.dram, "--metrics-port", str(self.metrics_ports.get(i, -1))]
         for t in self.transports:
             args += ["--transport", t]
         if self.disk:
@@ -193,6 +198,14 @@ class Cluster:
                 last = e
             time.sleep(0.1)
         raise TimeoutError(f"{n} nodes did not register in {timeout}s (last error: {last})")
+
+    def node_gauge(self, i: int, name: str) -> float:
+        """Sum of a node's Prometheus gauge ``name`` (needs ``node_metrics``)."""
+        import re
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[i]}/metrics", timeout=5).read()
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", body.decode(), re.M))
 
     def logs(self) -> str:
         out = []

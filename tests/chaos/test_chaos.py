@@ -24,6 +24,7 @@ def test_chaos_short_seed(seed: int, tmp_path: Path) -> None:  # and pause, aren
     assert r.wrong_reads == 0, r.details
     assert r.lost_acked_writes == 0, r.details
     assert r.crashes == [], r.crashes
+    assert r.leaks == [], r.leaks  # no pin, lease or node handle outlives its client
     assert sum(r.ops.values()) > 1000 and r.checked > 50
     # every fault of the leader was followed by a new leader answering (times: the benchmark's)
     assert len(r.failovers) == row["fault_kinds"]["kill_master"] + row["fault_kinds"]["pause_master"]
