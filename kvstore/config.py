@@ -116,6 +116,11 @@ class MasterConfig:
     max_message: int = _size("64MiB", "Largest gRPC message accepted or sent.")
     max_batch: int = field(default=65536, metadata={"doc": "Most items (keys) in one request."})
     max_replicas: int = field(default=8, metadata={"doc": "Most replicas one PutStart may ask for."})
+    events_window: int = field(
+        default=100_000,
+        metadata={"doc": "Events the master keeps for subscribers that reconnect (Events.Watch); one "
+                         "that falls further behind gets a RESYNC event."},
+    )
     token_file: Path | None = field(
         default=None,
         metadata={"doc": "File holding a shared token; RPCs must send 'authorization: Bearer <token>'."},
@@ -154,7 +159,7 @@ class MasterConfig:
 
     def __post_init__(self) -> None:
         _coerce_units(self, "master")
-        for name in ("port", "max_batch", "max_replicas"):
+        for name in ("port", "max_batch", "max_replicas", "events_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"master.{name} must be an integer, got {value!r}")
@@ -195,6 +200,8 @@ class MasterConfig:
             raise ConfigError(f"master.max_batch must be >= 1, got {self.max_batch}")
         if self.max_replicas < 1:
             raise ConfigError(f"master.max_replicas must be >= 1, got {self.max_replicas}")
+        if self.events_window < 1:
+            raise ConfigError(f"master.events_window must be >= 1, got {self.events_window}")
         for name in ("data_dir", "token_file", "auth_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))

@@ -24,13 +24,14 @@ def cli(log_level: str) -> None:
 def _register() -> None:
     from kvstore.cli.auth import auth
     from kvstore.cli.demo import demo
+    from kvstore.cli.events import events
     from kvstore.cli.local_demo import local_demo
     from kvstore.cli.master import master
     from kvstore.cli.node import node
     from kvstore.cli.status import status
     from kvstore.cli.up import up
 
-    for command in (up, master, node, status, demo, local_demo, auth):
+    for command in (up, master, node, status, events, demo, local_demo, auth):
         cli.add_command(command)
     from kvstore.cli.proxy import proxy; cli.add_command(proxy)  # noqa: E702, I001
 

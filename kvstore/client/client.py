@@ -37,7 +37,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -257,6 +257,26 @@ class Client(ClientCore):
     def stats(self, *, timeout: float | None = None) -> mpb.StatsResponse:
         """The master's view: nodes with tiers, object/lease/pin counts, counters."""
         return self._retrying(self._stats_flow, timeout)
+
+    def watch_events(self, *, after: int = 0, from_now: bool = False,
+                     timeout: float | None = None) -> Iterator[mpb.PoolEvent]:
+        """The pool's events (``PoolEvent``: STORED, REMOVED, EVICTED, LOST, REPLICA_LOST,
+        NODE_JOINED, NODE_LEFT) numbered after ``after`` (or only new ones with ``from_now``),
+        then as they happen; a RESYNC event says some were missed. Runs until the caller
+        stops iterating, ``timeout`` seconds pass (then it ends quietly), or the master
+        goes away (TransportError; resume with ``after`` = the last ``seq`` seen). A tenant's
+        credential sees its own keys' events only (and node events)."""
+        stream = self._link.events(self.timeout).Watch(
+            mpb.WatchRequest(after=after, from_now=from_now), timeout=timeout, metadata=self._metadata)
+        try:
+            yield from stream
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                return
+            self._link.failed()
+            raise error_from_rpc(err, f"master {self._link.dialed}") from err
+        finally:
+            stream.cancel()
 
     def close(self) -> None:
         self._releaser.close()

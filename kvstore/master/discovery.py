@@ -244,6 +244,14 @@ class MasterLink:
                 self._dialed = address
             return self._stub
 
+    def events(self, timeout: float) -> Any:
+        """The ``Events`` stub on the same channel (the current leader)."""
+        from kvstore.v1 import master_pb2_grpc
+
+        self.stub(timeout)
+        with self._lock:
+            return master_pb2_grpc.EventsStub(self._channel)  # type: ignore[no-untyped-call]
+
     @property
     def dialed(self) -> str:
         return self._dialed or self.address.peek() or self.address.configured

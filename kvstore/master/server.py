@@ -27,7 +27,7 @@ from kvstore.master.election import Election
 from kvstore.master.fast_server import serve_fast
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
-from kvstore.master.servicer import Clock, MasterServicer, read_token
+from kvstore.master.servicer import Clock, EventsServicer, MasterServicer, read_token
 from kvstore.master.state import MasterState
 from kvstore.v1 import master_pb2_grpc as pb_grpc
 
@@ -199,6 +199,7 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
             ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=opts)
     pb_grpc.add_MasterServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_EventsServicer_to_server(EventsServicer(servicer), server)  # type: ignore[no-untyped-call]
     try:
         port = server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError as e:

@@ -37,6 +37,7 @@ from kvstore.master.convert import (
     tiers_in,
 )
 from kvstore.master.errors import NO_SPACE_MARKER, CallError, status_for
+from kvstore.master.events import EventLog
 from kvstore.master.fast import METHODS
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
@@ -126,6 +127,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self.warm_until = 0.0
         """Until then (monotonic; just elected) only nodes' calls are served: clients wait
         (UNAVAILABLE, retried) until the nodes have re-registered what they hold."""
+        self.events = EventLog(config.events_window)
         self.methods: dict[str, Callable[[Any], Any]] = {name: getattr(self, "_" + name) for name in METHODS}
         for name in METHODS:
             setattr(self, name, self._wrap(name))
@@ -241,22 +243,26 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         clients wait ``warmup`` seconds while the nodes re-register."""
         if self.store is not None:
             state.restore(self.store.load(), self.clock())
+        state.take_events()  # restoring is not news
         self.state, self._unwritten = state, []
         self.warm_until = time.monotonic() + warmup
         self.flush()
         self.metrics.update(state.stats(self.clock()))
 
     def flush(self) -> None:
-        """Write the state's journal in one batch; a failed write is retried on the next call."""
+        """Write the state's journal in one batch (a failed write is retried on the next
+        call), then publish the events of what it wrote."""
+        events = self.state.take_events()
         records = self._unwritten + self.state.take_journal()
         self._unwritten = []
-        if self.store is None or not records:
-            return
         try:
-            self.store.write(records)
+            if self.store is not None and records:
+                self.store.write(records)
         except KVStoreError:
             self._unwritten = records
             raise
+        finally:
+            self.events.add(events, self.clock())
 
     def _batch(self, n: int, what: str) -> None:
         if n > self.config.max_batch:
@@ -397,3 +403,33 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
                         nid, self.state.node_ttl_ms / 1000)
         self.flush()
         self.metrics.update(self.state.stats(now))
+
+
+class EventsServicer(pb_grpc.EventsServicer):  # type: ignore[misc]
+    """``Events.Watch``: the master's event log (kvstore.master.events), streamed."""
+
+    def __init__(self, master: MasterServicer) -> None:
+        self.master = master
+
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        m = self.master
+        auth = next((v.encode() if isinstance(v, str) else bytes(v)
+                     for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        scope = b""
+        try:
+            if m.credentials is not None:
+                scope = m._authorize("Watch", auth).scope
+            if m.leading is not None and not m.leading():
+                raise _Reject(grpc.StatusCode.UNAVAILABLE, m.standby_message)
+        except _Reject as e:
+            await context.abort(e.code, str(e))
+        after = m.events.last if request.from_now else request.after
+
+        def visible(e: pb.PoolEvent) -> bool:
+            return not scope or not e.key or e.key.startswith(scope)
+
+        def alive() -> bool:
+            return not context.done() and (m.leading is None or m.leading())
+
+        async for event in m.events.follow(after, visible, alive):
+            yield event

@@ -30,6 +30,7 @@ from kvstore.master import codec
 from kvstore.master.placement import choose_nodes, eviction_victims
 from kvstore.master.types import (
     Endpoint,
+    Event,
     HeartbeatResult,
     HeldKey,
     Location,
@@ -134,6 +135,7 @@ class MasterState:
         self._next_id = (1 << 40) + 1
         self._next_node_check = 0
         self._journal: list[codec.Record] = []
+        self._events: list[Event] = []  # for the event stream (kvstore.master.events)
         self._dead: list[str] = []
         self._expired_res = 0
         self._expired_leases = 0
@@ -176,6 +178,14 @@ class MasterState:
         self._next_id = (self._generation << 40) + 1
         self._journal.append(codec.meta_record(codec.META_GEN, self._generation))
         self._next_node_check = now_ms + self.node_ttl_ms
+
+    def take_events(self) -> list[Event]:
+        """What happened to chunks and nodes since the last call, in order."""
+        out, self._events = self._events, []
+        return out
+
+    def _emit(self, kind: str, key: bytes = b"", size: int = 0, nodes: Sequence[str] = ()) -> None:
+        self._events.append(Event(kind, key, size, tuple(nodes)))
 
     def take_journal(self) -> list[codec.Record]:
         """Drain the durable changes made since the last call, in order. Never raises."""
@@ -225,6 +235,7 @@ class MasterState:
                                                node.endpoints, node.tiers))
         self._next_node_check = min(self._next_node_check, node.deadline_ms)
         self.counters["registrations"] += 1
+        self._emit("NODE_JOINED", nodes=[node_id])
         return RegisterResult(epoch, self.heartbeat_interval_ms, self.node_ttl_ms, drop)
 
     def report_held(self, now_ms: int, node_id: str, epoch: int, held: Sequence[HeldKey],
@@ -262,11 +273,13 @@ class MasterState:
                 node.keys.add(h.key)
                 node.assigned_bytes += obj.size
                 self._persist_object(h.key, obj)
+                self._emit("STORED", h.key, obj.size, [node_id])
                 self.counters["adopted_on_register"] += 1
             elif obj is None and h.key not in self._pending and h.key not in self._removed and h.size > 0:
                 obj = _Object(h.size, h.checksum, [node_id])  # the master forgot it: the node is the truth
                 self._add_object(h.key, obj)
                 self._persist_object(h.key, obj)
+                self._emit("STORED", h.key, obj.size, [node_id])
                 self.counters["adopted_on_register"] += 1
             else:
                 drop.append(h.key)  # another version, being rewritten, or removed while the node was away
@@ -350,7 +363,7 @@ class MasterState:
                                                it.size, replicas)
                     if victims:
                         for v in victims:
-                            self._drop_object(v, self._objects[v])
+                            self._drop_object(v, self._objects[v], "EVICTED")
                         self.counters["evictions"] += len(victims)
                         no_room = -1
                         chosen = choose_nodes(self._nodes.values(), it.size, replicas,
@@ -401,6 +414,7 @@ class MasterState:
             for nid in live:
                 self._nodes[nid].keys.add(key)  # bytes were charged at PutStart
             self._persist_object(key, obj)
+            self._emit("STORED", key, obj.size, live)
             self.counters["puts"] += 1
             out.append(Status.OK)
         if res is not None and not res.items:
@@ -519,7 +533,7 @@ class MasterState:
             elif obj.leases and not force:
                 out.append(Status.LEASED)
             else:
-                self._drop_object(key, obj)
+                self._drop_object(key, obj, "REMOVED")
                 self._tombstone(key)
                 self.counters["removes"] += 1
                 out.append(Status.OK)
@@ -644,10 +658,12 @@ class MasterState:
             obj.replicas.remove(nid)
             if obj.replicas:
                 self._persist_object(key, obj)
+                self._emit("REPLICA_LOST", key, obj.size, [nid])
             else:
-                self._forget(key, obj)
+                self._forget(key, obj, "LOST")
         node.keys = set()
         self._journal.append((codec.NODE + nid.encode(), None))
+        self._emit("NODE_LEFT", nodes=[nid])
         self._dead.append(nid)
         self.counters["dead_nodes"] += 1
 
@@ -661,13 +677,14 @@ class MasterState:
             node.keys.add(key)
             node.assigned_bytes += obj.size
 
-    def _forget(self, key: bytes, obj: _Object) -> None:
-        """Drop the bookkeeping of an object with no replicas left."""
+    def _forget(self, key: bytes, obj: _Object, why: str) -> None:
+        """Drop the bookkeeping of an object with no replicas left (``why``: its event)."""
         del self._objects[key]
         del self._lru[key]
         self._bytes -= obj.size
         self._pins -= obj.pinned
         self._journal.append((codec.OBJECT + key, None))
+        self._emit(why, key, obj.size)
 
     def _drop_replica(self, key: bytes, nid: str) -> None:
         """The node no longer has ``key`` (lost, or not held at re-registration)."""
@@ -679,10 +696,11 @@ class MasterState:
             node.assigned_bytes -= obj.size
         if obj.replicas:
             self._persist_object(key, obj)
+            self._emit("REPLICA_LOST", key, obj.size, [nid])
         else:
-            self._forget(key, obj)
+            self._forget(key, obj, "LOST")
 
-    def _drop_object(self, key: bytes, obj: _Object) -> None:
+    def _drop_object(self, key: bytes, obj: _Object, why: str) -> None:
         """Remove an object everywhere and tell its nodes to delete it."""
         for nid in obj.replicas:
             node = self._nodes[nid]
@@ -690,7 +708,7 @@ class MasterState:
             node.assigned_bytes -= obj.size
             node.outbox[key] = None
         obj.replicas = []
-        self._forget(key, obj)
+        self._forget(key, obj, why)
 
     def _persist_object(self, key: bytes, obj: _Object) -> None:
         self._journal.append(

@@ -141,6 +141,16 @@ class LookupResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened to a chunk or a node (kind: a ``PoolEvent.Kind`` name)."""
+
+    kind: str
+    key: bytes = b""
+    size: int = 0
+    nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TickResult:
     """What expired since the previous tick (deaths found by any call are reported here)."""
 

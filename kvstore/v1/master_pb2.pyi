@@ -393,3 +393,47 @@ class ReportHeldResponse(_message.Message):
     reregister: bool
     drop: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, reregister: _Optional[bool] = ..., drop: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("after", "from_now")
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    FROM_NOW_FIELD_NUMBER: _ClassVar[int]
+    after: int
+    from_now: bool
+    def __init__(self, after: _Optional[int] = ..., from_now: _Optional[bool] = ...) -> None: ...
+
+class PoolEvent(_message.Message):
+    __slots__ = ("seq", "kind", "key", "size", "nodes", "time_ms")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[PoolEvent.Kind]
+        STORED: _ClassVar[PoolEvent.Kind]
+        REMOVED: _ClassVar[PoolEvent.Kind]
+        EVICTED: _ClassVar[PoolEvent.Kind]
+        LOST: _ClassVar[PoolEvent.Kind]
+        REPLICA_LOST: _ClassVar[PoolEvent.Kind]
+        NODE_JOINED: _ClassVar[PoolEvent.Kind]
+        NODE_LEFT: _ClassVar[PoolEvent.Kind]
+        RESYNC: _ClassVar[PoolEvent.Kind]
+    KIND_UNSPECIFIED: PoolEvent.Kind
+    STORED: PoolEvent.Kind
+    REMOVED: PoolEvent.Kind
+    EVICTED: PoolEvent.Kind
+    LOST: PoolEvent.Kind
+    REPLICA_LOST: PoolEvent.Kind
+    NODE_JOINED: PoolEvent.Kind
+    NODE_LEFT: PoolEvent.Kind
+    RESYNC: PoolEvent.Kind
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: PoolEvent.Kind
+    key: bytes
+    size: int
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    time_ms: int
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[PoolEvent.Kind, str]] = ..., key: _Optional[bytes] = ..., size: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., time_ms: _Optional[int] = ...) -> None: ...

@@ -710,3 +710,87 @@ class Master:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EventsStub:
+    """Pool events for routers and operators (kvstore events): every chunk stored, removed,
+    evicted or lost and every node joined or left, in order, numbered. A separate service:
+    the framed channel serves only the unary Master calls.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Watch = channel.unary_stream(
+                '/kvstore.v1.Events/Watch',
+                request_serializer=kvstore_dot_v1_dot_master__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_master__pb2.PoolEvent.FromString,
+                _registered_method=True)
+
+
+class EventsServicer:
+    """Pool events for routers and operators (kvstore events): every chunk stored, removed,
+    evicted or lost and every node joined or left, in order, numbered. A separate service:
+    the framed channel serves only the unary Master calls.
+    """
+
+    def Watch(self, request, context):
+        """Events numbered after `after` (those still in the master's window), then new ones as
+        they happen. If `after` is older than the window, the first event is RESYNC (its seq is
+        the oldest retained minus one): what came between is lost, rebuild from Lookup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EventsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kvstore_dot_v1_dot_master__pb2.WatchRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_master__pb2.PoolEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvstore.v1.Events', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvstore.v1.Events', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Events:
+    """Pool events for routers and operators (kvstore events): every chunk stored, removed,
+    evicted or lost and every node joined or left, in order, numbered. A separate service:
+    the framed channel serves only the unary Master calls.
+    """
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.Events/Watch',
+            kvstore_dot_v1_dot_master__pb2.WatchRequest.SerializeToString,
+            kvstore_dot_v1_dot_master__pb2.PoolEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
