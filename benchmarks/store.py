@@ -8,6 +8,8 @@ client processes: put/get throughput and p50/p99 latency through
 * kvstore with the same-host path disabled (TCP),
 * the same TCP path against a second ``kvstore up`` that requires a token
   (authentication on every listener; ``auth_overhead_get_4MiB`` compares them),
+* and against a third one serving TLS (``kvstore up --tls-dir``; the client verifies
+  the certificates; ``tls_tcp_vs_plain_tcp_32MiB`` compares throughput),
 * Redis (Debian ``redis-server`` on loopback, no persistence; redis-py + hiredis),
 * Mooncake Store over TCP with zero-copy registered buffers, when
   ``mooncake-transfer-engine-non-cuda`` is installed (``make bench`` installs it),
@@ -91,9 +93,10 @@ def _worker(task: dict[str, Any]) -> dict[str, Any]:
     else:
         from kvstore.client import Client
 
-        secured = path == "kvstore-auth"
-        with Client(task["auth_master"] if secured else task["master"], same_host=path == "kvstore",
-                    token=task["token"] if secured else None, timeout=60) as c:
+        secured, tls = path == "kvstore-auth", path == "kvstore-tls"
+        master = task["auth_master"] if secured else task["tls_master"] if tls else task["master"]
+        with Client(master, same_host=path == "kvstore", token=task["token"] if secured else None,
+                    tls_ca=task["tls_ca"] if tls else None, timeout=60) as c:
             puts, _ = _timed(lambda k: c.put(k, value), keys, 1)
             gets, wall = _timed(lambda k: check(c.get(k)), keys, rounds)
             # get_into: into a buffer the caller reuses (what an engine does; no fresh-page faults)
@@ -194,11 +197,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     raise TimeoutError(f"port {port} not open")
 
 
-def _wait_node(master: str, timeout: float = 60, token: str | None = None) -> None:
+def _wait_node(master: str, timeout: float = 60, token: str | None = None, tls_ca: str | None = None) -> None:
     from kvstore.client import Client
 
     deadline = time.monotonic() + timeout
-    with Client(master, timeout=10, token=token) as c:
+    with Client(master, timeout=10, token=token, tls_ca=tls_ca) as c:
         while not c.stats().nodes:
             if time.monotonic() > deadline:
                 raise TimeoutError("the node of kvstore up did not register")
@@ -223,7 +226,7 @@ def main() -> None:
         procs.append(up)
         master = f"127.0.0.1:{port}"
         _wait_port(port, up, tmp / "up.log")
-        paths = ["kvstore", "kvstore-tcp", "kvstore-auth"]
+        paths = ["kvstore", "kvstore-tcp", "kvstore-auth", "kvstore-tls"]
         token = secrets.token_urlsafe(32)
         (tmp / "token").write_text(token)
         auth_port = free_port()
@@ -233,6 +236,16 @@ def main() -> None:
         procs.append(secured)
         auth_master = f"127.0.0.1:{auth_port}"
         _wait_port(auth_port, secured, tmp / "up-auth.log")
+        from kvstore.tls import make as make_tls
+
+        tls_files = make_tls(tmp / "tls", [])
+        tls_port = free_port()
+        encrypted = _start([*CLI, "up", "--port", str(tls_port), "--data-dir", str(tmp / "kv-tls"), "--dram",
+                            "2GiB", "--disk", "0", "--metrics-port", "-1", "--tls-dir", str(tmp)],
+                           tmp / "up-tls.log")
+        procs.append(encrypted)
+        tls_master = f"127.0.0.1:{tls_port}"
+        _wait_port(tls_port, encrypted, tmp / "up-tls.log")
         redis_port = free_port()
         if shutil.which("redis-server"):
             rs = _start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -253,6 +266,7 @@ def main() -> None:
             print(f"Mooncake Store not available ({e}): Mooncake columns skipped")
         _wait_node(master)
         _wait_node(auth_master, token=token)
+        _wait_node(tls_master, tls_ca=str(tls_files["ca"]))
         ctx = mp.get_context("spawn")
         with ctx.Pool(4) as pool:
             pool.map(_worker, [{"size": 1024, "n": 1, "rounds": 1, "path": "kvstore", "prefix": f"warm{i}",
@@ -267,6 +281,7 @@ def main() -> None:
                         tasks = [{"size": size, "n": n, "rounds": rounds, "path": path, "seed": i,
                                   "prefix": f"{path}-{name}-{clients}-{i}", "master": master,
                                   "auth_master": auth_master, "token": token,
+                                  "tls_master": tls_master, "tls_ca": str(tls_files["ca"]),
                                   "port": redis_port, "mooncake": mooncake} for i in range(clients)]
                         outs = pool.map(_worker, tasks)
                         gets = [x for o in outs for x in o["gets"]]
@@ -328,6 +343,9 @@ def _ratios(runs: dict[str, Any], limits: dict[str, Any], paths: list[str]) -> d
         out[f"put_tcp_vs_loopback_{s}"] = gbps("kvstore-tcp", s, "put") / limits[s]["loopback_tcp_gbps"]
     if "kvstore-auth" in paths:  # secured / open, same TCP path: p50 latency of a 4 MiB get
         out["auth_overhead_get_4MiB"] = p50("kvstore-auth", "4MiB", "get_into") / p50("kvstore-tcp", "4MiB", "get_into")
+    if "kvstore-tls" in paths:
+        out["tls_tcp_vs_plain_tcp_32MiB"] = gbps("kvstore-tls", "32MiB") / gbps("kvstore-tcp", "32MiB")
+        out["tls_tcp_vs_plain_tcp_4MiB"] = gbps("kvstore-tls", "4MiB") / gbps("kvstore-tcp", "4MiB")
     if "redis" in paths:
         out["get_p50_redis_over_kvstore_1MiB"] = p50("redis", "1MiB", "get") / p50("kvstore", "1MiB", "get_into")
         out["get_vs_redis_4MiB_4clients"] = (runs["kvstore/4MiB/4"]["get_aggregate_gbps"]

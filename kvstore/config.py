@@ -125,6 +125,12 @@ class MasterConfig:
         default=None,
         metadata={"doc": "File holding a shared token; RPCs must send 'authorization: Bearer <token>'."},
     )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata={"doc": "PEM certificate (chain) the gRPC port and framed channel serve TLS with "
+                         "(`kvstore auth init --tls` makes one); unset: plain TCP."},
+    )
+    tls_key: Path | None = field(default=None, metadata={"doc": "PEM private key of master.tls_cert."})
     auth_dir: Path | None = field(
         default=None,
         metadata={"doc": "Credentials directory from `kvstore auth init`: tokens per role (admin, node, "
@@ -202,7 +208,9 @@ class MasterConfig:
             raise ConfigError(f"master.max_replicas must be >= 1, got {self.max_replicas}")
         if self.events_window < 1:
             raise ConfigError(f"master.events_window must be >= 1, got {self.events_window}")
-        for name in ("data_dir", "token_file", "auth_dir"):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("master.tls_cert and master.tls_key go together")
+        for name in ("data_dir", "token_file", "auth_dir", "tls_cert", "tls_key"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 
@@ -246,6 +254,13 @@ class NodeConfig:
         metadata={"doc": "Serve a non-loopback node.host without a token (protected mode refuses that "
                          "by default)."},
     )
+    tls_cert: str | None = field(
+        default=None, metadata={"doc": "PEM certificate the control channel serves TLS with; unset: plain TCP."}
+    )
+    tls_key: str | None = field(default=None, metadata={"doc": "PEM private key of node.tls_cert."})
+    tls_ca: str | None = field(
+        default=None, metadata={"doc": "CA (PEM) to verify the master's TLS certificate; unset: plain gRPC."}
+    )
 
     def __post_init__(self) -> None:
         _coerce_units(self, "node")
@@ -263,6 +278,8 @@ class NodeConfig:
                 raise ConfigError(f"node.{name} must be an integer >= 1, got {v!r}")
         if self.idle_timeout <= 0:
             raise ConfigError("node.idle_timeout must be > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("node.tls_cert and node.tls_key go together")
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,13 @@ class ConnectionServer:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name=f"{self._who}-conn", daemon=True).start()
 
+    def rebind(self, old: socket.socket, new: socket.socket) -> None:
+        """``serve`` replaced the accepted socket (wrapped it in TLS): track the new one."""
+        with self._lock:
+            if old in self._conns:
+                self._conns.discard(old)
+                self._conns.add(new)
+
     def idle(self, conn: socket.socket, idle: bool) -> None:
         """``conn`` waits for its next request (``True``) or is serving one (``False``)."""
         with self._lock:
@@ -219,6 +226,12 @@ class ConnectionServer:
                 self._conns.discard(conn)
                 self._idle_since.pop(conn, None)
             conn.close()
+
+    def forget(self, conn: socket.socket) -> None:
+        """Stop tracking ``conn`` (its server closes it)."""
+        with self._lock:
+            self._conns.discard(conn)
+            self._idle_since.pop(conn, None)
 
     def close(self) -> None:
         self._closed = True

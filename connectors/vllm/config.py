@@ -37,6 +37,8 @@ class ConnectorConfig:
     ``kv_transfer_params`` but has not finished storing yet."""
     token: str | None = None
     """Bearer token for the master and the nodes, if they require one (prefer ``token_file``)."""
+    tls_ca: str | None = None
+    """CA (PEM) verifying the master's and nodes' TLS certificates (``kvstore auth init --tls``)."""
     token_file: str | None = None
     """File holding that token (a tenant's token from ``kvstore auth init``/``add-tenant``),
     so the secret stays out of the engine's command line and logs."""

@@ -72,7 +72,7 @@ class SchedulerSide:
         self.block_size = block_size
         self.load_enabled = load
         self.save_enabled = save
-        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token)
+        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, tls_ca=cfg.tls_ca)
         self.breaker = cfg.breaker()
         self.handshakes: list[KVStoreHandshake] = []
         self._reqs: dict[str, _Tracked] = {}

@@ -20,7 +20,10 @@ def auth() -> None:
 @auth.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tenant", default="default", show_default=True, help="Name of the first tenant.")
-def init(directory: Path, tenant: str) -> None:
+@click.option("--tls", is_flag=True, help="Also make a CA and a server certificate (DIRECTORY/tls).")
+@click.option("--tls-host", "tls_hosts", multiple=True,
+              help="Host name or IP the certificate covers (repeatable; localhost and 127.0.0.1 always).")
+def init(directory: Path, tenant: str, tls: bool, tls_hosts: tuple[str, ...]) -> None:
     """Create DIRECTORY (0700) with an admin, a node and one client token."""
     from kvstore.auth import init as make
 
@@ -29,6 +32,13 @@ def init(directory: Path, tenant: str) -> None:
     for role, path in files.items():
         click.echo(f"  {role:<16} {path}")
     click.echo(f"start the master with --auth-dir {directory}; nodes with --token-file {files['node']}")
+    if tls:
+        from kvstore.tls import make as make_tls
+
+        t = make_tls(directory / "tls", list(tls_hosts))
+        click.echo(f"TLS: CA {t['ca']}, certificate {t['cert']} (key {t['key']}) for "
+                   f"{', '.join([*tls_hosts, 'localhost', '127.0.0.1'])}; serve with --tls-cert/--tls-key, "
+                   f"verify with --tls-ca {t['ca']}")
 
 
 @auth.command("add-tenant")

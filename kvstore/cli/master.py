@@ -29,6 +29,10 @@ from kvstore.units import parse_duration
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with a shared token; every RPC must then send "
                    "'authorization: Bearer <token>'.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM certificate: serve gRPC and the framed channel over TLS [default: plain].")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM private key of --tls-cert.")
 @click.option("--auth-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Credentials directory from `kvstore auth init`: a token per role (admin, node, "
                    "client per tenant) [default: none, master.auth_dir].")
@@ -45,7 +49,8 @@ from kvstore.units import parse_duration
               help="etcd lease of the leader, whole seconds >= 2: a standby takes over this long "
                    "after the leader dies [default: 3s, master.leader_ttl].")
 def master(host: str | None, port: int | None, metrics_port: int | None, data_dir: Path | None,
-           node_ttl: str | None, config_file: Path | None, token_file: Path | None, auth_dir: Path | None,
+           node_ttl: str | None, config_file: Path | None, token_file: Path | None, tls_cert: Path | None,
+           tls_key: Path | None, auth_dir: Path | None,
            etcd: str | None,
            cluster: str | None, advertise: str | None, leader_ttl: str | None) -> None:
     """Run the metadata master: knows where every chunk lives, never touches data.
@@ -60,6 +65,8 @@ def master(host: str | None, port: int | None, metrics_port: int | None, data_di
                              "node_ttl": node_ttl,
                              "token_file": str(token_file) if token_file else None,
                              "auth_dir": str(auth_dir) if auth_dir else None,
+                             "tls_cert": str(tls_cert) if tls_cert else None,
+                             "tls_key": str(tls_key) if tls_key else None,
                              "etcd": etcd, "cluster": cluster, "advertise": advertise,
                              "leader_ttl": leader_ttl}
     overrides = {f"master.{k}": v for k, v in flags.items() if v is not None}

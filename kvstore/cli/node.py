@@ -44,11 +44,14 @@ def serve_until_signal(stop: Any) -> None:
 @click.option("--metrics-port", default=0, show_default=True, help="Prometheus port (0: any, -1: off).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with this caller's token: the master's shared token, or one from `kvstore auth init`.")
+@click.option("--tls-cert", default=None, help="PEM certificate: serve the control channel over TLS.")
+@click.option("--tls-key", default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-ca", default=None, help="CA (PEM) verifying the master's TLS certificate.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML config file ([store] and [node] sections; flags given win).")
 def node(master: str, node_id: str, host: str, control_port: int, transports: tuple[str, ...], dram: str,
          disk_dir: Path | None, disk: str, metrics_port: int, token_file: Path | None,
-         config_file: Path | None) -> None:
+         tls_cert: str | None, tls_key: str | None, tls_ca: str | None, config_file: Path | None) -> None:
     """Run a store node: serve DRAM/disk to clients and register with the master."""
     from kvstore.node.daemon import StoreNode
 
@@ -61,7 +64,8 @@ def node(master: str, node_id: str, host: str, control_port: int, transports: tu
     if disk_dir is not None:
         overrides["store.disk_dir"] = str(disk_dir)
     flags = {"master": master, "node_id": node_id, "host": host, "control_port": control_port,
-             "transports": list(transports), "metrics_port": metrics_port}
+             "transports": list(transports), "metrics_port": metrics_port, "tls_cert": tls_cert,
+             "tls_key": tls_key, "tls_ca": tls_ca}
     overrides.update({f"node.{k}": v for k, v in flags.items() if given(k)})
     cfg = load_config(config_file, overrides)
     ncfg = cfg.node

@@ -14,12 +14,13 @@ from kvstore.units import format_size
 @click.option("--master", default="127.0.0.1:5555", show_default=True, help="Master address host:port, or etcd://HOST:PORT/CLUSTER (follow the leader of a cluster of masters).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with this caller's token: the master's shared token, or one from `kvstore auth init`.")
+@click.option("--tls-ca", default=None, help="CA (PEM) verifying the master's and nodes' TLS certificates.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the master.")
-def status(master: str, token_file: Path | None, timeout: float) -> None:
+def status(master: str, token_file: Path | None, tls_ca: str | None, timeout: float) -> None:
     """Print nodes, tiers (used/capacity), objects and hit/miss counts."""
     from kvstore.client import Client
 
-    with Client(master, timeout=timeout, token=read_token(token_file)) as c:
+    with Client(master, timeout=timeout, token=read_token(token_file), tls_ca=tls_ca) as c:
         s = c.stats()
     click.echo(f"master {master}: {len(s.nodes)} node(s), {s.objects} object(s) "
                f"({format_size(s.bytes)}), {s.pending} pending, {s.leases} lease(s), {s.pins} pin(s)")

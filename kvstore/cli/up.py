@@ -21,10 +21,13 @@ from kvstore.config import load_config
               help="Prometheus port of the master (0: any free port, -1: off); the node takes the next.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Require 'authorization: Bearer <token>' on every master RPC.")
+@click.option("--tls-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory from `kvstore auth init --tls` (its tls/ part): the master and the node's "
+                   "control channel serve TLS; clients pass tls_ca=DIR/tls/ca.pem.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML config file ([master], [node], [store] sections; flags win).")
 def up(port: int, data_dir: Path, dram: str, disk: str, metrics_port: int, token_file: Path | None,
-       config_file: Path | None) -> None:
+       tls_dir: Path | None, config_file: Path | None) -> None:
     """Run a master and one node in this process with sane defaults, until Ctrl-C.
 
     Clients connect to the printed address: ``kvstore.Client("127.0.0.1:5555")``.
@@ -42,6 +45,11 @@ def up(port: int, data_dir: Path, dram: str, disk: str, metrics_port: int, token
         overrides.update({"store.disk_dir": str(data_dir / "node"), "store.disk": disk})
     if token_file is not None:
         overrides["master.token_file"] = str(token_file)
+    if tls_dir is not None:
+        tls = tls_dir / "tls" if (tls_dir / "tls" / "server.pem").exists() else tls_dir
+        overrides.update({"master.tls_cert": str(tls / "server.pem"), "master.tls_key": str(tls / "server.key"),
+                          "node.tls_cert": str(tls / "server.pem"), "node.tls_key": str(tls / "server.key"),
+                          "node.tls_ca": str(tls / "ca.pem")})
     cfg = load_config(config_file, overrides)
     token = read_token(token_file)
     master = serve_master(cfg.master, token=token)

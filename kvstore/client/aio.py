@@ -34,7 +34,7 @@ from kvstore.client.core import (
     Release,
     Store,
 )
-from kvstore.errors import KVStoreError, Timeout, TransportError
+from kvstore.errors import InvalidArgument, KVStoreError, Timeout, TransportError
 from kvstore.keys import check_key
 from kvstore.master.discovery import MasterAddress
 from kvstore.master.errors import error_from_rpc
@@ -53,6 +53,9 @@ class AsyncClient(ClientCore):
 
     def __init__(self, master: str = "127.0.0.1:5555", **kwargs: Any) -> None:
         super().__init__(master, **kwargs)
+        if self.tls_ca is not None:
+            raise InvalidArgument("AsyncClient does not speak TLS yet (planned): use Client, or run "
+                                  "the asyncio code's store calls in a thread")
         # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
         self._address = MasterAddress(master)
         self._channel: grpc.aio.Channel | None = None

@@ -77,9 +77,10 @@ class Client(ClientCore):
     def __init__(self, master: str = "127.0.0.1:5555", **kwargs: Any) -> None:
         super().__init__(master, **kwargs)
         # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
-        self._link = MasterLink(master, GRPC_OPTIONS)
+        self._link = MasterLink(master, GRPC_OPTIONS, tls_ca=self.tls_ca)
         self._fast_master = ""  # the master whose framed channel self._fast is
-        self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout, token=self.token)
+        self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout, token=self.token,
+                                  tls=self._tls)
         self._releaser = Releaser()
 
     # -- running flows -----------------------------------------------------------------
@@ -157,7 +158,7 @@ class Client(ClientCore):
                 log.debug("no framed master channel (%s); using gRPC", err)
                 return None
             if hello.fast_address:
-                self._fast = FastMasterClient(resolve(hello.fast_address, master), self._auth)
+                self._fast = FastMasterClient(resolve(hello.fast_address, master), self._auth, tls=self._tls)
         fast: FastMasterClient | None = self._fast
         return fast
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -59,8 +60,10 @@ class NodeConn:
 class Connections:
     """Opens and caches connections to nodes. Thread-safe."""
 
-    def __init__(self, host_id: str, *, same_host: bool, timeout: float, token: str | None = None) -> None:
+    def __init__(self, host_id: str, *, same_host: bool, timeout: float, token: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host_id = host_id
+        self.tls = tls
         self.same_host = same_host
         self.timeout = timeout
         self.token = token
@@ -103,7 +106,8 @@ class Connections:
         if conn is not None:
             return conn
         conn = NodeConn(node.node_id, node.epoch, ControlClient(node.control_address, self.timeout,
-                                                                token=self.token, session=self.session))
+                                                                token=self.token, session=self.session,
+                                                                tls=self.tls))
         ep = self.shm_endpoint(node)
         if ep is not None:
             try:

@@ -38,6 +38,7 @@ from kvstore.keys import check_key
 from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
+from kvstore.tls import client_context
 from kvstore.v1 import master_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class ClientCore:
 
     def __init__(self, master: str = "127.0.0.1:5555", *, timeout: float = 10.0, retries: int = 5,
                  replicas: int = 1, same_host: bool = True, token: str | None = None, host: str | None = None,
-                 cache_locations: bool | int = True) -> None:
+                 cache_locations: bool | int = True, tls_ca: str | None = None) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0, got {timeout}")
         self.master = master
@@ -118,6 +119,10 @@ class ClientCore:
         self.same_host = same_host
         self.host_id = host or host_id()
         self.token = token
+        # TLS to the master (gRPC and framed channel) and to the nodes' control channels,
+        # verified against this CA (kvstore auth init --tls)
+        self.tls_ca = tls_ca
+        self._tls = client_context(tls_ca) if tls_ca is not None else None
         self._key_prefix: bytes | None = None  # the credential's key scope, once known
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._auth = f"Bearer {token}".encode() if token else None

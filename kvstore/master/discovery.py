@@ -222,9 +222,14 @@ class MasterLink:
     the current address (re-dialling when it changed), :meth:`failed` makes the next
     :meth:`stub` look the leader up again. Thread-safe."""
 
-    def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
+    def __init__(self, address: str, options: list[tuple[str, Any]], tls_ca: str | None = None) -> None:
         self.address = MasterAddress(address)
         self._options = options
+        self._credentials: Any = None
+        if tls_ca is not None:
+            from kvstore.tls import grpc_channel_credentials
+
+            self._credentials = grpc_channel_credentials(tls_ca)
         self._dialed = ""
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
@@ -239,7 +244,8 @@ class MasterLink:
             if address != self._dialed or self._stub is None:
                 if self._channel is not None:
                     self._channel.close()
-                self._channel = grpc.insecure_channel(address, options=self._options)
+                self._channel = grpc.insecure_channel(address, options=self._options) if self._credentials is None \
+                    else grpc.secure_channel(address, self._credentials, options=self._options)
                 self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
                 self._dialed = address
             return self._stub

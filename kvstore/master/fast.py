@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -90,12 +91,14 @@ def decode_reply(name: str, op: int, rop: int, flags: int, body: bytes, address:
 class FastMasterClient:
     """Calls the framed channel; a pool of connections, one call each. Thread-safe."""
 
-    def __init__(self, address: str, authorization: bytes | None, limit: int = 64 << 20) -> None:
+    def __init__(self, address: str, authorization: bytes | None, limit: int = 64 << 20,
+                 tls: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self._addr = (host.strip("[]"), int(port))
         self.address = address
         self._auth = authorization
         self._limit = limit
+        self._tls = tls
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -133,7 +136,9 @@ class FastMasterClient:
                 return self._idle.pop()
         try:
             sock = connect_tcp(self._addr, min(timeout, 5.0))
-        except OSError as e:
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._addr[0])
+        except OSError as e:  # ssl.SSLError included: a certificate that does not verify
             raise TransportError(f"cannot reach master {self.address}: {e}") from e
         if self._auth is not None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
 import msgpack
 from google.protobuf.message import DecodeError
@@ -14,7 +15,8 @@ from kvstore.master.fast import AUTH, METHODS, REQUESTS, frame, parse
 from kvstore.master.servicer import MasterServicer
 
 
-async def serve_fast(servicer: MasterServicer, host: str, port: int) -> asyncio.Server:
+async def serve_fast(servicer: MasterServicer, host: str, port: int,
+                     tls: ssl.SSLContext | None = None) -> asyncio.Server:
     """Serve the framed channel on the current loop; sets ``servicer.fast_address``."""
     limit = servicer.config.max_message
 
@@ -49,7 +51,7 @@ async def serve_fast(servicer: MasterServicer, host: str, port: int) -> asyncio.
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, host, port)
+    server = await asyncio.start_server(handle, host, port, ssl=tls)
     bound = server.sockets[0].getsockname()
     servicer.fast_address = f"{host}:{bound[1]}"
     return server

@@ -29,6 +29,7 @@ from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
 from kvstore.master.servicer import Clock, EventsServicer, MasterServicer, read_token
 from kvstore.master.state import MasterState
+from kvstore.tls import grpc_server_credentials, server_context
 from kvstore.v1 import master_pb2_grpc as pb_grpc
 
 __all__ = ["MasterServer", "MasterThread", "serve_master", "start_master"]
@@ -201,7 +202,11 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     pb_grpc.add_MasterServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     pb_grpc.add_EventsServicer_to_server(EventsServicer(servicer), server)  # type: ignore[no-untyped-call]
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if config.tls_cert is not None and config.tls_key is not None:
+            port = server.add_secure_port(f"{config.host}:{config.port}",
+                                          grpc_server_credentials(config.tls_cert, config.tls_key))
+        else:
+            port = server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError as e:
         port = 0
         err: Exception | None = e
@@ -225,7 +230,9 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     fast = None
     if config.fast_port >= 0:
         try:
-            fast = await serve_fast(servicer, config.host, config.fast_port)
+            fast = await serve_fast(servicer, config.host, config.fast_port,
+                                    server_context(config.tls_cert, config.tls_key)
+                                    if config.tls_cert is not None and config.tls_key is not None else None)
         except OSError as e:
             await server.stop(None)
             metrics.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -98,9 +99,11 @@ class ControlServer:
     """
 
     def __init__(self, host: str, port: int, handler: Handler, *, authorize: Authorize | None = None,
-                 max_connections: int = 1024, idle_timeout: float = 300.0) -> None:
+                 max_connections: int = 1024, idle_timeout: float = 300.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._handler = handler
         self._authorize = authorize
+        self._tls = tls
         self._idle = idle_timeout
         lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -113,6 +116,26 @@ class ControlServer:
         self._server = server
 
     def _serve(self, conn: socket.socket) -> None:
+        if self._tls is not None:
+            raw = conn
+            try:
+                raw.settimeout(min(self._idle, PREAUTH_TIMEOUT))
+                conn = self._tls.wrap_socket(raw, server_side=True)
+            except OSError as e:  # not TLS, or a failed handshake
+                log.debug("node control: TLS handshake failed: %s", e)
+                return
+            if self._server is not None:
+                self._server.rebind(raw, conn)
+            try:
+                self._frames(conn)
+            finally:
+                if self._server is not None:
+                    self._server.forget(conn)
+                conn.close()
+            return
+        self._frames(conn)
+
+    def _frames(self, conn: socket.socket) -> None:
         session = secrets.token_bytes(16)
         authed = self._authorize is None
         scope = b""
@@ -178,12 +201,13 @@ class ControlClient:
     """
 
     def __init__(self, address: str, connect_timeout: float = 5.0, *, token: str | None = None,
-                 session: bytes | None = None) -> None:
+                 session: bytes | None = None, tls: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self._addr = (host.strip("[]"), int(port))
         self.address = address
         self._connect_timeout = connect_timeout
         self._auth = auth_frame(token, session or secrets.token_bytes(16))
+        self._tls = tls
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -255,7 +279,9 @@ class ControlClient:
                 return self._idle.pop()
         try:
             sock = connect_tcp(self._addr, min(timeout, self._connect_timeout))
-        except OSError as e:
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._addr[0])
+        except OSError as e:  # ssl.SSLError included: a certificate that does not verify
             raise TransportError(f"cannot reach node control {self.address}: {e}") from e
         try:  # every connection opens with AUTH: the token (if any) and this client's session
             sock.settimeout(min(timeout, self._connect_timeout))

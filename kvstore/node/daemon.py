@@ -37,6 +37,7 @@ from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, NodeService
 from kvstore.store import LocalStore
+from kvstore.tls import server_context
 from kvstore.v1 import master_pb2 as mpb
 from transport.base import Transport, TransportOptions
 from transport.regions import Region
@@ -107,12 +108,14 @@ class StoreNode:
         self.service = NodeService(self.store, self.holds, maps)
         self._control = ControlServer(node.host, node.control_port, self.service.handle,
                                       authorize=self.scope_of if token else None,
-                                      max_connections=node.max_connections, idle_timeout=node.idle_timeout)
+                                      max_connections=node.max_connections, idle_timeout=node.idle_timeout,
+                                      tls=server_context(node.tls_cert, node.tls_key)
+                                      if node.tls_cert is not None and node.tls_key is not None else None)
         self.control_address = self._control.address
         self.control_port = int(self.control_address.rpartition(":")[2])
         self.node_id = node.node_id or f"{socket.gethostname()}-{self.control_port}"
         # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
-        self._link = MasterLink(node.master, GRPC_OPTIONS)
+        self._link = MasterLink(node.master, GRPC_OPTIONS, tls_ca=node.tls_ca)
         self._leader_changed = threading.Event()
         self._inflight: Any = None
         self._watch = LeaderWatch(self._link.address.target, self._on_new_leader) \
