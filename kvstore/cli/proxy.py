@@ -26,6 +26,18 @@ log = logging.getLogger("kvstore.proxy")
 _FORWARDED = ("/v1/completions", "/v1/chat/completions")
 
 
+UNTRUSTED = ("kv_transfer_params", "cache_salt")
+"""Request fields a client could abuse (point the decode at another request's chunks,
+probe whether a guessed prompt is cached under someone else's salt): dropped from the
+client's request unless the proxy is told to trust its clients."""
+
+
+def client_body(body: dict[str, Any], trust: bool) -> dict[str, Any]:
+    """The client's request as the proxy forwards it (without :data:`UNTRUSTED` fields
+    unless ``trust``)."""
+    return dict(body) if trust else {k: v for k, v in body.items() if k not in UNTRUSTED}
+
+
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     """The prefill leg of a request: one token, no streaming, ask the producer to hand off."""
     out = dict(body)
@@ -49,7 +61,7 @@ def decode_body(body: dict[str, Any], prefill_answer: dict[str, Any] | None) -> 
     return out
 
 
-def make_app(prefill: list[str], decode: list[str], timeout: float) -> Any:
+def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client_params: bool = False) -> Any:
     """The aiohttp application (built lazily so the CLI loads without aiohttp)."""
     import aiohttp
     from aiohttp import web
@@ -71,6 +83,7 @@ def make_app(prefill: list[str], decode: list[str], timeout: float) -> Any:
             return web.json_response({"error": {"message": "request body is not JSON"}}, status=400)
         if not isinstance(body, dict):
             return web.json_response({"error": {"message": "request body must be a JSON object"}}, status=400)
+        body = client_body(body, trust_client_params)
         path = request.path
         answer: dict[str, Any] | None = None
         p_url = next(rr_prefill).rstrip("/") + path
@@ -123,7 +136,11 @@ def make_app(prefill: list[str], decode: list[str], timeout: float) -> Any:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port to listen on.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds one upstream request may take.")
-def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: int, timeout: float) -> None:
+@click.option("--trust-client-params", is_flag=True,
+              help="Forward the clients' own kv_transfer_params and cache_salt (dropped by default: a client "
+                   "could point the decode at another request's KV or probe others' prompts).")
+def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: int, timeout: float,
+          trust_client_params: bool) -> None:
     """OpenAI-compatible P/D proxy: prefill (max_tokens=1) then decode, streaming the answer."""
     try:
         from aiohttp import web
@@ -134,4 +151,4 @@ def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: in
             raise ConfigError(f"--prefill/--decode must be http(s) URLs, got {url!r}")
     logging.getLogger("kvstore.proxy").setLevel(logging.INFO)
     click.echo(f"kvstore proxy on http://{host}:{port}: prefill {list(prefill)} -> decode {list(decode)}")
-    web.run_app(make_app(list(prefill), list(decode), timeout), host=host, port=port, print=None)
+    web.run_app(make_app(list(prefill), list(decode), timeout, trust_client_params), host=host, port=port, print=None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.cli.proxy import decode_body, prefill_body
+from kvstore.cli.proxy import client_body, decode_body, prefill_body
 from kvstore.testing.cluster import Cluster, free_port
 from tests.connectors.conftest import CHUNK, prompts
 
@@ -29,6 +29,16 @@ def test_prefill_and_decode_bodies() -> None:
     d = decode_body(body, {"kv_transfer_params": {"kvstore": {"chunks": 2}}})
     assert d["max_tokens"] == 20 and d["stream"] is True and d["kv_transfer_params"]["kvstore"]["chunks"] == 2
     assert "kv_transfer_params" not in decode_body(body, None)
+
+
+def test_client_supplied_transfer_params_and_salt_are_dropped_unless_trusted() -> None:
+    forged = {"prompt": [1], "kv_transfer_params": {"kvstore": {"chunks": 99, "keys": ["someone-else"]}},
+              "cache_salt": "guess"}
+    safe = client_body(forged, trust=False)
+    assert "kv_transfer_params" not in safe and "cache_salt" not in safe and safe["prompt"] == [1]
+    assert prefill_body(safe)["kv_transfer_params"] == {"do_remote_decode": True}
+    assert "kv_transfer_params" not in decode_body(safe, None)
+    assert client_body(forged, trust=True) == forged
 
 
 def _server(model: Path, port: int, log: Path, kv: dict[str, Any] | None) -> subprocess.Popen[bytes]:
