@@ -5,7 +5,8 @@ etcd on loopback, three nodes) under three client processes while a seeded nemes
 kills (-9), pauses (SIGSTOP past the node TTL and the leader's 2 s lease) and
 restarts nodes and the leading master and corrupts bytes in a node's arena; then the
 checker reads back every acknowledged write (``kvstore.testing.chaos``).
-``--single-master`` runs one master with its journal instead (no etcd).
+``--single-master`` runs one master with its journal instead (no etcd); ``--disk`` gives
+the nodes disk tiers on their own small tmpfs (root) and adds the ``fill_disk`` nemesis.
 
     python benchmarks/chaos.py --seeds 20 --json bench-results/chaos.json
     python benchmarks/chaos.py --quick          # two seeds of 30 s
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=1, help="first seed")
     ap.add_argument("--seconds", type=float, default=60.0, help="run time of each seed")
     ap.add_argument("--quick", action="store_true", help="two seeds of 30 s")
+    ap.add_argument("--disk", action="store_true",
+                    help="nodes with disk tiers on small tmpfs mounts (root) and the fill_disk nemesis")
     ap.add_argument("--single-master", action="store_true",
                     help="one master with its journal instead of two electing a leader through etcd")
     ap.add_argument("--json", help="write results to this JSON file")
@@ -51,10 +54,10 @@ def main() -> None:
         t = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f"kvchaos-{seed}-") as tmp:
             if args.single_master:
-                r = run(seed, Path(tmp), seconds=seconds)
+                r = run(seed, Path(tmp), seconds=seconds, disk=args.disk)
             else:
                 with EtcdServer(Path(tmp) / "etcd") as etcd:
-                    r = run(seed, Path(tmp) / "cluster", seconds=seconds, etcd=etcd.endpoint)
+                    r = run(seed, Path(tmp) / "cluster", seconds=seconds, etcd=etcd.endpoint, disk=args.disk)
         row = r.row()
         failovers += r.failovers
         window_ops, window_ok = window_ops + r.failover_ops, window_ok + r.failover_ok

@@ -10,7 +10,10 @@ driven by ``seed``, a nemesis that every ``period`` seconds does one of:
 * ``pause_node``: SIGSTOP a node past the node TTL, then SIGCONT;
 * ``kill_master``: SIGKILL the master and start it again (it recovers its journal);
 * ``pause_master``: SIGSTOP the master for 1.5x the node TTL, then SIGCONT;
-* ``corrupt``: flip a byte of a value in a node's arena.
+* ``corrupt``: flip a byte of a value in a node's arena;
+* ``fill_disk`` (with ``disk=True``: each node then has a disk tier on its own small
+  tmpfs, and DRAM small enough to demote to it): fill that filesystem with a ballast
+  file for 1.5x the node TTL, then delete it (the disk tier's index can no longer grow).
 
 With ``etcd`` (an endpoint) two masters run as one cluster (leader + standby, a 2 s
 lease) and everyone uses its ``etcd://`` address; the master faults then hit the
@@ -48,6 +51,7 @@ from typing import Any
 
 VALUE_SIZES = (4096, 65536, 300_000)
 NEMESES = ("kill_node", "pause_node", "kill_master", "pause_master", "corrupt")
+DISK_NEMESES = (*NEMESES, "fill_disk")  # with disk tiers on their own small filesystems (root)
 
 
 def value_for(key: bytes, version: int) -> bytes:
@@ -168,7 +172,7 @@ def _failover(cl: Any, since: float) -> float:
 
 
 def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, nodes: int = 3,
-        period: float = 4.0, node_ttl: float = 2.0, etcd: str | None = None) -> Report:
+        period: float = 4.0, node_ttl: float = 2.0, etcd: str | None = None, disk: bool = False) -> Report:
     """One seed of the harness (see the module docstring). Processes are ended by PID."""
     from kvstore.client import Client
     from kvstore.errors import KVStoreError
@@ -176,8 +180,10 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
 
     rng = random.Random(seed)
     report = Report(seed)
-    cl = Cluster(workdir, node_ttl=f"{node_ttl}s", dram="64MiB", etcd=etcd, standbys=1 if etcd else 0,
-                 cluster=f"chaos{seed}", leader_ttl="2s", node_metrics=True)
+    cl = Cluster(workdir, node_ttl=f"{node_ttl}s", dram="8MiB" if disk else "64MiB", etcd=etcd,
+                 standbys=1 if etcd else 0, cluster=f"chaos{seed}", leader_ttl="2s", node_metrics=True,
+                 disk="64MiB" if disk else None, disk_fs="96m" if disk else None, hold_ttl="4s")
+    nemeses = DISK_NEMESES if disk else NEMESES
     windows: list[tuple[float, float]] = []  # (fault, answered again) of each leader fault
     ctx = mp.get_context("spawn")
     out: Any = ctx.Queue()
@@ -192,7 +198,7 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
         killed_at: dict[str, list[float]] = {f"node{i}": [] for i in range(nodes)}
         while time.monotonic() - start < seconds - period:
             time.sleep(period * rng.uniform(0.5, 1.0))
-            kind = rng.choice(NEMESES)
+            kind = rng.choice(nemeses)
             i = rng.randrange(nodes)
             name = f"node{i}"
             report.faults.append((round(time.monotonic() - start, 2), kind, "master" if "master" in kind else name))
@@ -224,6 +230,14 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
                     windows.append((t0, t0 + report.failovers[-1]))
                 time.sleep(max(1.5 * node_ttl - (time.time() - t0), 0))
                 m.signal(signal.SIGCONT)
+            elif kind == "fill_disk":
+                ballast = cl.workdir / name / "ballast"
+                # a node that cannot demote to a full disk drops the chunk (an eviction, as when
+                # the disk tier itself is full): its replicas may be gone, like after a kill
+                killed_at[name].append(time.time() + 1.5 * node_ttl)
+                _fill(ballast)
+                time.sleep(1.5 * node_ttl)
+                ballast.unlink(missing_ok=True)
             else:
                 if _corrupt_one(cl.nodes[i].pid, rng):
                     killed_at[name].append(time.time())  # that replica may be gone (a miss, never wrong bytes)
@@ -294,7 +308,8 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
 
 def _check_leaks(cl: Any, nodes: int, report: Report, within: float = 10.0) -> None:
     """Once every client finished: no pin, no read lease and no node handle may stay held
-    (leases lapse after master.lease_ttl, handles are released by the clients)."""
+    (leases lapse after master.lease_ttl; handles are released by the clients, or reclaimed
+    by the node after node.hold_ttl, 4 s here, when a release was lost to a fault)."""
     from kvstore.client import Client
 
     deadline = time.monotonic() + within
@@ -308,6 +323,18 @@ def _check_leaks(cl: Any, nodes: int, report: Report, within: float = 10.0) -> N
             report.leaks = leaks
             return
         time.sleep(0.5)
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until its filesystem is full."""
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
 
 
 def _corrupt_one(pid: int, rng: random.Random) -> bool:

@@ -85,6 +85,12 @@ class Cluster:
     leader_ttl: str = "2s"
     masters: list[Proc] = field(default_factory=list)
     master_ports: list[int] = field(default_factory=list)
+    disk_fs: str | None = None
+    """Mount each node's disk directory as a tmpfs of this size (``"48m"``; root), so a
+    test can fill the filesystem under a disk tier."""
+    mounts: list[Path] = field(default_factory=list)
+    hold_ttl: str | None = None
+    """Nodes reclaim handles a client keeps longer than this (``node.hold_ttl``; default 60s)."""
     node_metrics: bool = False
     """Serve each node's Prometheus /metrics (``metrics_ports[i]``) for checks like held handles."""
     metrics_ports: dict[int, int] = field(default_factory=dict)
@@ -158,8 +164,18 @@ class Cluster:
                 "--dram", self.dram, "--metrics-port", str(self.metrics_ports.get(i, -1))]
         for t in self.transports:
             args += ["--transport", t]
+        if self.hold_ttl is not None:
+            conf = self.workdir / "node.toml"
+            conf.write_text(f'[node]\nhold_ttl = "{self.hold_ttl}"\n')
+            args += ["--config", str(conf)]
         if self.disk:
-            args += ["--disk-dir", str(self.workdir / f"node{i}"), "--disk", self.disk]
+            disk_dir = self.workdir / f"node{i}"
+            if self.disk_fs and disk_dir not in self.mounts:
+                disk_dir.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.disk_fs}", "tmpfs", str(disk_dir)],
+                               check=True, capture_output=True)
+                self.mounts.append(disk_dir)
+            args += ["--disk-dir", str(disk_dir / "tier"), "--disk", self.disk]
         p = Proc(f"node{i}", args, self.workdir / f"node{i}.log").start(self.env())
         if i < len(self.nodes):
             self.nodes[i] = p
@@ -222,6 +238,9 @@ class Cluster:
             p.stop()
         for m in self.master_procs():
             m.stop()
+        for d in self.mounts:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+        self.mounts = []
 
     def __enter__(self) -> Cluster:
         return self

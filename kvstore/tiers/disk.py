@@ -112,6 +112,9 @@ class DiskTier(Tier):
             self._dfd, self.direct = self._open_direct(direct_io)
             self._wopts = WriteOptions()
             self._wopts.sync = sync
+            self._ilock = threading.Lock()  # index writes vs. reopening it
+            self._reopened_at = 0.0
+            self.index_reopens = 0
             self._db = self._open_index()
             self._load_index()
         except BaseException:
@@ -249,13 +252,52 @@ class DiskTier(Tier):
         return checksum
 
     def _index_put(self, key: bytes, record: bytes) -> None:
-        try:
-            self._db.put(key, record, self._wopts)
-        except Exception as e:  # noqa: BLE001 - rocksdict raises bare Exception for I/O errors
-            msg = f"{self.name}: index write failed under {self.directory}: {e}"
-            if "space" in str(e).lower():
-                raise NoSpace(msg + "; free disk space") from e
-            raise KVStoreError(msg) from e
+        self._index_write(key, record)
+
+    def _index_write(self, key: bytes, record: bytes | None) -> None:
+        """One index write (``None``: delete). After an I/O error (a full disk) RocksDB
+        refuses every later write ("Writer has previous error") even once the cause is
+        gone, which would leave this tier unable to store anything until a restart: the
+        index is then reopened (its WAL holds every acknowledged record) and the write
+        retried once, at most one reopen a second. NoSpace or KVStoreError if it fails."""
+        err: Exception | None = None
+        for attempt in (0, 1):
+            try:
+                with self._ilock:
+                    if record is None:
+                        self._db.delete(key)
+                    else:
+                        self._db.put(key, record, self._wopts)
+                return
+            except Exception as e:  # noqa: BLE001 - rocksdict raises bare Exception for I/O errors
+                err = e
+                if attempt == 0 and self._reopen_index(e):
+                    continue
+                break
+        msg = f"{self.name}: index write failed under {self.directory}: {err}"
+        if "space" in str(err).lower():
+            raise NoSpace(msg + "; free disk space") from err
+        raise KVStoreError(msg) from err
+
+    def _reopen_index(self, cause: Exception) -> bool:
+        """Reopen the index after a failed write (see :meth:`_index_write`); True if reopened."""
+        now = time.monotonic()
+        with self._ilock:
+            if now - self._reopened_at < 1.0:
+                return False
+            self._reopened_at = now
+            try:
+                self._db.close()
+            except Exception as e:  # noqa: BLE001 - rocksdict raises bare Exception; the WAL is intact
+                log.debug("%s: closing the failed index: %s", self.name, e)
+            try:
+                self._db = self._open_index()
+            except KVStoreError as e:
+                log.error("%s: index write failed (%s) and reopening it failed too: %s", self.name, cause, e)
+                return False
+        self.index_reopens += 1
+        log.warning("%s: index write failed (%s); reopened the index", self.name, cause)
+        return True
 
     def read_into(self, key: bytes, dst: memoryview) -> None:
         """Read and verify; ``dst`` may be longer than the chunk (only its head is used).
@@ -289,7 +331,7 @@ class DiskTier(Tier):
                 return
             del self._entries[key]
             self._alloc.free(expect[0], expect[1])
-        self._db.delete(key)
+        self._forget_record(key)
 
     def remove(self, key: bytes) -> bool:
         with self._lock:
@@ -297,8 +339,17 @@ class DiskTier(Tier):
             if e is None:
                 return False
             self._alloc.free(e[0], e[1])
-        self._db.delete(key)
+        self._forget_record(key)
         return True
+
+    def _forget_record(self, key: bytes) -> None:
+        """Delete a key's index record; if that fails the record outlives the chunk, which
+        is harmless: after a restart it names an extent whose bytes fail the key-seeded
+        checksum (a miss, never wrong bytes)."""
+        try:
+            self._index_write(key, None)
+        except KVStoreError as e:
+            log.error("%s", e)
 
     def entry(self, key: bytes) -> Entry | None:
         e = self._entries.get(key)

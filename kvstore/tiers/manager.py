@@ -280,7 +280,10 @@ class TierManager:
         if lease is None:
             return None
         self.dram.remove(key)  # retires the extent; the lease keeps the bytes
-        d = _Detached(key, lease, on_disk=key in self._order["disk"])
+        # already on disk only if the disk holds *this* version: a key written again (after
+        # a remove that missed the disk copy, or a replace) may have an older one there
+        ent = self.disk.entry(key) if self.disk is not None and key in self._order["disk"] else None
+        d = _Detached(key, lease, on_disk=ent is not None and ent.checksum == lease.checksum)
         self._demoting[key] = d
         return d
 

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -58,5 +59,42 @@ def test_fs_full_during_puts(tiny_fs):
             got = s.get(key)
             assert got is None or got == value  # DRAM may have dropped it; never wrong
         assert s.get(b"early") == b"e" * 100_000
+    finally:
+        s.close()
+
+
+@pytest.mark.root
+def test_disk_tier_recovers_once_space_is_freed(tiny_fs):
+    """RocksDB refuses every write after one failed for lack of space, even once space is
+    back; the tier reopens its index, so puts work again as soon as the disk has room."""
+    s = LocalStore(dram="1MiB", disk_dir=tiny_fs / "kv", disk="1MiB", write_through=True,
+                   prefault=False)
+    try:
+        s.put(b"before", b"b" * 50_000)
+        filler = tiny_fs / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        failed = 0
+        for i in range(200):  # until the index's WAL cannot grow any more
+            try:
+                s.put(b"during-%d" % i, os.urandom(2_000))
+            except KVStoreError:
+                failed += 1
+                break
+        assert failed, "the filesystem never filled"
+        filler.unlink()
+        time.sleep(1.1)  # at most one reopen a second
+        value = os.urandom(30_000)
+        s.put(b"after", value)  # would fail forever without the reopen
+        assert bytes(s.get(b"after")) == value and bytes(s.get(b"before")) == b"b" * 50_000
+    finally:
+        s.close()
+    s = LocalStore(dram="1MiB", disk_dir=tiny_fs / "kv", disk="1MiB", prefault=False)
+    try:  # and what was acknowledged is still there after a restart
+        assert bytes(s.get(b"after")) == value
     finally:
         s.close()
