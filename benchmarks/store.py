@@ -199,10 +199,17 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 def _wait_node(master: str, timeout: float = 60, token: str | None = None, tls_ca: str | None = None) -> None:
     from kvstore.client import Client
+    from kvstore.errors import KVStoreError
 
     deadline = time.monotonic() + timeout
     with Client(master, timeout=10, token=token, tls_ca=tls_ca) as c:
-        while not c.stats().nodes:
+        while True:
+            try:
+                if c.stats().nodes:
+                    return
+            except KVStoreError as e:  # still starting (a 2 GiB arena takes a moment)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the node of kvstore up did not register: {e}") from e
             if time.monotonic() > deadline:
                 raise TimeoutError("the node of kvstore up did not register")
             time.sleep(0.2)
