@@ -58,7 +58,7 @@ def master(host: str | None, port: int | None, metrics_port: int | None, data_di
     Prints its address, serves until Ctrl-C or SIGTERM, then shuts down cleanly.
     With --etcd it campaigns for the leadership of --cluster: as a standby it
     refuses calls (UNAVAILABLE) until the leader's etcd lease runs out, then
-    restores its journal and leads; the nodes re-register with it.
+    leads with a table the nodes rebuild as they re-register with it.
     """
     flags: dict[str, Any] = {"host": host, "port": port, "metrics_port": metrics_port,
                              "data_dir": str(data_dir) if data_dir else None,

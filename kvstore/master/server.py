@@ -73,7 +73,7 @@ class MasterServer:
         return self.servicer.state
 
     async def _lead_loop(self, election: Election, new_state: Callable[[], MasterState]) -> None:
-        """Campaign; once elected, restore the journal and serve until the lease is lost;
+        """Campaign; once elected, serve (the table rebuilt from the nodes) until the lease is lost;
         then drop the table (the new leader's is the pool's) and campaign again."""
         while True:
             await election.campaign()
@@ -177,7 +177,7 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     store = None
     if config.data_dir is not None:
         store = MasterStore(config.data_dir, sync=config.sync_writes)
-        if config.etcd is None:  # an elected master restores its journal once it wins
+        if config.etcd is None:  # an elected master rebuilds its table from the nodes instead
             try:
                 state.restore(store.load(), clock())
             except KVStoreError:

@@ -26,6 +26,7 @@ import grpc
 from kvstore.auth import CREDENTIALS, Credentials, Principal
 from kvstore.config import MasterConfig
 from kvstore.errors import ConfigError, KVStoreError, NoSpace
+from kvstore.master import codec
 from kvstore.master.convert import (
     endpoints_in,
     held_in,
@@ -239,10 +240,19 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
                 "client_scopes": self.credentials.client_scopes()}
 
     def lead(self, state: MasterState, warmup: float) -> None:
-        """Serve ``state``, restored from the journal (this master just won the election);
-        clients wait ``warmup`` seconds while the nodes re-register."""
+        """Serve ``state`` (this master just won the election); clients wait ``warmup``
+        seconds while the nodes re-register.
+
+        The table starts empty and is rebuilt from the nodes' registrations, the source of
+        truth: this master's own journal may be from an earlier term, and trusting it would
+        make a re-registering node drop newer versions of keys that changed since (seen in
+        the chaos harness with disk tiers). Only its counters are kept, so epochs and ids
+        keep growing; its stale object and node records are deleted."""
         if self.store is not None:
-            state.restore(self.store.load(), self.clock())
+            records = list(self.store.load())
+            counters = [(k, v) for k, v in records if k in (codec.META_EPOCH, codec.META_GEN)]
+            self.store.write([(k, None) for k, _ in records if k not in (codec.META_EPOCH, codec.META_GEN)])
+            state.restore(counters, self.clock())
         state.take_events()  # restoring is not news
         self.state, self._unwritten = state, []
         self.warm_until = time.monotonic() + warmup
