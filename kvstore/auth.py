@@ -63,9 +63,12 @@ def scope_of(tenant: str) -> bytes:
 class Credentials:
     """digest -> :class:`Principal`; ``check(token)`` in constant time per entry."""
 
-    def __init__(self, entries: dict[str, Principal], source: str = "") -> None:
+    def __init__(self, entries: dict[str, Principal], source: str = "",
+                 quotas: dict[str, int] | None = None) -> None:
         self.entries = entries
         self.source = source
+        self.quotas = quotas or {}
+        """tenant -> most bytes its keys may hold in the pool (absent: no limit)."""
 
     @classmethod
     def shared(cls, token: str) -> Credentials:
@@ -78,17 +81,20 @@ class Credentials:
         try:
             doc = json.loads(path.read_text())
             entries = {}
+            quotas: dict[str, int] = {}
             for e in doc["credentials"]:
                 role, tenant, d = str(e["role"]), str(e.get("tenant", "default")), str(e["sha256"])
                 if role not in ROLES or len(d) != 64:
                     raise ValueError(f"bad entry {e!r:.80}")
                 entries[d] = Principal(role, tenant)
+                if role == "client" and e.get("quota_bytes") is not None:
+                    quotas[tenant] = int(e["quota_bytes"])
         except OSError as e:
             raise ConfigError(f"master.auth_dir {directory}: cannot read {CREDENTIALS}: {e.strerror} "
                               "(create it with `kvstore auth init DIR`)") from e
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"master.auth_dir {directory}: {CREDENTIALS} is malformed: {e}") from e
-        return cls(entries, str(path))
+        return cls(entries, str(path), quotas)
 
     def check(self, token: str | bytes | None) -> Principal | None:
         """The principal a presented token stands for, or None."""
@@ -156,8 +162,9 @@ def init(directory: Path, tenant: str = "default") -> dict[str, Path]:
     return files
 
 
-def add_tenant(directory: Path, tenant: str) -> Path:
-    """A new client token for ``tenant`` in an existing directory; its token file."""
+def add_tenant(directory: Path, tenant: str, quota_bytes: int | None = None) -> Path:
+    """A new client token for ``tenant`` in an existing directory; its token file.
+    ``quota_bytes``: the most bytes the tenant's keys may hold in the pool."""
     directory = Path(directory)
     check_tenant(tenant)
     try:
@@ -167,7 +174,12 @@ def add_tenant(directory: Path, tenant: str) -> Path:
     path = directory / "tenants" / f"{tenant}.token"
     if path.exists():
         raise InvalidArgument(f"tenant {tenant!r} already has a token ({path})")
-    doc["credentials"].append({"sha256": digest(_write_token(path)), "role": "client", "tenant": tenant,
-                               "file": str(path.relative_to(directory))})
+    entry: dict[str, object] = {"sha256": digest(_write_token(path)), "role": "client", "tenant": tenant,
+                                "file": str(path.relative_to(directory))}
+    if quota_bytes is not None:
+        if quota_bytes <= 0:
+            raise InvalidArgument(f"quota for tenant {tenant!r} must be > 0 bytes, got {quota_bytes}")
+        entry["quota_bytes"] = quota_bytes
+    doc["credentials"].append(entry)
     _save(directory, doc)
     return path

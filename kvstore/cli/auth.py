@@ -44,8 +44,13 @@ def init(directory: Path, tenant: str, tls: bool, tls_hosts: tuple[str, ...]) ->
 @auth.command("add-tenant")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("name")
-def add_tenant(directory: Path, name: str) -> None:
+@click.option("--quota", default=None, help="Most bytes the tenant's keys may hold in the pool, e.g. 10GiB "
+                                            "[default: no limit].")
+def add_tenant(directory: Path, name: str, quota: str | None) -> None:
     """Add a client token for tenant NAME (a running master picks it up within a second)."""
     from kvstore.auth import add_tenant as add
+    from kvstore.units import parse_size
 
-    click.echo(f"tenant {name}: token in {add(directory, name)}")
+    limit = parse_size(quota, name="--quota") if quota is not None else None
+    click.echo(f"tenant {name}: token in {add(directory, name, limit)}"
+               + (f", quota {quota}" if quota else ""))

@@ -205,6 +205,22 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
                           f"{name}: key {bad[:40]!r} is outside tenant {who.tenant!r} (keys of this "
                           f"credential start with {scope!r}; the SDK adds it)")
 
+    def _check_quota(self, req: pb.PutStartRequest) -> None:
+        """A tenant's keys may hold at most its quota (bytes of complete objects, counted
+        once whatever the replicas): RESOURCE_EXHAUSTED (the client's NoSpace) beyond it."""
+        who = self._caller
+        if who is None or self.credentials is None or not who.scope:
+            return
+        quota = self.credentials.quotas.get(who.tenant)
+        if quota is None:
+            return
+        held = self.state.scope_bytes(who.scope)
+        asked = sum(i.size for i in req.items)
+        if held + asked > quota:
+            raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{NO_SPACE_MARKER} tenant {who.tenant!r} holds {held} bytes of its quota of "
+                          f"{quota}; this put needs {asked} more (remove keys, or raise quota_bytes)")
+
     def _auth_mtime(self) -> float:
         if self.config.auth_dir is None:
             return 0.0
@@ -334,6 +350,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
             raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
                           f"PutStart: replicas={req.replicas} exceeds master.max_replicas="
                           f"{self.config.max_replicas}")
+        self._check_quota(req)
         r = self.state.put_start(self.clock(), items_in(req.items), req.replicas, req.client_host)
         return put_start_out(r)
 

@@ -87,6 +87,14 @@ _TOMBSTONES = 100_000
 """Recently removed keys remembered so a node that missed the removal cannot bring them back."""
 
 
+def key_scope(key: bytes) -> bytes:
+    """The tenant scope a key belongs to (``@NAME/``, see kvstore.auth), or b""."""
+    if key[:1] != b"@":
+        return b""
+    end = key.find(b"/", 1, 66)
+    return key[: end + 1] if end > 0 else b""
+
+
 class MasterState:
     """All of the master's metadata. See the module docstring for the contract.
 
@@ -136,6 +144,7 @@ class MasterState:
         self._next_node_check = 0
         self._journal: list[codec.Record] = []
         self._events: list[Event] = []  # for the event stream (kvstore.master.events)
+        self._scope_bytes: dict[bytes, int] = {}  # complete bytes per tenant key scope (@NAME/)
         self._dead: list[str] = []
         self._expired_res = 0
         self._expired_leases = 0
@@ -178,6 +187,19 @@ class MasterState:
         self._next_id = (self._generation << 40) + 1
         self._journal.append(codec.meta_record(codec.META_GEN, self._generation))
         self._next_node_check = now_ms + self.node_ttl_ms
+
+    def scope_bytes(self, scope: bytes) -> int:
+        """Bytes of complete objects whose keys start with ``scope`` (a tenant's ``@NAME/``)."""
+        return self._scope_bytes.get(scope, 0)
+
+    def _count_scope(self, key: bytes, delta: int) -> None:
+        scope = key_scope(key)
+        if scope:
+            left = self._scope_bytes.get(scope, 0) + delta
+            if left:
+                self._scope_bytes[scope] = left
+            else:
+                self._scope_bytes.pop(scope, None)
 
     def take_events(self) -> list[Event]:
         """What happened to chunks and nodes since the last call, in order."""
@@ -411,6 +433,7 @@ class MasterState:
             self._objects[key] = obj
             self._lru[key] = None
             self._bytes += obj.size
+            self._count_scope(key, obj.size)
             for nid in live:
                 self._nodes[nid].keys.add(key)  # bytes were charged at PutStart
             self._persist_object(key, obj)
@@ -671,6 +694,7 @@ class MasterState:
         self._objects[key] = obj
         self._lru[key] = None
         self._bytes += obj.size
+        self._count_scope(key, obj.size)
         self._pins += obj.pinned
         for nid in obj.replicas:
             node = self._nodes[nid]
@@ -682,6 +706,7 @@ class MasterState:
         del self._objects[key]
         del self._lru[key]
         self._bytes -= obj.size
+        self._count_scope(key, -obj.size)
         self._pins -= obj.pinned
         self._journal.append((codec.OBJECT + key, None))
         self._emit(why, key, obj.size)

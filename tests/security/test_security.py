@@ -256,3 +256,28 @@ def test_protected_mode_for_nodes(tmp_path: Path) -> None:
                         "--metrics-port", "-1", "--token-file", str(token)], env=env(), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "ucx:// cannot check tokens" in r.stderr
+
+
+def test_tenant_quota_stops_one_tenant_only(pool: Secured) -> None:
+    from kvstore.auth import add_tenant
+    from kvstore.errors import NoSpace
+
+    small = add_tenant(pool.tmp / "auth", "small", quota_bytes=1 << 20).read_text().strip()
+    deadline = time.monotonic() + 20
+    while True:  # the master and the node pick the new tenant up
+        try:
+            with Client(pool.address, token=small, timeout=5) as c:
+                c.exists(b"probe")
+                ctl_ok = c.put(b"q-0", os.urandom(400_000))
+            break
+        except PermissionDenied:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    assert ctl_ok
+    with Client(pool.address, token=small, timeout=5) as c, pool.client() as other:
+        assert c.put(b"q-1", os.urandom(400_000))  # 800 KB of 1 MiB
+        with pytest.raises(NoSpace, match="quota"):
+            c.put(b"q-2", os.urandom(400_000))
+        assert other.put(b"not-limited", os.urandom(400_000))  # another tenant is not affected
+        assert c.remove(b"q-0", force=True)
+        assert c.put(b"q-2", os.urandom(400_000))  # room again
