@@ -405,7 +405,13 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
             self.state.unpin(self.clock(), req.keys)))
 
     def _Stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
-        return stats_out(self.state.stats(self.clock()))
+        resp = stats_out(self.state.stats(self.clock()))
+        if self._caller is not None and self._caller.scope:  # a tenant sees its own objects only
+            scope = self._caller.scope
+            resp.objects, resp.bytes = self.state.scope_objects(scope), self.state.scope_bytes(scope)
+            resp.pending = resp.leases = resp.pins = 0
+            resp.counters.clear()
+        return resp
 
     def _Hello(self, req: pb.HelloRequest) -> pb.HelloResponse:
         return pb.HelloResponse(fast_address=self.fast_address,

@@ -145,6 +145,7 @@ class MasterState:
         self._journal: list[codec.Record] = []
         self._events: list[Event] = []  # for the event stream (kvstore.master.events)
         self._scope_bytes: dict[bytes, int] = {}  # complete bytes per tenant key scope (@NAME/)
+        self._scope_objects: dict[bytes, int] = {}
         self._dead: list[str] = []
         self._expired_res = 0
         self._expired_leases = 0
@@ -192,14 +193,19 @@ class MasterState:
         """Bytes of complete objects whose keys start with ``scope`` (a tenant's ``@NAME/``)."""
         return self._scope_bytes.get(scope, 0)
 
+    def scope_objects(self, scope: bytes) -> int:
+        return self._scope_objects.get(scope, 0)
+
     def _count_scope(self, key: bytes, delta: int) -> None:
         scope = key_scope(key)
         if scope:
+            n = self._scope_objects.get(scope, 0) + (1 if delta > 0 else -1)
             left = self._scope_bytes.get(scope, 0) + delta
-            if left:
-                self._scope_bytes[scope] = left
+            if n > 0:
+                self._scope_bytes[scope], self._scope_objects[scope] = left, n
             else:
                 self._scope_bytes.pop(scope, None)
+                self._scope_objects.pop(scope, None)
 
     def take_events(self) -> list[Event]:
         """What happened to chunks and nodes since the last call, in order."""

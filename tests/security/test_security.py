@@ -279,5 +279,7 @@ def test_tenant_quota_stops_one_tenant_only(pool: Secured) -> None:
         with pytest.raises(NoSpace, match="quota"):
             c.put(b"q-2", os.urandom(400_000))
         assert other.put(b"not-limited", os.urandom(400_000))  # another tenant is not affected
+        st = c.stats()  # a tenant's Stats counts its own objects only
+        assert (st.objects, st.bytes, dict(st.counters)) == (2, 800_000, {})
         assert c.remove(b"q-0", force=True)
         assert c.put(b"q-2", os.urandom(400_000))  # room again
