@@ -116,6 +116,15 @@ class MasterConfig:
     max_message: int = _size("64MiB", "Largest gRPC message accepted or sent.")
     max_batch: int = field(default=65536, metadata={"doc": "Most items (keys) in one request."})
     max_replicas: int = field(default=8, metadata={"doc": "Most replicas one PutStart may ask for."})
+    max_concurrent_rpcs: int = field(
+        default=1024,
+        metadata={"doc": "gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED (callers retry)."},
+    )
+    max_fast_connections: int = field(
+        default=4096,
+        metadata={"doc": "Open connections on the framed channel; more are closed at once (clients fall "
+                         "back to gRPC)."},
+    )
     events_window: int = field(
         default=100_000,
         metadata={"doc": "Events the master keeps for subscribers that reconnect (Events.Watch); one "
@@ -165,7 +174,8 @@ class MasterConfig:
 
     def __post_init__(self) -> None:
         _coerce_units(self, "master")
-        for name in ("port", "max_batch", "max_replicas", "events_window"):
+        for name in ("port", "max_batch", "max_replicas", "events_window", "max_concurrent_rpcs",
+                     "max_fast_connections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"master.{name} must be an integer, got {value!r}")
@@ -206,6 +216,8 @@ class MasterConfig:
             raise ConfigError(f"master.max_batch must be >= 1, got {self.max_batch}")
         if self.max_replicas < 1:
             raise ConfigError(f"master.max_replicas must be >= 1, got {self.max_replicas}")
+        if self.max_concurrent_rpcs < 1 or self.max_fast_connections < 1:
+            raise ConfigError("master.max_concurrent_rpcs and master.max_fast_connections must be >= 1")
         if self.events_window < 1:
             raise ConfigError(f"master.events_window must be >= 1, got {self.events_window}")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -20,7 +20,20 @@ async def serve_fast(servicer: MasterServicer, host: str, port: int,
     """Serve the framed channel on the current loop; sets ``servicer.fast_address``."""
     limit = servicer.config.max_message
 
+    open_conns = 0
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_conns
+        if open_conns >= servicer.config.max_fast_connections:
+            writer.close()  # over the cap: the client falls back to gRPC
+            return
+        open_conns += 1
+        try:
+            await serve(reader, writer)
+        finally:
+            open_conns -= 1
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -198,7 +198,7 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     opts = [("grpc.max_receive_message_length", config.max_message),
             ("grpc.max_send_message_length", config.max_message),
             ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=opts)
+    server = grpc.aio.server(options=opts, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     pb_grpc.add_MasterServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     pb_grpc.add_EventsServicer_to_server(EventsServicer(servicer), server)  # type: ignore[no-untyped-call]
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -98,3 +99,28 @@ def test_off_means_clients_use_grpc(tmp_path) -> None:
             assert c.longest_prefix([key(1)]) == 0 and c._fast is None
     with serve_master(MasterConfig(port=0, metrics_port=-1)) as m, Client(m.address) as c:
         assert c.longest_prefix([key(1)]) == 0 and c._fast is not None  # the framed channel
+
+
+def test_connections_over_the_cap_are_closed_and_clients_fall_back() -> None:
+    from kvstore.client import Client
+
+    with serve_master(MasterConfig(port=0, metrics_port=-1, max_fast_connections=2)) as m:
+        with grpc.insecure_channel(m.address) as ch:
+            addr = pb_grpc.MasterStub(ch).Hello(pb.HelloRequest()).fast_address
+        h, _, p = addr.rpartition(":")
+        socks = [socket.create_connection((h, int(p)), timeout=5) for _ in range(5)]
+        try:
+            time.sleep(0.3)
+            closed = 0
+            for s in socks:
+                s.settimeout(0.5)
+                try:
+                    closed += s.recv(1) == b""
+                except TimeoutError:
+                    pass  # held open: within the cap
+            assert closed == 3
+            with Client(m.address, timeout=5) as c:  # its framed connection is refused: gRPC answers
+                assert c.stats().objects == 0
+        finally:
+            for s in socks:
+                s.close()
