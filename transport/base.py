@@ -107,6 +107,10 @@ class TransportOptions:
     """Credential sent when connecting to peers that require one (``tcp://``: an AUTH frame)."""
     authorize: Callable[[bytes | None], bool] | None = None
     """Serving side: a peer must first present a token this accepts (``tcp://``); None: open."""
+    tls_server: Any = None
+    """``ssl.SSLContext`` to serve with (``tcp://``); None: plain TCP."""
+    tls_client: Any = None
+    """``ssl.SSLContext`` to connect with (``tcp://``; verifies the peer's certificate and name)."""
 
 
 class Peer:

@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kvstore.errors import InvalidArgument, KVStoreError
 from transport.base import Transport
@@ -256,14 +257,29 @@ class FrameServer(ConnectionServer):
 
     def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str,
                  authorize: Callable[[bytes | None], bool] | None = None,
-                 admit: Callable[[socket.socket], str | None] | None = None) -> None:
+                 admit: Callable[[socket.socket], str | None] | None = None, tls: Any = None) -> None:
         def serve(conn: socket.socket) -> None:
             refusal = admit(conn) if admit is not None else None
             if refusal is not None:
                 log.warning("%s: refused a peer: %s", who, refusal)
                 send_reply(conn, E_DENIED, 0, refusal)
                 return
-            serve_connection(conn, handlers, who, authorize)
+            if tls is None:
+                serve_connection(conn, handlers, who, authorize)
+                return
+            try:
+                conn.settimeout(10)
+                secure = tls.wrap_socket(conn, server_side=True)
+                secure.settimeout(None)
+            except OSError as e:  # not TLS, or a failed handshake
+                log.debug("%s: TLS handshake failed: %s", who, e)
+                return
+            self.rebind(conn, secure)
+            try:
+                serve_connection(secure, handlers, who, authorize)
+            finally:
+                self.forget(secure)
+                secure.close()
 
         super().__init__(listener, serve, who)
 

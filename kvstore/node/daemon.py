@@ -84,7 +84,10 @@ class StoreNode:
         self._auth_version = ""
         self.host_id = node.host_id or host_id()
         # with a token, tcp:// peers must present one this node accepts (shm:// checks uids)
-        opts = TransportOptions(authorize=self.authorize_raw) if token else None
+        tls = server_context(node.tls_cert, node.tls_key) if node.tls_cert is not None and node.tls_key is not None \
+            else None
+        opts = TransportOptions(authorize=self.authorize_raw if token else None, tls_server=tls) \
+            if token or tls is not None else None
         self.transports: list[Transport] = [create(_transport_uri(u, node.host), opts) for u in node.transports]
         # The arena lives in the memory the first same-host transport serves best
         # (a shared segment peers map): same-host clients then copy straight from it.
@@ -109,8 +112,7 @@ class StoreNode:
         self._control = ControlServer(node.host, node.control_port, self.service.handle,
                                       authorize=self.scope_of if token else None,
                                       max_connections=node.max_connections, idle_timeout=node.idle_timeout,
-                                      tls=server_context(node.tls_cert, node.tls_key)
-                                      if node.tls_cert is not None and node.tls_key is not None else None)
+                                      tls=tls)
         self.control_address = self._control.address
         self.control_port = int(self.control_address.rpartition(":")[2])
         self.node_id = node.node_id or f"{socket.gethostname()}-{self.control_port}"

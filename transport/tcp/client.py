@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvstore.checksum import checksum as xxh
 from kvstore.errors import Corruption, KVStoreError, Timeout, TransportError
@@ -77,11 +78,12 @@ class Conn:
     """One TCP connection and the worker thread that owns it."""
 
     def __init__(self, addr: tuple[str, int], name: str, connect_timeout: float,
-                 token: bytes | None = None) -> None:
+                 token: bytes | None = None, tls: Any = None) -> None:
         self.addr = addr
         self.name = name
         self.connect_timeout = connect_timeout
         self.token = token
+        self.tls = tls
         self.queued_bytes = 0
         self._q: queue.SimpleQueue[Stripe | None] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
@@ -114,6 +116,12 @@ class Conn:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.addr[0])
+            except BaseException:
+                sock.close()
+                raise
         if self.token is not None:  # a peer that requires a token gets it before anything else
             try:
                 sock.sendall(pack_header(AUTH, 0, 0, 0, len(self.token)) + self.token)

@@ -61,7 +61,7 @@ class TcpTransport(Transport):
         lsock.listen(128)
         self.address = lsock.getsockname()[:2]
         self._server = FrameServer(lsock, handlers(self), f"tcp-server-{self.address[1]}",
-                                   authorize=self.options.authorize)
+                                   authorize=self.options.authorize, tls=self.options.tls_server)
         self._peers: list[TcpPeer] = []
 
     def _metadata(self) -> bytes:
@@ -74,7 +74,7 @@ class TcpTransport(Transport):
         _, port = _META.unpack_from(metadata)
         host = metadata[_META.size :].decode()
         name = f"tcp://{host}:{port}"
-        conns = [Conn((host, port), name, self.options.connect_timeout, self.options.token)
+        conns = [Conn((host, port), name, self.options.connect_timeout, self.options.token, self.options.tls_client)
                  for _ in range(self.options.streams)]
         peer = TcpPeer(name, metadata, conns)
         try:
