@@ -23,7 +23,7 @@ import asyncio
 import socket
 import struct
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kvstore import errors
 from kvstore.errors import InvalidArgument, KVStoreError, Timeout, TransportError
@@ -183,3 +183,57 @@ async def recv_bytes_async(sock: socket.socket, n: int) -> bytes:
     if n:
         await recv_exact_async(sock, memoryview(buf))
     return bytes(buf)
+
+
+class AsyncStream:
+    """One connection of an asyncio client: a raw non-blocking socket (``loop.sock_*``:
+    bytes received straight into the caller's buffers) or, with TLS, asyncio streams
+    (one copy out of the TLS layer). Use from one event loop."""
+
+    def __init__(self, sock: socket.socket | None = None, reader: asyncio.StreamReader | None = None,
+                 writer: asyncio.StreamWriter | None = None) -> None:
+        self._sock, self._reader, self._writer = sock, reader, writer
+
+    @classmethod
+    async def open(cls, addr: tuple[str, int], timeout: float, tls: Any = None) -> AsyncStream:
+        """Connect (TLS with ``tls``, an ``ssl.SSLContext`` that checks the host name).
+        Raises OSError or TimeoutError."""
+        if tls is None:
+            return cls(sock=await connect_tcp_async(addr, timeout))
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(addr[0], addr[1], ssl=tls, server_hostname=addr[0])
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader=reader, writer=writer)
+
+    async def sendall(self, data: bytes | memoryview) -> None:
+        if self._sock is not None:
+            await asyncio.get_running_loop().sock_sendall(self._sock, data)
+            return
+        assert self._writer is not None
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly. EOF -> TransportError."""
+        if self._sock is not None:
+            await recv_exact_async(self._sock, view)
+            return
+        assert self._reader is not None
+        try:
+            view[:] = await self._reader.readexactly(len(view))
+        except asyncio.IncompleteReadError as e:
+            raise TransportError(f"peer closed the connection after {len(e.partial)} of {len(view)} B") from e
+
+    async def recv_bytes(self, n: int) -> bytes:
+        buf = bytearray(n)
+        if n:
+            await self.recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        if self._writer is not None:
+            self._writer.close()

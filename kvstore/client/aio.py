@@ -34,13 +34,14 @@ from kvstore.client.core import (
     Release,
     Store,
 )
-from kvstore.errors import InvalidArgument, KVStoreError, Timeout, TransportError
+from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.keys import check_key
 from kvstore.master.discovery import MasterAddress
 from kvstore.master.errors import error_from_rpc
 from kvstore.master.fast import AsyncFastMasterClient, resolve
 from kvstore.node.control_aio import AsyncControlClient
 from kvstore.node.protocol import Maps, Op
+from kvstore.tls import grpc_channel_credentials
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
 
@@ -53,9 +54,6 @@ class AsyncClient(ClientCore):
 
     def __init__(self, master: str = "127.0.0.1:5555", **kwargs: Any) -> None:
         super().__init__(master, **kwargs)
-        if self.tls_ca is not None:
-            raise InvalidArgument("AsyncClient does not speak TLS yet (planned): use Client, or run "
-                                  "the asyncio code's store calls in a thread")
         # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
         self._address = MasterAddress(master)
         self._channel: grpc.aio.Channel | None = None
@@ -123,7 +121,8 @@ class AsyncClient(ClientCore):
         if address != self._dialed or self._stub is None:
             if self._channel is not None:
                 await self._channel.close()
-            self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) if self.tls_ca is None \
+                else grpc.aio.secure_channel(address, grpc_channel_credentials(self.tls_ca), options=GRPC_OPTIONS)
             self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
             self._dialed = address
         return self._stub
@@ -152,7 +151,8 @@ class AsyncClient(ClientCore):
                 log.debug("no framed master channel (%s); using gRPC", err)
                 return None
             if hello.fast_address:
-                self._fast = AsyncFastMasterClient(resolve(hello.fast_address, master), self._auth)
+                self._fast = AsyncFastMasterClient(resolve(hello.fast_address, master), self._auth,
+                                                   tls=self._tls)
         fast: AsyncFastMasterClient | None = self._fast
         return fast
 
@@ -161,7 +161,8 @@ class AsyncClient(ClientCore):
         if conn is not None:
             return conn
         conn = NodeConn(node.node_id, node.epoch, AsyncControlClient(
-            node.control_address, self.timeout, token=self._conns.token, session=self._conns.session))
+            node.control_address, self.timeout, token=self._conns.token, session=self._conns.session,
+            tls=self._tls))
         ep = self._conns.shm_endpoint(node)
         if ep is not None:
             try:

@@ -39,7 +39,7 @@ from kvstore.errors import KVStoreError, Timeout, TransportError
 from kvstore.framing import FLAG_ERROR, HEADER, REPLY_BIT, Framing
 from kvstore.master.errors import error_from_status
 from kvstore.v1 import master_pb2 as pb
-from transport.wire import connect_tcp, connect_tcp_async, recv_bytes, recv_bytes_async
+from transport.wire import AsyncStream, connect_tcp, recv_bytes
 
 log = logging.getLogger(__name__)
 
@@ -161,25 +161,26 @@ class FastMasterClient:
 class AsyncFastMasterClient:
     """:class:`FastMasterClient` on asyncio (non-blocking sockets, one event loop)."""
 
-    def __init__(self, address: str, authorization: bytes | None, limit: int = 64 << 20) -> None:
+    def __init__(self, address: str, authorization: bytes | None, limit: int = 64 << 20,
+                 tls: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self._addr = (host.strip("[]"), int(port))
         self.address = address
         self._auth = authorization
         self._limit = limit
-        self._idle: list[socket.socket] = []
+        self._tls = tls
+        self._idle: list[AsyncStream] = []
 
     async def call(self, name: str, request: Any, timeout: float) -> Any:
         if timeout <= 0:
             raise Timeout(f"deadline expired before {name}")
-        loop = asyncio.get_running_loop()
         op = OPS[name]
         sock = await self._take(timeout)
         try:
             async with asyncio.timeout(timeout):
-                await loop.sock_sendall(sock, frame(op, request.SerializeToString()))
-                rop, flags, length = parse(await recv_bytes_async(sock, HEADER.size), self._limit)
-                out = decode_reply(name, op, rop, flags, await recv_bytes_async(sock, length), self.address)
+                await sock.sendall(frame(op, request.SerializeToString()))
+                rop, flags, length = parse(await sock.recv_bytes(HEADER.size), self._limit)
+                out = decode_reply(name, op, rop, flags, await sock.recv_bytes(length), self.address)
         except TimeoutError as e:
             sock.close()
             raise Timeout(f"{name} to master {self.address} timed out after {timeout:.1f}s") from e
@@ -197,18 +198,18 @@ class AsyncFastMasterClient:
             raise out
         return out
 
-    async def _take(self, timeout: float) -> socket.socket:
+    async def _take(self, timeout: float) -> AsyncStream:
         if self._idle:
             return self._idle.pop()
         try:
-            sock = await connect_tcp_async(self._addr, min(timeout, 5.0))
-        except (OSError, TimeoutError) as e:
+            sock = await AsyncStream.open(self._addr, min(timeout, 5.0), self._tls)
+        except (OSError, TimeoutError) as e:  # ssl.SSLError included
             raise TransportError(f"cannot reach master {self.address}: {e}") from e
         if self._auth is not None:
             try:
                 async with asyncio.timeout(min(timeout, 5.0)):
-                    await asyncio.get_running_loop().sock_sendall(sock, frame(AUTH, self._auth))
-                    parse(await recv_bytes_async(sock, HEADER.size), 0)
+                    await sock.sendall(frame(AUTH, self._auth))
+                    parse(await sock.recv_bytes(HEADER.size), 0)
             except (OSError, TimeoutError, ValueError, TransportError) as e:
                 sock.close()
                 raise TransportError(f"master {self.address}: authentication frame failed: {e}") from e

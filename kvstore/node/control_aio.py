@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,20 +30,21 @@ from kvstore.node.control import (
     fetch_items,
 )
 from kvstore.node.protocol import Allocated, Fetched, Op, pack_frame, parse_header
-from transport.wire import connect_tcp_async, recv_bytes_async, recv_exact_async
+from transport.wire import AsyncStream
 
 
 class AsyncControlClient:
     """Calls a node's control server from asyncio code. Not thread-safe (one loop)."""
 
     def __init__(self, address: str, connect_timeout: float = 5.0, *, token: str | None = None,
-                 session: bytes | None = None) -> None:
+                 session: bytes | None = None, tls: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self._addr = (host.strip("[]"), int(port))
         self.address = address
         self._connect_timeout = connect_timeout
         self._auth = auth_frame(token, session or secrets.token_bytes(16))
-        self._idle: list[socket.socket] = []
+        self._tls = tls
+        self._idle: list[AsyncStream] = []
 
     async def call(self, op: Op, items: list[Any], timeout: float) -> list[Any]:
         out: list[Any] = await self._exchange(op, items, timeout)
@@ -52,13 +53,13 @@ class AsyncControlClient:
     async def fetch(self, requests: list[FetchRequest], timeout: float) -> list[tuple[Fetched, bool]]:
         """See :meth:`ControlClient.fetch`."""
 
-        async def receive(sock: socket.socket, payload: list[Any]) -> list[tuple[Fetched, bool]]:
+        async def receive(sock: AsyncStream, payload: list[Any]) -> list[tuple[Fetched, bool]]:
             out = []
             for reply, r in zip(payload, requests, strict=True):
                 plan = ReceivePlan(Fetched(*reply), r)
                 for i, views in enumerate(plan.blocks):
                     for v in views:
-                        await recv_exact_async(sock, v)
+                        await sock.recv_into(v)
                     plan.landed(i)
                 out.append((plan.reply, plan.ok()))
             return out
@@ -74,18 +75,17 @@ class AsyncControlClient:
         return [Allocated(*r) for r in payload]
 
     async def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,
-                        receive: Callable[[socket.socket, list[Any]], Awaitable[Any]] | None = None) -> Any:
+                        receive: Callable[[AsyncStream, list[Any]], Awaitable[Any]] | None = None) -> Any:
         if timeout <= 0:
             raise Timeout(f"deadline expired before {op.name} to node {self.address}")
-        loop = asyncio.get_running_loop()
         sock = await self._take(timeout)
         try:
             async with asyncio.timeout(timeout):
-                await loop.sock_sendall(sock, pack_frame(op, msgpack.packb(items)))
+                await sock.sendall(pack_frame(op, msgpack.packb(items)))
                 for view in tail or ():
-                    await loop.sock_sendall(sock, view)
-                rop, flags, length = parse_header(await recv_bytes_async(sock, HEADER.size))
-                payload = check_reply(op, rop, flags, _unpack(await recv_bytes_async(sock, length)), len(items),
+                    await sock.sendall(view)
+                rop, flags, length = parse_header(await sock.recv_bytes(HEADER.size))
+                payload = check_reply(op, rop, flags, _unpack(await sock.recv_bytes(length)), len(items),
                                       self.address)
                 out = payload if receive is None else await receive(sock, payload)
         except TimeoutError as e:
@@ -102,19 +102,18 @@ class AsyncControlClient:
         self._idle.append(sock)
         return out
 
-    async def _take(self, timeout: float) -> socket.socket:
+    async def _take(self, timeout: float) -> AsyncStream:
         if self._idle:
             return self._idle.pop()
         try:
-            sock = await connect_tcp_async(self._addr, min(timeout, self._connect_timeout))
-        except (OSError, TimeoutError) as e:
+            sock = await AsyncStream.open(self._addr, min(timeout, self._connect_timeout), self._tls)
+        except (OSError, TimeoutError) as e:  # ssl.SSLError included
             raise TransportError(f"cannot reach node control {self.address}: {e}") from e
-        loop = asyncio.get_running_loop()
         try:  # every connection opens with AUTH (see ControlClient)
             async with asyncio.timeout(min(timeout, self._connect_timeout)):
-                await loop.sock_sendall(sock, self._auth)
-                rop, flags, length = parse_header(await recv_bytes_async(sock, HEADER.size))
-                check_auth(rop, flags, _unpack(await recv_bytes_async(sock, length)), self.address)
+                await sock.sendall(self._auth)
+                rop, flags, length = parse_header(await sock.recv_bytes(HEADER.size))
+                check_auth(rop, flags, _unpack(await sock.recv_bytes(length)), self.address)
         except (OSError, ValueError, TypeError, TimeoutError, TransportError) as e:
             sock.close()
             if isinstance(e, (PermissionDenied, InvalidArgument)):

@@ -12,7 +12,7 @@ import pytest
 
 from kvstore.auth import init
 from kvstore.client import AsyncClient, Client
-from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.errors import KVStoreError
 from kvstore.node.control import ControlClient
 from kvstore.node.protocol import Op
 from kvstore.testing.cluster import CLI, Proc, free_port
@@ -73,8 +73,23 @@ def test_plaintext_and_unknown_certificates_are_refused(up: tuple[str, Path], tm
             plain_ctl.call(Op.ACQUIRE, [b"tls-a"], 3)
     finally:
         plain_ctl.close()
-    with pytest.raises(InvalidArgument, match="TLS"):
-        AsyncClient(address, tls_ca=str(ca))
+
+
+def test_async_client_over_tls(up: tuple[str, Path]) -> None:
+    import asyncio
+
+    address, ca = up
+
+    async def run() -> tuple[bytes | None, bytes | None]:
+        async with AsyncClient(address, tls_ca=str(ca)) as c, \
+                AsyncClient(address, tls_ca=str(ca), same_host=False) as net:
+            await net.put(b"tls-async", VALUE[:100_000])
+            a = await c.get(b"tls-async")
+            b = await net.get(b"tls-a")
+            return (None if a is None else bytes(a)), (None if b is None else bytes(b))
+
+    a, b = asyncio.run(run())
+    assert a == VALUE[:100_000] and b == VALUE
 
 
 def test_tcp_transport_over_tls(tmp_path: Path) -> None:
