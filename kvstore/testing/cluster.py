@@ -175,7 +175,7 @@ class Cluster:
                 subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.disk_fs}", "tmpfs", str(disk_dir)],
                                check=True, capture_output=True)
                 self.mounts.append(disk_dir)
-            args += ["--disk-dir", str(disk_dir / "tier"), "--disk", self.disk]
+            args += ["--disk-dir", str(disk_dir), "--disk", self.disk]
         p = Proc(f"node{i}", args, self.workdir / f"node{i}.log").start(self.env())
         if i < len(self.nodes):
             self.nodes[i] = p
