@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from functools import cache
@@ -22,3 +23,14 @@ def host_id() -> str:
     except OSError:
         netns = ""
     return f"{socket.gethostname()}/{boot}{netns}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a listener on this machine (protected mode's test);
+    a host name other than ``localhost`` may resolve to anything, so it is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

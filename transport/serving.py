@@ -154,10 +154,12 @@ class ConnectionServer:
     shuts every open connection."""
 
     def __init__(self, listener: socket.socket, serve: Callable[[socket.socket], None], who: str, *,
-                 max_connections: int = 4096) -> None:
+                 max_connections: int = 4096, tls: Any = None, handshake_timeout: float = 10.0) -> None:
         self._listener = listener
         self._serve_conn = serve
         self._who = who
+        self._tls = tls  # ssl.SSLContext: every accepted connection is wrapped before serve() sees it
+        self._handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.rejected = 0
         self.evicted = 0
@@ -204,13 +206,6 @@ class ConnectionServer:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name=f"{self._who}-conn", daemon=True).start()
 
-    def rebind(self, old: socket.socket, new: socket.socket) -> None:
-        """``serve`` replaced the accepted socket (wrapped it in TLS): track the new one."""
-        with self._lock:
-            if old in self._conns:
-                self._conns.discard(old)
-                self._conns.add(new)
-
     def idle(self, conn: socket.socket, idle: bool) -> None:
         """``conn`` waits for its next request (``True``) or is serving one (``False``)."""
         with self._lock:
@@ -221,6 +216,12 @@ class ConnectionServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            if self._tls is not None:
+                try:
+                    conn = self._handshake(conn)
+                except OSError as e:  # not TLS, or a failed handshake
+                    log.debug("%s: TLS handshake failed: %s", self._who, e)
+                    return
             self._serve_conn(conn)
         finally:
             with self._lock:
@@ -228,11 +229,21 @@ class ConnectionServer:
                 self._idle_since.pop(conn, None)
             conn.close()
 
-    def forget(self, conn: socket.socket) -> None:
-        """Stop tracking ``conn`` (its server closes it)."""
+    def _handshake(self, raw: socket.socket) -> socket.socket:
+        """Wrap an accepted connection in TLS (bounded in time) and track the wrapped one."""
+        raw.settimeout(self._handshake_timeout)
+        try:
+            secure: socket.socket = self._tls.wrap_socket(raw, server_side=True)
+        except OSError:
+            with self._lock:
+                self._conns.discard(raw)
+            raise
+        secure.settimeout(None)
         with self._lock:
-            self._conns.discard(conn)
-            self._idle_since.pop(conn, None)
+            if raw in self._conns:
+                self._conns.discard(raw)
+                self._conns.add(secure)
+        return secure
 
     def close(self) -> None:
         self._closed = True
@@ -253,7 +264,7 @@ class ConnectionServer:
 
 class FrameServer(ConnectionServer):
     """A :class:`ConnectionServer` speaking the data-plane frames to ``handlers`` (peers
-    authenticate first when ``authorize`` is given)."""
+    authenticate first when ``authorize`` is given; TLS with ``tls``)."""
 
     def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str,
                  authorize: Callable[[bytes | None], bool] | None = None,
@@ -264,24 +275,9 @@ class FrameServer(ConnectionServer):
                 log.warning("%s: refused a peer: %s", who, refusal)
                 send_reply(conn, E_DENIED, 0, refusal)
                 return
-            if tls is None:
-                serve_connection(conn, handlers, who, authorize)
-                return
-            try:
-                conn.settimeout(10)
-                secure = tls.wrap_socket(conn, server_side=True)
-                secure.settimeout(None)
-            except OSError as e:  # not TLS, or a failed handshake
-                log.debug("%s: TLS handshake failed: %s", who, e)
-                return
-            self.rebind(conn, secure)
-            try:
-                serve_connection(secure, handlers, who, authorize)
-            finally:
-                self.forget(secure)
-                secure.close()
+            serve_connection(conn, handlers, who, authorize)
 
-        super().__init__(listener, serve, who)
+        super().__init__(listener, serve, who, tls=tls)
 
 
 def control_handlers(t: Transport) -> dict[int, Handler]:

@@ -125,13 +125,10 @@ def find_leader(target: EtcdTarget, timeout: float) -> str:
                 resp = rpc_pb2_grpc.KVStub(ch).Range(rpc.RangeRequest(key=target.leader_key),
                                                      timeout=max(deadline - time.monotonic(), 0.05))
             except grpc.RpcError as e:
-                errors.append(f"{ep}: {e.code().name if hasattr(e, 'code') else e}")
+                errors.append(_failed(ep, e))
                 continue
-        if not resp.kvs:
-            raise TransportError(f"{target.url}: no master leads cluster {target.cluster!r} right now "
-                                 "(is a `kvstore master --etcd ... --cluster ...` running?)")
-        return leader_address(resp.kvs[0].value, target)
-    raise TransportError(f"{target.url}: no etcd endpoint answered ({'; '.join(errors)})")
+        return _leader_in(resp, target)
+    raise _unreachable(target, errors)
 
 
 async def find_leader_async(target: EtcdTarget, timeout: float) -> str:
@@ -145,12 +142,26 @@ async def find_leader_async(target: EtcdTarget, timeout: float) -> str:
                 resp = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=target.leader_key),
                                                   timeout=max(deadline - time.monotonic(), 0.05))
             except grpc.RpcError as e:
-                errors.append(f"{ep}: {e.code().name if hasattr(e, 'code') else e}")
+                errors.append(_failed(ep, e))
                 continue
-        if not resp.kvs:
-            raise TransportError(f"{target.url}: no master leads cluster {target.cluster!r} right now")
-        return leader_address(resp.kvs[0].value, target)
-    raise TransportError(f"{target.url}: no etcd endpoint answered ({'; '.join(errors)})")
+        return _leader_in(resp, target)
+    raise _unreachable(target, errors)
+
+
+def _leader_in(resp: Any, target: EtcdTarget) -> str:
+    """The leader address in an etcd Range answer for the leader key."""
+    if not resp.kvs:
+        raise TransportError(f"{target.url}: no master leads cluster {target.cluster!r} right now "
+                             "(is a `kvstore master --etcd ... --cluster ...` running?)")
+    return leader_address(resp.kvs[0].value, target)
+
+
+def _failed(endpoint: str, e: grpc.RpcError) -> str:
+    return f"{endpoint}: {e.code().name if hasattr(e, 'code') else e}"
+
+
+def _unreachable(target: EtcdTarget, errors: list[str]) -> TransportError:
+    return TransportError(f"{target.url}: no etcd endpoint answered ({'; '.join(errors)})")
 
 
 class MasterAddress:
@@ -180,22 +191,13 @@ class MasterAddress:
 
     def current(self, timeout: float) -> str:
         """The address to dial (blocking etcd read when stale)."""
-        if self.target is None:
+        if self.target is None or not self._due():
             return self._current
-        with self._lock:
-            if not self._due():
-                return self._current
-            self._checked = time.monotonic()
-        address = find_leader(self.target, timeout)
-        return self._set(address)
+        return self._set(find_leader(self.target, timeout))
 
     async def current_async(self, timeout: float) -> str:
-        if self.target is None:
+        if self.target is None or not self._due():
             return self._current
-        with self._lock:
-            if not self._due():
-                return self._current
-            self._checked = time.monotonic()
         return self._set(await find_leader_async(self.target, timeout))
 
     def stale(self) -> None:
@@ -205,11 +207,14 @@ class MasterAddress:
                 self._stale = True
 
     def _due(self) -> bool:
-        if not self._stale and self._current:
-            return False
-        if self._current and time.monotonic() - self._checked < self._min_interval:
-            return False
-        return True
+        """Whether to ask etcd now (then the lookup counts as done, for the rate limit)."""
+        with self._lock:
+            if not self._stale and self._current:
+                return False
+            if self._current and time.monotonic() - self._checked < self._min_interval:
+                return False
+            self._checked = time.monotonic()
+            return True
 
     def _set(self, address: str) -> str:
         with self._lock:

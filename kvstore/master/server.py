@@ -10,7 +10,6 @@ Limits (``master.*`` config): messages up to ``max_message`` bytes, at most
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ import grpc
 
 from kvstore.config import MasterConfig
 from kvstore.errors import ConfigError, KVStoreError, TransportError
+from kvstore.hostid import is_loopback
 from kvstore.master.discovery import EtcdTarget, parse_endpoints
 from kvstore.master.election import Election
 from kvstore.master.fast_server import serve_fast
@@ -129,22 +129,13 @@ class MasterServer:
 def refuse_unprotected(config: MasterConfig, token: str | None) -> None:
     """Protected mode (as Redis has): a master reachable from other hosts must require a
     token, unless ``master.insecure`` says otherwise. Raises :class:`ConfigError`."""
-    if token or config.auth_dir is not None or config.insecure or _loopback(config.host):
+    if token or config.auth_dir is not None or config.insecure or is_loopback(config.host):
         return
     raise ConfigError(
         f"master: refusing to serve {config.host} without authentication: anyone on the network could "
         "read the pool's metadata and register fake nodes. Set master.auth_dir (--auth-dir, from "
         "`kvstore auth init`) or master.token_file (--token-file; nodes and clients then send a token), "
         "bind 127.0.0.1, or set master.insecure = true.")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 async def start_master(config: MasterConfig, *, token: str | None = None,

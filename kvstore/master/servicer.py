@@ -100,6 +100,12 @@ class Clock:
         return self._wall0 + (time.monotonic_ns() - self._mono0) // 1_000_000
 
 
+def authorization(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The call's ``authorization`` metadata (``Bearer <token>``), if any."""
+    return next((v.encode() if isinstance(v, str) else bytes(v)
+                 for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+
+
 class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
     """Translates RPCs to :class:`MasterState` calls. Runs on one event loop only."""
 
@@ -165,10 +171,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     def _wrap(self, name: str) -> Callable[[Any, Any], Awaitable[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            auth = next((v.encode() if isinstance(v, str) else bytes(v)
-                         for k, v in context.invocation_metadata() or () if k == "authorization"), None)
             try:
-                return self.call(name, request, auth)
+                return self.call(name, request, authorization(context))
             except CallError as e:
                 await context.abort(e.code, e.message)
 
@@ -177,8 +181,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
     def _authorize(self, name: str, authorization: bytes | None) -> Principal:
         """The caller's token must stand for a role allowed to call ``name``."""
         assert self.credentials is not None
-        where = ("master.token_file" if self.credentials.source == "master.token_file"
-                 else "the role's token file (master.auth_dir)")
+        where = "master.token_file" if self.credentials.source == "master.token_file" \
+            else "the role's token file (master.auth_dir)"  # for the error messages below
         if authorization is None:
             raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
                           f"this master requires a token; send metadata 'authorization: Bearer <token>' "
@@ -249,7 +253,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         """The client-token digests a node must accept (when its copy is not current)."""
         if self.credentials is None:
             return {}
-        version = self.credentials.version()
+        version = self.credentials.version
         if known_version == version:
             return {"auth_version": version}
         return {"auth_version": version, "client_digests": self.credentials.client_digests(),
@@ -446,12 +450,10 @@ class EventsServicer(pb_grpc.EventsServicer):  # type: ignore[misc]
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         m = self.master
-        auth = next((v.encode() if isinstance(v, str) else bytes(v)
-                     for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         scope = b""
         try:
             if m.credentials is not None:
-                scope = m._authorize("Watch", auth).scope
+                scope = m._authorize("Watch", authorization(context)).scope
             if m.leading is not None and not m.leading():
                 raise _Reject(grpc.StatusCode.UNAVAILABLE, m.standby_message)
         except _Reject as e:

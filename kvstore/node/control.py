@@ -103,7 +103,6 @@ class ControlServer:
                  tls: ssl.SSLContext | None = None) -> None:
         self._handler = handler
         self._authorize = authorize
-        self._tls = tls
         self._idle = idle_timeout
         lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -112,30 +111,11 @@ class ControlServer:
         self.address = f"{host}:{lsock.getsockname()[1]}"
         self.refused = 0
         self._server: ConnectionServer | None = None  # a connection may be served before it is set
-        server = ConnectionServer(lsock, self._serve, "node-control", max_connections=max_connections)
+        server = ConnectionServer(lsock, self._serve, "node-control", max_connections=max_connections, tls=tls,
+                                  handshake_timeout=min(idle_timeout, PREAUTH_TIMEOUT))
         self._server = server
 
     def _serve(self, conn: socket.socket) -> None:
-        if self._tls is not None:
-            raw = conn
-            try:
-                raw.settimeout(min(self._idle, PREAUTH_TIMEOUT))
-                conn = self._tls.wrap_socket(raw, server_side=True)
-            except OSError as e:  # not TLS, or a failed handshake
-                log.debug("node control: TLS handshake failed: %s", e)
-                return
-            if self._server is not None:
-                self._server.rebind(raw, conn)
-            try:
-                self._frames(conn)
-            finally:
-                if self._server is not None:
-                    self._server.forget(conn)
-                conn.close()
-            return
-        self._frames(conn)
-
-    def _frames(self, conn: socket.socket) -> None:
         session = secrets.token_bytes(16)
         authed = self._authorize is None
         scope = b""

@@ -18,7 +18,6 @@ that already know it and re-registers when the master returns.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -30,7 +29,7 @@ import grpc
 from kvstore.auth import digest
 from kvstore.config import NodeConfig, StoreConfig
 from kvstore.errors import ConfigError, KVStoreError
-from kvstore.hostid import host_id
+from kvstore.hostid import host_id, is_loopback
 from kvstore.master.discovery import LeaderWatch, MasterLink
 from kvstore.memory.arena import generation_table_bytes
 from kvstore.node.control import ControlServer
@@ -301,7 +300,7 @@ def protect(node: NodeConfig, token: str | None) -> None:
     """Protected mode: a node reachable from other hosts must require a token (unless
     ``node.insecure``), and may then serve only transports that check it."""
     if token is None:
-        if not node.insecure and not _loopback(node.host):
+        if not node.insecure and not is_loopback(node.host):
             raise ConfigError(
                 f"node: refusing to serve {node.host} without authentication: anyone on the network could "
                 "read and overwrite the arena. Give the node a token (--token-file: the master's shared "
@@ -312,15 +311,6 @@ def protect(node: NodeConfig, token: str | None) -> None:
         raise ConfigError(f"node: {', '.join(open_)} cannot check tokens yet, so a node with a token does "
                           f"not serve it (it would expose the arena); serve {', '.join(AUTHENTICATED_SCHEMES)} "
                           "only, or set node.insecure = true")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _obj(region: Region | None) -> Any:
