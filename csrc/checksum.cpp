@@ -9,11 +9,13 @@
 // falls back to the `xxhash` package otherwise; all compute the same values.
 #include "checksum.h"
 
+#define XXH_STATIC_LINKING_ONLY  // XXH3_state_t on the stack
 #include <xxhash.h>
 #include <xxh_x86dispatch.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 #include <stdexcept>
 
 #include "paged_copy.h"
@@ -49,6 +51,36 @@ void block_sums(std::uint8_t* dst, const std::uint8_t* src, std::int64_t n, std:
       } else {
         sums[i] = xxh3(src + lo, len, seed);
       }
+    }
+  });
+}
+
+void block_sums_scatter(const std::uint8_t* src, std::int64_t n, const std::uint64_t* seg_addr,
+                        const std::uint64_t* seg_len, std::int64_t n_segs, std::uint64_t seed,
+                        std::uint64_t* sums, std::int64_t block, int threads) {
+  if (n < 0 || block <= 0 || n_segs < 0) throw std::invalid_argument("block_sums_scatter: negative size or block");
+  // Where each segment starts in the logical destination (segments tile [0, n) in order).
+  std::vector<std::int64_t> starts(static_cast<std::size_t>(n_segs) + 1, 0);
+  for (std::int64_t s = 0; s < n_segs; ++s) starts[s + 1] = starts[s] + static_cast<std::int64_t>(seg_len[s]);
+  if (starts[n_segs] != n) throw std::invalid_argument("block_sums_scatter: segments do not add up to the source");
+  const std::int64_t blocks = std::max<std::int64_t>(1, (n + block - 1) / block);
+  int t = static_cast<int>(std::min<std::int64_t>(threads, 1 + n / kMinBytesPerThread));
+  for_ranges(blocks, std::max(t, 1), [&](std::int64_t b, std::int64_t e) {
+    XXH3_state_t st;
+    // first segment that holds byte b * block
+    std::int64_t s = std::upper_bound(starts.begin(), starts.end(), b * block) - starts.begin() - 1;
+    for (std::int64_t i = b; i < e; ++i) {
+      const std::int64_t lo = i * block, hi = std::min(lo + block, n);
+      XXH3_64bits_reset_withSeed(&st, seed);
+      for (std::int64_t at = lo; at < hi;) {
+        while (starts[s + 1] <= at) ++s;
+        const std::int64_t take = std::min(hi, starts[s + 1]) - at;
+        auto* d = reinterpret_cast<std::uint8_t*>(seg_addr[s]) + (at - starts[s]);
+        std::memcpy(d, src + at, static_cast<std::size_t>(take));
+        XXH3_64bits_update_dispatch(&st, d, static_cast<std::size_t>(take));  // what landed, still in cache
+        at += take;
+      }
+      sums[i] = XXH3_64bits_digest(&st);
     }
   });
 }

@@ -13,6 +13,14 @@ namespace kvs {
 void block_sums(std::uint8_t* dst, const std::uint8_t* src, std::int64_t n, std::uint64_t seed,
                 std::uint64_t* sums, std::int64_t block, int threads);
 
+// block_sums with a copy into a scatter list: the n bytes at src land in segments
+// (seg_addr[i], seg_len[i]) back to back (the lengths must add up to n), and sums[i]
+// is the XXH3-64(seed) of block i of what landed there. Raises std::invalid_argument
+// when the lengths do not add up.
+void block_sums_scatter(const std::uint8_t* src, std::int64_t n, const std::uint64_t* seg_addr,
+                        const std::uint64_t* seg_len, std::int64_t n_segs, std::uint64_t seed,
+                        std::uint64_t* sums, std::int64_t block, int threads);
+
 // XXH3-64 built for AVX2 (xxh3_avx2.cpp); call only when the CPU supports AVX2.
 std::uint64_t xxh3_avx2(const void* data, std::size_t n, std::uint64_t seed);
 

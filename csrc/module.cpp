@@ -73,6 +73,28 @@ void block_sums_py(std::uint64_t dst, std::uint64_t src, std::int64_t nbytes, st
   kvs::block_sums(reinterpret_cast<std::uint8_t*>(dst), reinterpret_cast<const std::uint8_t*>(src), nbytes,
                   seed, reinterpret_cast<std::uint64_t*>(sums), block, threads);
 }
+
+void block_sums_scatter_py(std::uint64_t src, std::int64_t nbytes, std::uint64_t seg_addr, std::uint64_t seg_len,
+                           std::int64_t n_segs, std::uint64_t seed, std::uint64_t sums, std::int64_t block,
+                           int threads) {
+  if (nbytes > 0 && (src == 0 || seg_addr == 0 || seg_len == 0))
+    throw std::invalid_argument("block_sums_scatter: null address");
+  if (sums == 0) throw std::invalid_argument("block_sums_scatter: null output");
+  if (nbytes < 0 || block <= 0 || n_segs < 0)
+    throw std::invalid_argument("block_sums_scatter: negative size or non-positive block");
+  const auto* addr = reinterpret_cast<const std::uint64_t*>(seg_addr);
+  const auto* len = reinterpret_cast<const std::uint64_t*>(seg_len);
+  std::uint64_t total = 0;
+  for (std::int64_t i = 0; i < n_segs; ++i) {
+    if (addr[i] == 0 || len[i] == 0) throw std::invalid_argument("block_sums_scatter: empty or null segment");
+    total += len[i];
+  }
+  if (total != static_cast<std::uint64_t>(nbytes))
+    throw std::invalid_argument("block_sums_scatter: segments do not add up to the source");
+  py::gil_scoped_release nogil;
+  kvs::block_sums_scatter(reinterpret_cast<const std::uint8_t*>(src), nbytes, addr, len, n_segs, seed,
+                          reinterpret_cast<std::uint64_t*>(sums), block, threads);
+}
 #endif
 
 }  // namespace
@@ -96,5 +118,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("sums"), py::arg("block"), py::arg("threads"),
         "XXH3-64 (seeded) of every `block` bytes of src, copying to dst first when dst != 0 "
         "(GIL released; kvstore.checksum's format).");
+  m.def("block_sums_scatter", &block_sums_scatter_py, py::arg("src"), py::arg("nbytes"), py::arg("seg_addr"),
+        py::arg("seg_len"), py::arg("n_segs"), py::arg("seed"), py::arg("sums"), py::arg("block"),
+        py::arg("threads"),
+        "Copy nbytes of src into the segments (uint64 address and length arrays) back to back; "
+        "the XXH3-64 (seeded) of every `block` bytes of what landed (GIL released).");
 #endif
 }

@@ -23,6 +23,7 @@ import xxhash
 
 from kvstore._types import Buffer
 from kvstore.errors import Corruption, InvalidArgument
+from kvstore.scatter import Scattered
 
 BLOCK = 256 * 1024
 """Bytes per checksummed block (part of the stored format: changing it changes every checksum)."""
@@ -103,11 +104,14 @@ def verify(data: Buffer, expected: int, key: bytes = b"", what: str = "chunk") -
         raise Corruption(f"{what}: checksum mismatch (stored {expected:#018x}, read {got:#018x})")
 
 
-def copy_summed(src: memoryview, dst: memoryview, key: bytes = b"") -> np.ndarray:
-    """Copy ``src`` into ``dst`` (same length); the block sums of what landed."""
+def copy_summed(src: memoryview, dst: memoryview | Scattered, key: bytes = b"") -> np.ndarray:
+    """Copy ``src`` into ``dst`` (same length; a :class:`~kvstore.scatter.Scattered`
+    destination gets it piece by piece); the block sums of what landed."""
     n = len(src)
     if len(dst) != n:
         raise ValueError(f"copy_hashed: destination holds {len(dst)} bytes, source {n}")
+    if isinstance(dst, Scattered):
+        return _copy_summed_scattered(src, dst, key)
     if dst.readonly:
         raise ValueError("copy_hashed: destination is read-only")
     if _NATIVE is not None:
@@ -121,7 +125,25 @@ def copy_summed(src: memoryview, dst: memoryview, key: bytes = b"") -> np.ndarra
     return sums
 
 
-def copy_hashed(src: memoryview, dst: memoryview, key: bytes = b"") -> int:
+def _copy_summed_scattered(src: memoryview, dst: Scattered, key: bytes) -> np.ndarray:
+    sums = np.empty(nblocks(len(src)), dtype=np.uint64)
+    if _NATIVE is not None and hasattr(_NATIVE, "block_sums_scatter"):
+        if len(src):
+            _NATIVE.block_sums_scatter(_address(src), len(src), int(dst.addrs.ctypes.data),
+                                       int(dst.lens.ctypes.data), len(dst.lens), key_seed(key),
+                                       int(sums.ctypes.data), BLOCK, _THREADS)
+        else:
+            sums[0] = xxhash.xxh3_64_intdigest(b"", seed=key_seed(key))
+        return sums
+    seed = key_seed(key)
+    for i, off in enumerate(range(0, max(len(src), 1), BLOCK)):
+        end = min(off + BLOCK, len(src))
+        dst.write(off, src[off:end])
+        sums[i] = xxhash.xxh3_64_intdigest(dst[off:end].read(), seed=seed)
+    return sums
+
+
+def copy_hashed(src: memoryview, dst: memoryview | Scattered, key: bytes = b"") -> int:
     """Copy ``src`` into ``dst`` (same length) and return the checksum of what landed."""
     return combine(copy_summed(src, dst, key), key)
 
@@ -227,10 +249,14 @@ def read_range_verified(key: bytes, sums: np.ndarray, size: int, offset: int, ds
     return ok
 
 
-def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int, dst: memoryview) -> bool:
+def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int,
+                        dst: memoryview | Scattered) -> bool:
     """:func:`read_range_verified` for a value in memory (``value``: all of its bytes):
     the blocks the range covers whole are copied and hashed in one native pass, the
-    partly covered edge blocks as :func:`read_range_verified` does."""
+    partly covered edge blocks as :func:`read_range_verified` does (through a small
+    bounce buffer when ``dst`` is :class:`~kvstore.scatter.Scattered`)."""
+    if isinstance(dst, Scattered):
+        return _copy_range_scattered(key, sums, value, offset, dst)
     end = offset + len(dst)
     lo = -(-offset // BLOCK) * BLOCK  # first whole block
     hi = end // BLOCK * BLOCK if end < len(value) else len(value)  # end of the last whole block
@@ -243,6 +269,27 @@ def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset:
     ok = bool(np.array_equal(got, sums[lo // BLOCK : lo // BLOCK + len(got)])) and ok
     if end > hi:
         ok = _read_range_in_memory(key, sums, value, hi, dst[hi - offset :]) and ok
+    return ok
+
+
+def _copy_range_scattered(key: bytes, sums: np.ndarray, value: memoryview, offset: int, dst: Scattered) -> bool:
+    end = offset + len(dst)
+    lo = -(-offset // BLOCK) * BLOCK
+    hi = end // BLOCK * BLOCK if end < len(value) else len(value)
+    ok = True
+    if hi <= lo:
+        lo = hi = end  # no whole block: one edge piece
+    if lo > offset:
+        edge = bytearray(lo - offset)
+        ok = _read_range_in_memory(key, sums, value, offset, memoryview(edge))
+        dst.write(0, edge)
+    if hi > lo:
+        got = copy_summed(value[lo:hi], dst[lo - offset : hi - offset], key)
+        ok = bool(np.array_equal(got, sums[lo // BLOCK : lo // BLOCK + len(got)])) and ok
+    if end > hi:
+        edge = bytearray(end - hi)
+        ok = _read_range_in_memory(key, sums, value, hi, memoryview(edge)) and ok
+        dst.write(hi - offset, edge)
     return ok
 
 

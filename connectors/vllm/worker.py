@@ -10,11 +10,13 @@ Per step (vLLM's order): ``bind_connector_metadata`` -> :meth:`start_load_kv`
 -> :meth:`wait_for_save` -> :meth:`get_finished` ->
 :meth:`get_block_ids_with_load_errors`.
 
-Buffer ownership: each loader thread keeps one staging buffer that grows to the
-largest load it saw and is reused (a fresh 64 MiB buffer per request costs
+Buffer ownership: a host (CPU) KV cache takes loads straight into its blocks
+(``kernels.raw_pieces``: one verified copy per range, no staging, no scatter
+pass). For a device cache each loader thread keeps one staging buffer that grows
+to the largest load it saw and is reused (a fresh 64 MiB buffer per request costs
 ~16,000 page faults before the first byte lands); save staging is allocated per
-step and dropped by the save thread; the engine's KV blocks are touched only by the
-kernels, for blocks the metadata names: sync loads finish (or are abandoned
+step and dropped by the save thread; the engine's KV blocks are touched only by
+the kernels and the client's verified copies, for blocks the metadata names: sync loads finish (or are abandoned
 after their deadline, with their blocks reported as failed) before
 :meth:`wait_for_save` returns; async loads write only the blocks of requests
 vLLM keeps waiting until :meth:`get_finished` reports them.
@@ -139,6 +141,7 @@ class WorkerSide:
         self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, tls_ca=cfg.tls_ca, cache_locations=True)
         self.breaker = cfg.breaker()  # saves stop trying a master that is down
         self.cache: kernels.PagedCache | None = None
+        self.direct = False
         self.handshake: KVStoreHandshake | None = None
         self.layer_index: dict[str, int] = {}
         self.num_layers = 0
@@ -171,6 +174,8 @@ class WorkerSide:
         axes = detect_axes(tuple(tensors[0].shape), self.block_size, self.kv_heads, self.head_dim, mla=self.use_mla)
         cache = kernels.paged_cache(tensors, axes)
         self.cache = cache
+        # A host cache takes loads straight into its blocks (no staging, no scatter pass).
+        self.direct = cache.device == "cpu" and cache.layout.raw_geometry() is not None
         self.layer_index = {n: i for i, n in enumerate(names)}
         self.num_layers = len(names)
         self.bpc = self.cfg.chunk_tokens // self.block_size
@@ -215,7 +220,10 @@ class WorkerSide:
         i = self.layer_index.get(layer_name)
         if i is None:
             return
-        if not job.layer_done[i].wait(self.cfg.timeout * 2):
+        t0 = time.perf_counter()
+        done = job.layer_done[i].wait(self.cfg.timeout * 2)
+        self.counters["load_wait_seconds"] += time.perf_counter() - t0  # type: ignore[assignment]
+        if not done:
             # The forward pass runs on without this layer: the whole load is abandoned (the
             # loader scatters nothing more, so it never writes into blocks vLLM hands to
             # another request) and every block of it is reported failed (vLLM recomputes).
@@ -235,6 +243,8 @@ class WorkerSide:
 
     def _stage(self, plans: list[_LoadPlan]) -> None:
         """Give each plan its slice of this thread's staging buffer (grown, never shrunk)."""
+        if self.direct:
+            return
         sizes = [(p.c1 - p.c0) * self.obj_bytes * self._group_size((p.c1 - p.c0) * self.obj_bytes) for p in plans]
         key = threading.get_ident()
         buf = self._staging.get(key)
@@ -256,25 +266,29 @@ class WorkerSide:
         return [[0]] + [rest[i:i + size] for i in range(0, len(rest), size)]
 
     def _load_layers(self, plan: _LoadPlan, layers: list[int]) -> None:
-        """Read ``layers`` of every chunk of ``plan`` (before its first failure) in one call, scatter.
+        """Read ``layers`` of every chunk of ``plan`` (before its first failure) in one call.
 
         A chunk is one object, layer-major: layer ``l`` is the byte range
-        ``[l * obj_bytes, (l + 1) * obj_bytes)`` of it, read straight into the
-        layer's slot of the staging buffer.
+        ``[l * obj_bytes, (l + 1) * obj_bytes)`` of it. A host cache takes the
+        blocks' part of that range straight into the blocks' slabs (one verified
+        copy); a device cache reads it into the layer's slot of the staging
+        buffer and scatters from there.
         """
         n = plan.bad_from - plan.c0
-        if n <= 0:
+        if n <= 0 or plan.abandoned.is_set():
+            return
+        if self.direct:
+            self._load_direct(plan, layers, n)
             return
         ob, per_layer = self.obj_bytes, (plan.c1 - plan.c0) * self.obj_bytes
         keys = [k for _ in layers for k in plan.keys[:n]]
         views = [plan.staging[j * per_layer + i * ob: j * per_layer + (i + 1) * ob]
                  for j in range(len(layers)) for i in range(n)]
         ranges = [[(layer * ob, ob)] for layer in layers for _ in range(n)]
-        try:
-            sizes = self.client.get_into_batch(keys, views, ranges=ranges)
-        except KVStoreError as e:
-            log.warning("kvstore load of request %s layers %s failed: %s", plan.spec.req_id, layers, e)
-            sizes = [None] * len(keys)
+        t0 = time.perf_counter()
+        sizes = self._fetch(plan, layers, keys, views, ranges)
+        t1 = time.perf_counter()
+        self.counters["load_fetch_seconds"] += t1 - t0  # type: ignore[assignment]
         for j in range(len(layers)):
             for i in range(n):
                 if sizes[j * n + i] != ob:
@@ -283,6 +297,43 @@ class WorkerSide:
                     break
         for j, layer in enumerate(layers):
             self._scatter(plan, layer, plan.staging[j * per_layer:(j + 1) * per_layer])
+        self.counters["load_scatter_seconds"] += time.perf_counter() - t1  # type: ignore[assignment]
+
+    def _load_direct(self, plan: _LoadPlan, layers: list[int], n: int) -> None:
+        """Host cache: each chunk's needed blocks of each layer land in the engine's blocks."""
+        assert self.cache is not None
+        bs, spec, bpc, bb = self.block_size, plan.spec, self.bpc, self.block_bytes
+        b_lo, b_hi = spec.start // bs, spec.end // bs
+        # (chunk index, first block, end block) of the chunks with whole blocks to load
+        parts = [(i, lo, hi) for i in range(n)
+                 if (lo := max((plan.c0 + i) * bpc, b_lo)) < (hi := min((plan.c0 + i + 1) * bpc, b_hi))]
+        if not parts:
+            return
+        keys, dests, ranges, want = [], [], [], []
+        for layer in layers:
+            for i, lo, hi in parts:
+                keys.append(plan.keys[i])
+                dests.append(kernels.raw_pieces(self.cache, spec.block_ids[lo - b_lo:hi - b_lo], layer))
+                ranges.append([(layer * self.obj_bytes + (lo - (plan.c0 + i) * bpc) * bb, (hi - lo) * bb)])
+                want.append((hi - lo) * bb)
+        t0 = time.perf_counter()
+        sizes = self._fetch(plan, layers, keys, dests, ranges)
+        self.counters["load_fetch_seconds"] += time.perf_counter() - t0  # type: ignore[assignment]
+        for j in range(len(layers)):
+            for k, (i, _, _) in enumerate(parts):
+                if sizes[j * len(parts) + k] != want[j * len(parts) + k]:
+                    plan.bad_from = min(plan.bad_from, plan.c0 + i)
+                    self.counters["load_chunk_misses"] += 1
+                    break
+        self.counters["load_bytes"] += sum(s or 0 for s in sizes)
+
+    def _fetch(self, plan: _LoadPlan, layers: list[int], keys: list[bytes], dests: list[Any],
+               ranges: list[list[tuple[int, int]]]) -> list[int | None]:
+        try:
+            return self.client.get_into_batch(keys, dests, ranges=ranges)
+        except KVStoreError as e:
+            log.warning("kvstore load of request %s layers %s failed: %s", plan.spec.req_id, layers, e)
+            return [None] * len(keys)
 
     def _scatter(self, plan: _LoadPlan, layer: int, staging: np.ndarray) -> None:
         assert self.cache is not None

@@ -38,6 +38,7 @@ from kvstore.keys import check_key
 from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
+from kvstore.scatter import Dest, Scattered
 from kvstore.tls import client_context
 from kvstore.v1 import master_pb2 as mpb
 
@@ -174,13 +175,13 @@ class ClientCore:
     @staticmethod
     def _get_into_args(keys: Sequence[bytes | str], buffers: Sequence[Any],
                        ranges: Sequence[Sequence[tuple[int, int]] | None] | None
-                       ) -> tuple[list[bytes], list[memoryview], Ranges]:
+                       ) -> tuple[list[bytes], list[Dest], Ranges]:
         if len(keys) != len(buffers):
             raise InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
         if ranges is not None and len(ranges) != len(keys):
             raise InvalidArgument(f"{len(keys)} keys but {len(ranges)} range lists")
         ks = [check_key(k) for k in keys]
-        views = [byte_view(b, "buffer") for b in buffers]
+        views: list[Dest] = [b if isinstance(b, Scattered) else byte_view(b, "buffer") for b in buffers]
         if any(v.readonly for v in views):
             raise InvalidArgument("buffer is read-only")
         rs = None if ranges is None else [None if r is None else check_ranges(r) for r in ranges]
@@ -304,13 +305,13 @@ class ClientCore:
 
     # -- reads -------------------------------------------------------------------------
 
-    def _get_flow(self, keys: list[bytes], views: list[memoryview] | None, ranges: Ranges,
+    def _get_flow(self, keys: list[bytes], views: list[Dest] | None, ranges: Ranges,
                   deadline: float) -> Flow[list[Any]]:
         """Per key: the destination that holds the verified bytes (a new bytearray when
         ``views`` is None), or None on a miss."""
         keys = yield from self._scoped(keys, deadline)
         out: list[Any] = [None] * len(keys)
-        dests: list[memoryview | None] = [None] * len(keys)
+        dests: list[Dest | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         if self._locations is not None:
             known = {i: loc for i in todo if (loc := self._locations.get(keys[i])) is not None}
@@ -358,8 +359,8 @@ class ClientCore:
         return out
 
     @staticmethod
-    def _prepare(locs: dict[int, Any], views: list[memoryview] | None, ranges: Ranges, out: list[Any],
-                 dests: list[memoryview | None]) -> None:
+    def _prepare(locs: dict[int, Any], views: list[Dest] | None, ranges: Ranges, out: list[Any],
+                 dests: list[Dest | None]) -> None:
         """Size checks (before any byte moves) and destination buffers for ``locs``."""
         for i, loc in locs.items():
             rs = ranges[i] if ranges is not None else None
@@ -379,7 +380,7 @@ class ClientCore:
             else:
                 dests[i] = views[i][: loc.size if rs is None else sum(n for _, n in rs)]
 
-    def _one_sided_flow(self, known: dict[int, Known], keys: list[bytes], dests: list[memoryview | None],
+    def _one_sided_flow(self, known: dict[int, Known], keys: list[bytes], dests: list[Dest | None],
                         ranges: Ranges) -> Flow[dict[int, Known]]:
         """Read what same-host nodes hold at a remembered place, with no round trip.
 
@@ -409,7 +410,7 @@ class ClientCore:
         return got
 
     def _replicas_flow(self, pending: dict[int, list[mpb.NodeInfo]], keys: list[bytes],
-                       dests: list[memoryview | None], locs: dict[int, Any], ranges: Ranges,
+                       dests: list[Dest | None], locs: dict[int, Any], ranges: Ranges,
                        deadline: float) -> Flow[dict[int, Known]]:
         """Read every pending key from its first replica that has it; where each hit was read."""
         got: dict[int, Known] = {}
@@ -436,7 +437,7 @@ class ClientCore:
         return got
 
     def _read_node_flow(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes],
-                        dests: list[memoryview | None], locs: dict[int, Any], ranges: Ranges,
+                        dests: list[Dest | None], locs: dict[int, Any], ranges: Ranges,
                         deadline: float) -> Flow[dict[int, Known]]:
         """Read ``idxs`` from one node into ``dests``: the indices read and verified, with
         where they were. Same host: ACQUIRE holds the values in place, one verified copy
@@ -445,11 +446,19 @@ class ClientCore:
         rs_of = [ranges[i] if ranges is not None else None for i in idxs]
         good: dict[int, Known] = {}
         if conn.mapped is None:
-            replies = yield Fetch(conn, [FetchRequest(keys[i], locs[i].checksum, dests[i], rs)
-                                         for i, rs in zip(idxs, rs_of, strict=True)], deadline)
+            # bytes from a socket land contiguously: a Scattered destination gets them through
+            # a bounce buffer, once verified
+            lands = {i: bytearray(len(d)) for i in idxs if isinstance(d := dests[i], Scattered)}
+            into = [memoryview(lands[i]) if isinstance(d := dests[i], Scattered) else d for i in idxs]
+            replies = yield Fetch(conn, [FetchRequest(keys[i], locs[i].checksum, dst, rs)
+                                         for i, dst, rs in zip(idxs, into, rs_of, strict=True)], deadline)
             for i, (reply, ok) in zip(idxs, replies, strict=True):
                 if reply.status != SlotStatus.OK:
                     continue
+                if ok and i in lands:
+                    dst = dests[i]
+                    assert isinstance(dst, Scattered)
+                    dst.write(0, lands[i])
                 if ok:
                     good[i] = Known(node, reply.size, reply.checksum, sums=np.frombuffer(reply.sums, dtype="<u8"))
                 else:

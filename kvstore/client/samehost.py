@@ -28,6 +28,7 @@ import numpy as np
 from kvstore.checksum import combine, copy_hashed, copy_range_verified, nblocks
 from kvstore.client.locations import Known
 from kvstore.node.protocol import SlotStatus
+from kvstore.scatter import Dest
 from transport.base import Peer
 from transport.shm.memory import populate
 
@@ -56,7 +57,7 @@ class MappedNode:
             populate(self.arena[lo * _REGION : min(hi * _REGION, len(self.arena))], write=write)
             self._populated[lo:hi] = True
 
-    def read(self, key: bytes, loc: Known, dst: memoryview, ranges: list[tuple[int, int]] | None = None,
+    def read(self, key: bytes, loc: Known, dst: Dest, ranges: list[tuple[int, int]] | None = None,
              *, held: bool = False) -> int:
         """Copy the chunk (or its ``ranges``, back to back) into ``dst``; a :class:`SlotStatus`:
         OK (verified), EXPIRED (the location is stale: fall back) or CORRUPT (bytes

@@ -50,6 +50,7 @@ from kvstore.kernels.paged import (
     PagedLayout,
     paged_cache,
 )
+from kvstore.scatter import Scattered
 
 __all__ = [
     "PRESETS",
@@ -62,6 +63,7 @@ __all__ = [
     "gather",
     "get_num_threads",
     "paged_cache",
+    "raw_pieces",
     "scatter",
     "set_num_threads",
     "stats",
@@ -149,6 +151,31 @@ def scatter(
     Arguments as :func:`gather`. A block id listed twice receives its last copy.
     """
     return _run(cache, block_ids, chunk, True, layer, whole_chunk, fmt, num_tokens, threads, backend)
+
+
+def raw_pieces(cache: PagedCache, block_ids: Any, layer: int) -> Scattered:
+    """Where raw-format bytes of layer ``layer`` of blocks ``block_ids`` live in ``cache``.
+
+    A :class:`~kvstore.scatter.Scattered` over the blocks' dense slabs in raw order
+    (per block, K then V where the engine keeps them apart), so a reader can land a
+    stored layer range straight in the engine's blocks (``Client.get_into_batch``)
+    instead of staging it and scattering. Host caches only; ids checked as in
+    :func:`scatter`.
+    """
+    if cache.device != "cpu":
+        raise InvalidArgument("raw_pieces: host caches only (a GPU cache takes scatter from staging)")
+    lay = cache.layout
+    geo = lay.raw_geometry()
+    if geo is None:
+        raise InvalidArgument("raw_pieces: this layout has no raw-block format (blocks are not dense)")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cache.num_layers:
+        raise InvalidArgument(f"layer {layer!r} outside [0, {cache.num_layers})")
+    ids = _block_ids(block_ids, lay.num_blocks)
+    kv_count, slab = geo
+    starts = ids * lay.block_stride + cache.bases[layer]
+    if kv_count > 1:
+        starts = (starts[:, None] + np.arange(kv_count, dtype=np.int64)[None, :] * lay.kv_stride).reshape(-1)
+    return Scattered._of(starts.astype(np.uint64), np.full(starts.size, slab, dtype=np.uint64), cache)
 
 
 def copy(dst: Any, src: Any, *, threads: int | None = None) -> int:

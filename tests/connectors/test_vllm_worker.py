@@ -72,6 +72,38 @@ def test_layers_load_into_the_blocks_named(cluster: Cluster) -> None:
     w.shutdown()
 
 
+def test_a_partial_load_writes_only_its_blocks_and_a_missing_chunk_fails_from_there(cluster: Cluster) -> None:
+    """Blocks 1..2 of the prompt (chunk 0's second block, chunk 1's first) land in the
+    blocks named; with chunk 1 gone, its block is reported failed, chunk 0's still loads."""
+    src = saved(cluster, "e")
+    w, dst = worker(cluster, 0.0)
+    assert w.direct  # a host cache: ranges land straight in the blocks
+    meta = KVStoreConnectorMetadata(loads=[LoadSpec("c", TOKENS, "e", 16, 48, [9, 11], False)])
+    w.start_load_kv(meta)
+    for name in NAMES:
+        w.wait_for_layer_load(name)
+    w.wait_for_save(meta)
+    assert w.take_load_errors() == set()
+    for layer in range(LAYERS):
+        assert torch.equal(dst[layer][9], src[layer][1]) and torch.equal(dst[layer][11], src[layer][2])
+        assert not dst[layer][10].any() and not dst[layer][12].any()  # untouched
+    keys = w._keys(TOKENS, "e", [])
+    from kvstore.client import Client
+
+    with Client(cluster.master_address) as c:
+        assert c.remove(keys[1])
+    w.client._locations.forget([keys[1]])  # type: ignore[union-attr]
+    meta = KVStoreConnectorMetadata(loads=[LoadSpec("d", TOKENS, "e", 0, 64, [0, 1, 2, 3], False)])
+    w.start_load_kv(meta)
+    for name in NAMES:
+        w.wait_for_layer_load(name)
+    w.wait_for_save(meta)
+    assert w.take_load_errors() == {2, 3}
+    for layer in range(LAYERS):
+        assert torch.equal(dst[layer][0:2], src[layer][0:2])
+    w.shutdown()
+
+
 def test_an_overrunning_layer_load_is_abandoned_and_reported(cluster: Cluster, monkeypatch: Any) -> None:
     src = saved(cluster, "b")
     w, dst = worker(cluster, 0.0)

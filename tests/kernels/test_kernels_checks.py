@@ -44,6 +44,25 @@ def test_raw_is_block_bytes_in_list_order() -> None:
     assert np.array_equal(out, want)
 
 
+@pytest.mark.parametrize(("axes", "shape"), [("vllm_cpu", (N, H, B, 2 * D)), ("flash_nhd", (2, N, B, H, D))])
+def test_raw_pieces_hold_the_raw_bytes_of_a_layer(axes: str, shape: tuple[int, ...]) -> None:
+    """Landing a stored raw layer in raw_pieces equals scattering it from staging."""
+    tensors = [np.random.default_rng(i).integers(0, 2**16, size=shape, dtype=np.uint16) for i in range(L)]
+    cache = kernels.paged_cache(tensors, axes, dtype="bfloat16")
+    ids = [6, 1, 4]
+    out = np.empty(kernels.chunk_nbytes(cache, len(ids), fmt="raw"), np.uint8)
+    kernels.gather(cache, ids, out, fmt="raw")
+    per_layer = out.size // L
+    for layer in range(L):
+        pieces = kernels.raw_pieces(cache, ids, layer)
+        assert len(pieces) == per_layer
+        assert pieces.read() == out[layer * per_layer:(layer + 1) * per_layer].tobytes()
+    with pytest.raises(InvalidArgument):
+        kernels.raw_pieces(cache, [N], 0)
+    with pytest.raises(InvalidArgument):
+        kernels.raw_pieces(cache, ids, L)
+
+
 @pytest.mark.parametrize(
     ("axes", "shape", "expect"),
     [

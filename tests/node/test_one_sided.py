@@ -20,6 +20,7 @@ from kvstore.client.samehost import MappedNode
 from kvstore.errors import InvalidArgument
 from kvstore.memory import Arena
 from kvstore.node.protocol import SlotStatus
+from kvstore.scatter import Scattered
 from kvstore.testing.cluster import Cluster
 from transport.base import Peer
 
@@ -183,3 +184,26 @@ def test_ranged_reads(cluster, same_host):
             with pytest.raises(InvalidArgument):
                 r.get_into(b"chunk", buf, ranges=bad)
         assert buf == bytearray(b"\xaa" * 10)
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "tcp"])
+def test_ranged_reads_into_scattered_pieces(cluster, same_host):
+    """Ranges land straight in separate pieces of memory (an engine's K and V slabs)."""
+    v = value(7, 4 * BLOCK + 123)
+    layer = BLOCK + 7
+    with Client(cluster.master_address) as w, Client(cluster.master_address, same_host=same_host) as r:
+        assert w.put(b"chunk", v)
+        for _ in range(2):  # first through Lookup (+ a hold or FETCH), then from the cache
+            arrs = [np.zeros(n, np.uint8) for n in (1000, layer - 1000, 50, layer - 50)]
+            dst = Scattered([a.ctypes.data for a in arrs], [len(a) for a in arrs], owner=arrs)
+            assert r.get_into_batch([b"chunk", b"gone"], [dst, dst[:10]],
+                                    ranges=[[(2 * layer, layer), (0, layer)], None]) == [2 * layer, None]
+            assert np.concatenate(arrs).tobytes() == v[2 * layer:3 * layer] + v[:layer]
+        if same_host:
+            assert r.counters["hits.one_sided"] >= 1
+        whole = [np.zeros(n, np.uint8) for n in (BLOCK, len(v) - BLOCK)]
+        assert r.get_into(b"chunk", Scattered([a.ctypes.data for a in whole], [BLOCK, len(v) - BLOCK],
+                                              owner=whole)) == len(v)
+        assert np.concatenate(whole).tobytes() == v
+        with pytest.raises(InvalidArgument):  # pieces smaller than the ranges
+            r.get_into(b"chunk", dst[:layer], ranges=[(0, layer + 1)])
