@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 EXTRAS := test,dev,ucx,vllm,hf,ha
 STAMP := $(VENV)/.installed
 
-.PHONY: install run local-demo test test-fast bench chaos lint clean
+.PHONY: install install-sglang run local-demo test test-fast bench chaos lint clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	# The xxHash library (run-time AVX2/AVX-512 dispatch) for the native block checksums;
@@ -29,6 +29,25 @@ $(STAMP): pyproject.toml setup.py Makefile
 
 install: $(STAMP)
 
+# SGLang's HiCache backend tests run in a venv of their own: sglang pins torch and CUDA
+# packages this CPU machine cannot use, and imports triton, which the vLLM venv must not
+# have (see above). So: CPU torch, sglang without its dependency set, the few packages its
+# storage and memory-pool modules import, and kvstore itself (tests/sglang/README.md).
+SGL_VENV := .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.installed
+SGL_DEPS := numpy orjson psutil pybase64 requests packaging pillow starlette msgspec pydantic pyzmq \
+	tqdm IPython aiohttp transformers dill triton apache-tvm-ffi==0.1.11 sentencepiece compressed-tensors gguf
+$(SGL_STAMP): pyproject.toml setup.py Makefile | $(STAMP)
+	test -x $(SGL_VENV)/bin/python || $(PYTHON) -m venv $(SGL_VENV)
+	$(SGL_VENV)/bin/pip install -q -U pip
+	$(SGL_VENV)/bin/pip install -q torch==2.13.0
+	$(SGL_VENV)/bin/pip install -q --no-deps sglang==0.5.23
+	$(SGL_VENV)/bin/pip install -q $(SGL_DEPS)
+	$(SGL_VENV)/bin/pip install -q -e '.[test]'
+	touch $(SGL_STAMP)
+
+install-sglang: $(SGL_STAMP)
+
 # The main job: an embedded master + store node on 127.0.0.1:5555 until Ctrl-C.
 # From another terminal: .venv/bin/kvstore demo   (or kvstore status)
 run: install
@@ -38,15 +57,16 @@ run: install
 local-demo: install
 	$(BIN)/kvstore local-demo
 
-test: install
+test: install install-sglang
 	$(BIN)/pytest -q
+	KVSTORE_REQUIRE_SGLANG=1 $(SGL_VENV)/bin/pytest -q tests/sglang
 
 # Unit tests only (skips the slow crash loops and real-process suites).
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
 
 # Installs what the benchmarks compare against, then runs each with --quick.
-bench: install
+bench: install install-sglang
 	command -v fio >/dev/null && command -v redis-server >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq fio redis-server)
 	$(BIN)/pip install -q 'redis[hiredis]' matplotlib mooncake-transfer-engine-non-cuda
@@ -58,6 +78,7 @@ bench: install
 	$(BIN)/python benchmarks/store.py --quick --json bench-results/store.json
 	$(BIN)/python benchmarks/pd_handoff.py --quick --json bench-results/pd_handoff.json
 	$(BIN)/python benchmarks/chaos.py --quick --json bench-results/chaos.json
+	$(SGL_VENV)/bin/python benchmarks/sglang_backend.py --quick --json bench-results/sglang_backend.json
 
 # The long chaos run: SEEDS seeds of SECONDS each (kill -9, pause, corruption; two masters
 # electing a leader through etcd); exits 1 on any
@@ -73,4 +94,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench-results
+	rm -rf $(VENV) $(SGL_VENV) build *.egg-info bench-results
