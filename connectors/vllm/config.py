@@ -27,6 +27,11 @@ class ConnectorConfig:
     """``False``: loads run inside the step that needs them, layer by layer
     (``wait_for_layer_load(l)`` waits for layer ``l`` only). ``True``: the request
     waits outside the batch until its KV has arrived (vLLM's async-load path)."""
+    load_inline: bool | None = None
+    """Sync loads run on the model-runner thread inside ``start_load_kv`` (``True``) or on
+    a loader thread the forward waits on layer by layer (``False``). Default (unset or
+    ``"auto"``): inline for a host (CPU) KV cache, where a thread has no device compute to
+    overlap with and only contends for the GIL; a thread for GPU caches."""
     timeout: float = 10.0
     """Seconds any one store call may take (lookup, load of one layer, save)."""
     lookup_timeout: float = 2.0
@@ -101,6 +106,9 @@ class ConnectorConfig:
             raise ConfigError("kv_connector_extra_config.master is required ('127.0.0.1:PORT')")
         if "load_async" in extra:
             extra["load_async"] = _as_bool("load_async", extra["load_async"])
+        if "load_inline" in extra:
+            v = extra["load_inline"]
+            extra["load_inline"] = None if v is None or v == "auto" else _as_bool("load_inline", v)
         if extra.get("token_file"):
             if extra.get("token"):
                 raise ConfigError("kv_connector_extra_config: give token or token_file, not both")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -153,14 +154,15 @@ def scatter(
     return _run(cache, block_ids, chunk, True, layer, whole_chunk, fmt, num_tokens, threads, backend)
 
 
-def raw_pieces(cache: PagedCache, block_ids: Any, layer: int) -> Scattered:
+def raw_pieces(cache: PagedCache, block_ids: Any, layer: int | Sequence[int]) -> Scattered:
     """Where raw-format bytes of layer ``layer`` of blocks ``block_ids`` live in ``cache``.
 
     A :class:`~kvstore.scatter.Scattered` over the blocks' dense slabs in raw order
     (per block, K then V where the engine keeps them apart), so a reader can land a
     stored layer range straight in the engine's blocks (``Client.get_into_batch``)
-    instead of staging it and scattering. Host caches only; ids checked as in
-    :func:`scatter`.
+    instead of staging it and scattering. A sequence of layers gives their pieces
+    one layer after the other (the destination of one range per layer). Host
+    caches only; ids checked as in :func:`scatter`.
     """
     if cache.device != "cpu":
         raise InvalidArgument("raw_pieces: host caches only (a GPU cache takes scatter from staging)")
@@ -168,14 +170,18 @@ def raw_pieces(cache: PagedCache, block_ids: Any, layer: int) -> Scattered:
     geo = lay.raw_geometry()
     if geo is None:
         raise InvalidArgument("raw_pieces: this layout has no raw-block format (blocks are not dense)")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cache.num_layers:
-        raise InvalidArgument(f"layer {layer!r} outside [0, {cache.num_layers})")
+    layers: list[int] = list(layer) if isinstance(layer, Sequence) else [layer]
+    for li in layers:
+        if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < cache.num_layers:
+            raise InvalidArgument(f"layer {li!r} outside [0, {cache.num_layers})")
     ids = _block_ids(block_ids, lay.num_blocks)
     kv_count, slab = geo
-    starts = ids * lay.block_stride + cache.bases[layer]
+    starts = ids * lay.block_stride
     if kv_count > 1:
         starts = (starts[:, None] + np.arange(kv_count, dtype=np.int64)[None, :] * lay.kv_stride).reshape(-1)
-    return Scattered._of(starts.astype(np.uint64), np.full(starts.size, slab, dtype=np.uint64), cache)
+    bases = cache.bases_array[layers].astype(np.int64)
+    addrs = (bases[:, None] + starts[None, :]).reshape(-1)
+    return Scattered._of(addrs.astype(np.uint64), np.full(addrs.size, slab, dtype=np.uint64), cache)
 
 
 def copy(dst: Any, src: Any, *, threads: int | None = None) -> int:

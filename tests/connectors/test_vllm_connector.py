@@ -107,7 +107,7 @@ def test_prefix_sharing_across_instances(engine_a_ran: None, engine_b: EnginePro
     assert out["tokens"] == expect(plain, SHARE_B)
     # B loaded the 3 chunks (192 tokens) of the prefix A computed, for each prompt.
     assert stats["scheduler"]["load_tokens"] >= 3 * CHUNK
-    assert stats["worker"]["client.hits"] >= 3 * 2  # 3 chunks x 2 layers (ranged reads)
+    assert stats["worker"]["client.hits"] >= 3  # 3 chunks, one read of every layer's range each
     assert after["hits"] - before["hits"] >= 3  # the master counted the chunks it was asked for
     assert after["prefix_queries"] > before["prefix_queries"]
 

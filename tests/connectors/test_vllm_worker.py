@@ -106,7 +106,7 @@ def test_a_partial_load_writes_only_its_blocks_and_a_missing_chunk_fails_from_th
 
 def test_an_overrunning_layer_load_is_abandoned_and_reported(cluster: Cluster, monkeypatch: Any) -> None:
     src = saved(cluster, "b")
-    w, dst = worker(cluster, 0.0)
+    w, dst = worker(cluster, 0.0, load_inline=False)  # a loader thread the forward gives up on
     gate = threading.Event()
     real = w._load_layers
 
@@ -188,3 +188,19 @@ def test_shutdown_gives_up_on_a_stalled_store_in_bounded_time(cluster: Cluster) 
     assert time.monotonic() - t < 3
     assert w.counters["save_dropped_shutdown"] == 6  # all three saves (2 chunks each), logged
     gate.set()
+
+
+def test_load_inline_defaults_to_inline_for_a_host_cache(cluster: Cluster) -> None:
+    from kvstore.errors import ConfigError
+
+    base = {"master": cluster.master_address}
+    assert ConnectorConfig.from_extra({**base, "load_inline": "auto"}).load_inline is None
+    assert ConnectorConfig.from_extra({**base, "load_inline": "true"}).load_inline is True
+    with pytest.raises(ConfigError, match="load_inline"):
+        ConnectorConfig.from_extra({**base, "load_inline": "sometimes"})
+    w, _ = worker(cluster, 0.0)
+    assert w.inline and w._layer_groups(1 << 20) == [list(range(LAYERS))]  # one call, every layer
+    w.shutdown()
+    w, _ = worker(cluster, 0.0, load_inline=False)
+    assert not w.inline and w._layer_groups(1 << 20)[0] == [0]
+    w.shutdown()

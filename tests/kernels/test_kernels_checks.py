@@ -57,6 +57,8 @@ def test_raw_pieces_hold_the_raw_bytes_of_a_layer(axes: str, shape: tuple[int, .
         pieces = kernels.raw_pieces(cache, ids, layer)
         assert len(pieces) == per_layer
         assert pieces.read() == out[layer * per_layer:(layer + 1) * per_layer].tobytes()
+    both = kernels.raw_pieces(cache, ids, [1, 0])  # one range per layer, in the order given
+    assert both.read() == out[per_layer:].tobytes() + out[:per_layer].tobytes()
     with pytest.raises(InvalidArgument):
         kernels.raw_pieces(cache, [N], 0)
     with pytest.raises(InvalidArgument):
