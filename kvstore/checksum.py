@@ -255,41 +255,28 @@ def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset:
     the blocks the range covers whole are copied and hashed in one native pass, the
     partly covered edge blocks as :func:`read_range_verified` does (through a small
     bounce buffer when ``dst`` is :class:`~kvstore.scatter.Scattered`)."""
-    if isinstance(dst, Scattered):
-        return _copy_range_scattered(key, sums, value, offset, dst)
     end = offset + len(dst)
     lo = -(-offset // BLOCK) * BLOCK  # first whole block
     hi = end // BLOCK * BLOCK if end < len(value) else len(value)  # end of the last whole block
     if hi <= lo:
-        return _read_range_in_memory(key, sums, value, offset, dst)
+        return _edge_verified(key, sums, value, offset, dst)
     ok = True
     if lo > offset:
-        ok = _read_range_in_memory(key, sums, value, offset, dst[: lo - offset])
+        ok = _edge_verified(key, sums, value, offset, dst[: lo - offset])
     got = copy_summed(value[lo:hi], dst[lo - offset : hi - offset], key)
     ok = bool(np.array_equal(got, sums[lo // BLOCK : lo // BLOCK + len(got)])) and ok
     if end > hi:
-        ok = _read_range_in_memory(key, sums, value, hi, dst[hi - offset :]) and ok
+        ok = _edge_verified(key, sums, value, hi, dst[hi - offset :]) and ok
     return ok
 
 
-def _copy_range_scattered(key: bytes, sums: np.ndarray, value: memoryview, offset: int, dst: Scattered) -> bool:
-    end = offset + len(dst)
-    lo = -(-offset // BLOCK) * BLOCK
-    hi = end // BLOCK * BLOCK if end < len(value) else len(value)
-    ok = True
-    if hi <= lo:
-        lo = hi = end  # no whole block: one edge piece
-    if lo > offset:
-        edge = bytearray(lo - offset)
-        ok = _read_range_in_memory(key, sums, value, offset, memoryview(edge))
-        dst.write(0, edge)
-    if hi > lo:
-        got = copy_summed(value[lo:hi], dst[lo - offset : hi - offset], key)
-        ok = bool(np.array_equal(got, sums[lo // BLOCK : lo // BLOCK + len(got)])) and ok
-    if end > hi:
-        edge = bytearray(end - hi)
-        ok = _read_range_in_memory(key, sums, value, hi, memoryview(edge)) and ok
-        dst.write(hi - offset, edge)
+def _edge_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int,
+                   dst: memoryview | Scattered) -> bool:
+    if not isinstance(dst, Scattered):
+        return _read_range_in_memory(key, sums, value, offset, dst)
+    bounce = bytearray(len(dst))
+    ok = _read_range_in_memory(key, sums, value, offset, memoryview(bounce))
+    dst.write(0, bounce)
     return ok
 
 
