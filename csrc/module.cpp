@@ -95,6 +95,30 @@ void block_sums_scatter_py(std::uint64_t src, std::int64_t nbytes, std::uint64_t
   kvs::block_sums_scatter(reinterpret_cast<const std::uint8_t*>(src), nbytes, addr, len, n_segs, seed,
                           reinterpret_cast<std::uint64_t*>(sums), block, threads);
 }
+
+void block_sums_batch_py(std::uint64_t src, std::uint64_t len, std::uint64_t seg_begin, std::uint64_t seg_addr,
+                         std::uint64_t seg_len, std::uint64_t seeds, std::int64_t n_jobs, std::uint64_t sums,
+                         std::int64_t block, int threads) {
+  if (n_jobs < 0 || block <= 0) throw std::invalid_argument("block_sums_batch: negative job count or block");
+  if (n_jobs == 0) return;
+  if (src == 0 || len == 0 || seg_begin == 0 || seg_addr == 0 || seg_len == 0 || seeds == 0 || sums == 0)
+    throw std::invalid_argument("block_sums_batch: null array");
+  const auto* srcs = reinterpret_cast<const std::uint64_t*>(src);
+  const auto* begin = reinterpret_cast<const std::int64_t*>(seg_begin);
+  const auto* addr = reinterpret_cast<const std::uint64_t*>(seg_addr);
+  const auto* lens = reinterpret_cast<const std::uint64_t*>(seg_len);
+  if (begin[0] != 0) throw std::invalid_argument("block_sums_batch: seg_begin must start at 0");
+  for (std::int64_t j = 0; j < n_jobs; ++j) {
+    if (srcs[j] == 0) throw std::invalid_argument("block_sums_batch: null source");
+    if (begin[j + 1] < begin[j]) throw std::invalid_argument("block_sums_batch: seg_begin must not decrease");
+  }
+  for (std::int64_t k = 0; k < begin[n_jobs]; ++k)
+    if (addr[k] == 0 || lens[k] == 0) throw std::invalid_argument("block_sums_batch: empty or null segment");
+  py::gil_scoped_release nogil;
+  kvs::block_sums_batch(srcs, reinterpret_cast<const std::int64_t*>(len), begin, addr, lens,
+                        reinterpret_cast<const std::uint64_t*>(seeds), n_jobs,
+                        reinterpret_cast<std::uint64_t*>(sums), block, threads);
+}
 #endif
 
 }  // namespace
@@ -123,5 +147,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("threads"),
         "Copy nbytes of src into the segments (uint64 address and length arrays) back to back; "
         "the XXH3-64 (seeded) of every `block` bytes of what landed (GIL released).");
+  m.def("block_sums_batch", &block_sums_batch_py, py::arg("src"), py::arg("len"), py::arg("seg_begin"),
+        py::arg("seg_addr"), py::arg("seg_len"), py::arg("seeds"), py::arg("n_jobs"), py::arg("sums"),
+        py::arg("block"), py::arg("threads"),
+        "block_sums_scatter for many jobs (addresses of int64/uint64 arrays) in one pass over "
+        "up to `threads` threads; see csrc/checksum.h (GIL released).");
 #endif
 }

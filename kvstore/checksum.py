@@ -41,7 +41,8 @@ def _load_native() -> Any:
 
 _NATIVE = _load_native()
 _THREADS = 2
-"""Threads for one large value's block sums (the native path; values >= 4 MiB per thread)."""
+"""Threads for one native copy-and-hash pass: a large value, or a batch of many
+(:func:`copy_verified_many`); a second thread only from 4 MiB per thread on."""
 
 
 def backend() -> str:
@@ -249,25 +250,110 @@ def read_range_verified(key: bytes, sums: np.ndarray, size: int, offset: int, ds
     return ok
 
 
+class CopyJob(NamedTuple):
+    """One value to move into ``dst`` and verify (see :func:`copy_verified_many`): all of
+    ``value`` (its bytes in memory), checked against ``checksum``; or, with ``ranges``,
+    those ``(offset, length)`` ranges of it back to back, each block they touch checked
+    against ``sums`` (the value's block sums, already checked against ``checksum``)."""
+
+    key: bytes
+    value: memoryview
+    dst: memoryview | Scattered
+    checksum: int
+    sums: np.ndarray | None = None
+    ranges: Sequence[tuple[int, int]] | None = None
+
+
+def copy_verified_many(jobs: Sequence[CopyJob]) -> list[bool]:
+    """Move every job's bytes into its destination, verifying what landed; per job,
+    whether all of it verified (a job that did not holds unverified bytes).
+
+    The blocks every range covers whole, of every job, are copied and hashed in one
+    native pass spread over the copy threads (so a batch of many small ranges uses
+    them as well as one large value does); the partly covered edge blocks of a range
+    go as :func:`read_range_verified` does (through a small bounce buffer when the
+    destination is :class:`~kvstore.scatter.Scattered`).
+    """
+    ok = [True] * len(jobs)
+    pairs: list[tuple[memoryview, memoryview | Scattered, bytes]] = []
+    checks: list[tuple[int, int | np.ndarray]] = []  # per pair: its job, and its checksum or expected sums
+    for j, job in enumerate(jobs):
+        if job.ranges is None:
+            pairs.append((job.value, job.dst[: len(job.value)], job.key))
+            checks.append((j, job.checksum))
+            continue
+        sums, value = job.sums, job.value
+        assert sums is not None, "a ranged CopyJob needs the value's block sums"
+        at = 0
+        for off, n in job.ranges:
+            dst, end = job.dst[at : at + n], off + n
+            at += n
+            lo = -(-off // BLOCK) * BLOCK  # first whole block
+            hi = end // BLOCK * BLOCK if end < len(value) else len(value)  # end of the last whole block
+            if hi <= lo:
+                ok[j] = _edge_verified(job.key, sums, value, off, dst) and ok[j]
+                continue
+            if lo > off:
+                ok[j] = _edge_verified(job.key, sums, value, off, dst[: lo - off]) and ok[j]
+            pairs.append((value[lo:hi], dst[lo - off : hi - off], job.key))
+            checks.append((j, sums[lo // BLOCK : lo // BLOCK + nblocks(hi - lo)]))
+            if end > hi:
+                ok[j] = _edge_verified(job.key, sums, value, hi, dst[hi - off :]) and ok[j]
+    got, first = _copy_summed_flat(pairs)
+    for p, (j, expect) in enumerate(checks):
+        mine = got[first[p] : first[p + 1]]
+        same = (combine(mine, jobs[j].key) == expect if isinstance(expect, int)
+                else np.array_equal(mine, expect))
+        ok[j] = same and ok[j]
+    return ok
+
+
+def _copy_summed_flat(pairs: Sequence[tuple[memoryview, memoryview | Scattered, bytes]]
+                      ) -> tuple[np.ndarray, list[int]]:
+    """:func:`copy_summed` of every ``(src, dst, key)``: all the block sums back to back, and
+    where each pair's start (``first[i]:first[i + 1]``); one native pass over all pairs."""
+    first = [0]
+    for src, dst, _ in pairs:
+        if len(dst) != len(src):
+            raise ValueError(f"copy_hashed: destination holds {len(dst)} bytes, source {len(src)}")
+        if isinstance(dst, memoryview) and dst.readonly:
+            raise ValueError("copy_hashed: destination is read-only")
+        first.append(first[-1] + nblocks(len(src)))
+    out = np.empty(first[-1], dtype=np.uint64)
+    batch = [i for i, (src, _, _) in enumerate(pairs) if len(src)]
+    if _NATIVE is None or not hasattr(_NATIVE, "block_sums_batch") or len(batch) < 2:
+        for i, (src, dst, key) in enumerate(pairs):
+            out[first[i] : first[i + 1]] = copy_summed(src, dst, key)
+        return out, first
+    for i in set(range(len(pairs))) - set(batch):  # empty values: the sum of nothing
+        out[first[i]] = xxhash.xxh3_64_intdigest(b"", seed=key_seed(pairs[i][2]))
+    srcs = np.array([_address(pairs[i][0]) for i in batch], dtype=np.uint64)
+    lens = np.array([len(pairs[i][0]) for i in batch], dtype=np.int64)
+    seeds = np.array([key_seed(pairs[i][2]) for i in batch], dtype=np.uint64)
+    segs = [(d.addrs, d.lens) if isinstance(d, Scattered)
+            else (np.array([_address(d)], dtype=np.uint64), np.array([len(d)], dtype=np.uint64))
+            for d in (pairs[i][1] for i in batch)]
+    begin = np.zeros(len(batch) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a, _ in segs], out=begin[1:])
+    seg_addr = np.concatenate([a for a, _ in segs])
+    seg_len = np.concatenate([n for _, n in segs])
+    sums = np.empty(sum(nblocks(int(n)) for n in lens), dtype=np.uint64)
+    _NATIVE.block_sums_batch(int(srcs.ctypes.data), int(lens.ctypes.data), int(begin.ctypes.data),
+                             int(seg_addr.ctypes.data), int(seg_len.ctypes.data), int(seeds.ctypes.data),
+                             len(batch), int(sums.ctypes.data), BLOCK, _THREADS)
+    at = 0
+    for i in batch:
+        n = first[i + 1] - first[i]
+        out[first[i] : first[i + 1]] = sums[at : at + n]
+        at += n
+    return out, first
+
+
 def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int,
                         dst: memoryview | Scattered) -> bool:
     """:func:`read_range_verified` for a value in memory (``value``: all of its bytes):
-    the blocks the range covers whole are copied and hashed in one native pass, the
-    partly covered edge blocks as :func:`read_range_verified` does (through a small
-    bounce buffer when ``dst`` is :class:`~kvstore.scatter.Scattered`)."""
-    end = offset + len(dst)
-    lo = -(-offset // BLOCK) * BLOCK  # first whole block
-    hi = end // BLOCK * BLOCK if end < len(value) else len(value)  # end of the last whole block
-    if hi <= lo:
-        return _edge_verified(key, sums, value, offset, dst)
-    ok = True
-    if lo > offset:
-        ok = _edge_verified(key, sums, value, offset, dst[: lo - offset])
-    got = copy_summed(value[lo:hi], dst[lo - offset : hi - offset], key)
-    ok = bool(np.array_equal(got, sums[lo // BLOCK : lo // BLOCK + len(got)])) and ok
-    if end > hi:
-        ok = _edge_verified(key, sums, value, hi, dst[hi - offset :]) and ok
-    return ok
+    one ranged :class:`CopyJob` (see :func:`copy_verified_many`)."""
+    return copy_verified_many([CopyJob(key, value, dst, 0, sums, [(offset, len(dst))])])[0]
 
 
 def _edge_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int,

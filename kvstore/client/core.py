@@ -24,6 +24,7 @@ import numpy as np
 from kvstore._types import byte_view
 from kvstore.checksum import block_sums, check_ranges, combine
 from kvstore.client.locations import Known, LocationCache
+from kvstore.client.samehost import MappedNode
 from kvstore.errors import (
     Corruption,
     InvalidArgument,
@@ -387,6 +388,7 @@ class ClientCore:
         Returns the indices read and verified; the rest take the leased path.
         """
         got: dict[int, Known] = {}
+        by_node: dict[int, tuple[MappedNode, list[int]]] = {}
         for i, loc in known.items():
             rs = ranges[i] if ranges is not None else None
             if loc.offset < 0 or (rs is not None and loc.sums is None):
@@ -395,18 +397,20 @@ class ClientCore:
                 conn = yield Connect(loc.node)
             except TransportError:
                 continue
-            dst = dests[i]
-            if conn.mapped is None or dst is None:
+            if conn.mapped is None or dests[i] is None:
                 continue
-            st = conn.mapped.read(keys[i], loc, dst, rs)
-            if st == SlotStatus.OK:
-                got[i] = loc
-                self.counters["hits"] += 1
-                self.counters["hits.one_sided"] += 1
-            elif st == SlotStatus.CORRUPT:
-                self.counters["one_sided.corrupt"] += 1
-            else:
-                self.counters["one_sided.stale"] += 1
+            by_node.setdefault(id(conn.mapped), (conn.mapped, []))[1].append(i)
+        for mapped, idxs in by_node.values():
+            reads = [(keys[i], known[i], dests[i], ranges[i] if ranges is not None else None) for i in idxs]
+            for i, st in zip(idxs, mapped.read_many(reads), strict=True):  # type: ignore[arg-type]
+                if st == SlotStatus.OK:
+                    got[i] = known[i]
+                    self.counters["hits"] += 1
+                    self.counters["hits.one_sided"] += 1
+                elif st == SlotStatus.CORRUPT:
+                    self.counters["one_sided.corrupt"] += 1
+                else:
+                    self.counters["one_sided.stale"] += 1
         return got
 
     def _replicas_flow(self, pending: dict[int, list[mpb.NodeInfo]], keys: list[bytes],
@@ -467,12 +471,18 @@ class ClientCore:
         slots = [Acquired(*s) for s in (yield NodeCall(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline))]
         held = [(i, s, rs) for i, s, rs in zip(idxs, slots, rs_of, strict=True) if s.status == SlotStatus.OK]
         try:
+            reads, cands = [], []
             for i, s, rs in held:
                 dst = dests[i]
                 loc = Known(node, s.size, s.checksum, s.offset, s.generation, np.frombuffer(s.sums, dtype="<u8"))
                 # the node must hold the version the master (or the cache) vouches for
-                if (dst is not None and s.checksum == locs[i].checksum
-                        and conn.mapped.read(keys[i], loc, dst, rs, held=True) == SlotStatus.OK):
+                if dst is not None and s.checksum == locs[i].checksum:
+                    reads.append((keys[i], loc, dst, rs))
+                    cands.append(i)
+                else:
+                    self._corrupt(keys[i], node, locs[i].checksum)
+            for i, (_, loc, _, _), st in zip(cands, reads, conn.mapped.read_many(reads, held=True), strict=True):
+                if st == SlotStatus.OK:
                     good[i] = loc
                 else:
                     self._corrupt(keys[i], node, locs[i].checksum)

@@ -23,9 +23,11 @@ docs/design/hot-path.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from kvstore.checksum import combine, copy_hashed, copy_range_verified, nblocks
+from kvstore.checksum import CopyJob, combine, copy_verified_many, nblocks
 from kvstore.client.locations import Known
 from kvstore.node.protocol import SlotStatus
 from kvstore.scatter import Dest
@@ -63,25 +65,35 @@ class MappedNode:
         OK (verified), EXPIRED (the location is stale: fall back) or CORRUPT (bytes
         failed verification). ``held``: a read hold keeps the bytes in place, so the
         generation is not checked."""
-        offset, size, generation = loc.offset, loc.size, loc.generation
-        slot = offset // self.granule
-        if offset % self.granule or slot >= len(self.generations) or offset + size > len(self.arena):
-            return SlotStatus.EXPIRED
-        if not held and self.generations[slot] != generation:
-            return SlotStatus.EXPIRED
-        self.touch(offset, size)
-        src = self.arena[offset : offset + size]
-        if ranges is None:
-            ok = copy_hashed(src, dst[:size], key) == loc.checksum
-        else:
-            sums = loc.sums
-            if sums is None or len(sums) != nblocks(size) or combine(sums, key) != loc.checksum:
-                return SlotStatus.EXPIRED
-            ok, at = True, 0
-            for off, n in ranges:
-                ok = copy_range_verified(key, sums, src, off, dst[at : at + n]) and ok
-                at += n
-        if not held and (self.generations[slot] != generation or not self.peer.alive()):
-            return SlotStatus.EXPIRED
-        return SlotStatus.OK if ok else SlotStatus.CORRUPT
+        return self.read_many([(key, loc, dst, ranges)], held=held)[0]
 
+    def read_many(self, reads: Sequence[tuple[bytes, Known, Dest, list[tuple[int, int]] | None]],
+                  *, held: bool = False) -> list[int]:
+        """:meth:`read` of every ``(key, location, destination, ranges)``, the copies of all of
+        them in one native pass (:func:`~kvstore.checksum.copy_verified_many`: both copy
+        threads for a batch of small ranges too); a status per read."""
+        status = [int(SlotStatus.EXPIRED)] * len(reads)
+        jobs: list[CopyJob] = []
+        todo: list[int] = []
+        for i, (key, loc, dst, ranges) in enumerate(reads):
+            offset, size = loc.offset, loc.size
+            slot = offset // self.granule
+            if offset % self.granule or slot >= len(self.generations) or offset + size > len(self.arena):
+                continue
+            if not held and self.generations[slot] != loc.generation:
+                continue
+            sums = loc.sums
+            if ranges is not None and (sums is None or len(sums) != nblocks(size)
+                                       or combine(sums, key) != loc.checksum):
+                continue
+            self.touch(offset, size)
+            jobs.append(CopyJob(key, self.arena[offset : offset + size], dst, loc.checksum, sums, ranges))
+            todo.append(i)
+        verified = copy_verified_many(jobs)
+        alive = held or self.peer.alive()
+        for i, ok in zip(todo, verified, strict=True):
+            loc = reads[i][1]
+            if not held and (not alive or self.generations[loc.offset // self.granule] != loc.generation):
+                continue  # the bytes may have changed under the copy
+            status[i] = int(SlotStatus.OK if ok else SlotStatus.CORRUPT)
+        return status

@@ -57,3 +57,35 @@ def test_ranged_copy_into_pieces_verifies_edges_and_whole_blocks():
     bad[BLOCK + 9] ^= 1
     _, s = pieces([BLOCK, BLOCK])
     assert not copy_range_verified(b"k", sums, memoryview(bad), BLOCK - 50, s)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_many_jobs_in_one_pass_match_one_by_one(native, monkeypatch):
+    """copy_verified_many (one native pass over every job, both threads) lands and verifies
+    exactly what job-by-job copies do: whole values, ranges with edge blocks, scattered and
+    contiguous destinations, an empty value, and a flipped byte failing only its own job."""
+    if not native:
+        monkeypatch.setattr(checksum, "_NATIVE", None)
+    monkeypatch.setattr(checksum, "_THREADS", 2)
+    rng = np.random.default_rng(7)
+    vals = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5 << 20, 3 * BLOCK + 17, 1000, 0, 2 * BLOCK)]
+    keys = [b"v%d" % i for i in range(len(vals))]
+    sums = [block_sums(v, k) for v, k in zip(vals, keys)]
+    bad = vals[4].copy()
+    bad[BLOCK + 1] ^= 1
+    ranges = [(100, 2 * BLOCK), (3 * BLOCK, 17)]  # an edge start, a whole block, a tail
+    _, scattered = pieces([BLOCK // 3, BLOCK, BLOCK - BLOCK // 3 + 17])
+    outs = [np.zeros(len(v), dtype=np.uint8) for v in vals]
+    ranged_out = np.zeros(2 * BLOCK, dtype=np.uint8)
+    jobs = [checksum.CopyJob(k, memoryview(v), memoryview(o), checksum.combine(s, k))
+            for k, v, o, s in zip(keys, vals, outs, sums)]
+    jobs[4] = jobs[4]._replace(value=memoryview(bad))
+    jobs.append(checksum.CopyJob(keys[1], memoryview(vals[1]), scattered, checksum.combine(sums[1], keys[1]),
+                                 sums[1], ranges))
+    jobs.append(checksum.CopyJob(keys[4], memoryview(bad), memoryview(ranged_out), 0, sums[4], [(0, BLOCK)]))
+    jobs.append(checksum.CopyJob(keys[4], memoryview(bad), memoryview(ranged_out), 0, sums[4],
+                                 [(BLOCK, BLOCK)]))
+    assert checksum.copy_verified_many(jobs) == [True, True, True, True, False, True, True, False]
+    for v, o in zip(vals[:4], outs[:4]):
+        assert np.array_equal(v, o)
+    assert scattered.read() == vals[1][100:100 + 2 * BLOCK].tobytes() + vals[1][3 * BLOCK:].tobytes()
