@@ -70,7 +70,7 @@ def test_many_jobs_in_one_pass_match_one_by_one(native, monkeypatch):
     rng = np.random.default_rng(7)
     vals = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5 << 20, 3 * BLOCK + 17, 1000, 0, 2 * BLOCK)]
     keys = [b"v%d" % i for i in range(len(vals))]
-    sums = [block_sums(v, k) for v, k in zip(vals, keys)]
+    sums = [block_sums(v, k) for v, k in zip(vals, keys, strict=True)]
     bad = vals[4].copy()
     bad[BLOCK + 1] ^= 1
     ranges = [(100, 2 * BLOCK), (3 * BLOCK, 17)]  # an edge start, a whole block, a tail
@@ -78,7 +78,7 @@ def test_many_jobs_in_one_pass_match_one_by_one(native, monkeypatch):
     outs = [np.zeros(len(v), dtype=np.uint8) for v in vals]
     ranged_out = np.zeros(2 * BLOCK, dtype=np.uint8)
     jobs = [checksum.CopyJob(k, memoryview(v), memoryview(o), checksum.combine(s, k))
-            for k, v, o, s in zip(keys, vals, outs, sums)]
+            for k, v, o, s in zip(keys, vals, outs, sums, strict=True)]
     jobs[4] = jobs[4]._replace(value=memoryview(bad))
     jobs.append(checksum.CopyJob(keys[1], memoryview(vals[1]), scattered, checksum.combine(sums[1], keys[1]),
                                  sums[1], ranges))
@@ -86,6 +86,6 @@ def test_many_jobs_in_one_pass_match_one_by_one(native, monkeypatch):
     jobs.append(checksum.CopyJob(keys[4], memoryview(bad), memoryview(ranged_out), 0, sums[4],
                                  [(BLOCK, BLOCK)]))
     assert checksum.copy_verified_many(jobs) == [True, True, True, True, False, True, True, False]
-    for v, o in zip(vals[:4], outs[:4]):
+    for v, o in zip(vals[:4], outs[:4], strict=True):
         assert np.array_equal(v, o)
     assert scattered.read() == vals[1][100:100 + 2 * BLOCK].tobytes() + vals[1][3 * BLOCK:].tobytes()
