@@ -6,7 +6,11 @@ kills (-9), pauses (SIGSTOP past the node TTL and the leader's 2 s lease) and
 restarts nodes and the leading master and corrupts bytes in a node's arena; then the
 checker reads back every acknowledged write (``kvstore.testing.chaos``).
 ``--single-master`` runs one master with its journal instead (no etcd); ``--disk`` gives
-the nodes disk tiers on their own small tmpfs (root) and adds the ``fill_disk`` nemesis.
+the nodes disk tiers on their own small tmpfs (root) and adds the ``fill_disk`` nemesis;
+``--hosts`` (root) runs everything on three network namespaces (a master and a node on
+each of two hosts, etcd, the clients and the third node on the first) and adds the
+``partition`` nemesis (a host cut off the network past the node TTL and the leader's
+lease, then joined again).
 
     python benchmarks/chaos.py --seeds 20 --json bench-results/chaos.json
     python benchmarks/chaos.py --quick          # two seeds of 30 s
@@ -29,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import print_table, write_json  # noqa: E402
 
-from kvstore.testing.chaos import run  # noqa: E402
+from kvstore.testing.chaos import run, run_on_hosts  # noqa: E402
 from kvstore.testing.etcd import EtcdServer  # noqa: E402
 
 
@@ -43,6 +47,8 @@ def main() -> None:
                     help="nodes with disk tiers on small tmpfs mounts (root) and the fill_disk nemesis")
     ap.add_argument("--single-master", action="store_true",
                     help="one master with its journal instead of two electing a leader through etcd")
+    ap.add_argument("--hosts", action="store_true",
+                    help="processes on three network namespaces (root) and the partition nemesis")
     ap.add_argument("--json", help="write results to this JSON file")
     args = ap.parse_args()
     seeds, seconds = (2, 30.0) if args.quick else (args.seeds, args.seconds)
@@ -53,7 +59,11 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + seeds):
         t = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f"kvchaos-{seed}-") as tmp:
-            if args.single_master:
+            if args.hosts:
+                if args.disk or args.single_master:
+                    ap.error("--hosts runs two masters with DRAM-only nodes (no --disk, --single-master)")
+                r = run_on_hosts(seed, Path(tmp), seconds=seconds)
+            elif args.single_master:
                 r = run(seed, Path(tmp), seconds=seconds, disk=args.disk)
             else:
                 with EtcdServer(Path(tmp) / "etcd") as etcd:

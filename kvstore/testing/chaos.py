@@ -4,7 +4,8 @@ kills, pauses and corrupts real processes, and a checker that proves nothing is 
 ``run(seed, workdir, seconds=...)`` starts a :class:`~kvstore.testing.cluster.Cluster`
 (one master with a journal, ``nodes`` store nodes), ``clients`` client processes
 doing put / get / remove / longest_prefix on their own keys (``replicas=2``), and,
-driven by ``seed``, a nemesis that every ``period`` seconds does one of:
+driven by ``seed``, a nemesis that every ``period`` seconds does one of these (each
+kind once first, in an order drawn from the seed, then kinds at random):
 
 * ``kill_node``: SIGKILL a node and start it again (its DRAM contents are gone);
 * ``pause_node``: SIGSTOP a node past the node TTL, then SIGCONT;
@@ -13,7 +14,12 @@ driven by ``seed``, a nemesis that every ``period`` seconds does one of:
 * ``corrupt``: flip a byte of a value in a node's arena;
 * ``fill_disk`` (with ``disk=True``: each node then has a disk tier on its own small
   tmpfs, and DRAM small enough to demote to it): fill that filesystem with a ballast
-  file for 1.5x the node TTL, then delete it (the disk tier's index can no longer grow).
+  file for 1.5x the node TTL, then delete it (the disk tier's index can no longer grow);
+* ``partition`` (with ``hosts``, see :func:`run_on_hosts`): cut one host off the
+  network for 1.5x the node TTL, then join it again. Its processes keep running: the
+  master stops hearing its node (and, on the leader's host, the leader loses etcd and
+  the other master takes over), clients see its endpoints time out, and after the heal
+  its node re-registers what it still holds.
 
 With ``etcd`` (an endpoint) two masters run as one cluster (leader + standby, a 2 s
 lease) and everyone uses its ``etcd://`` address; the master faults then hit the
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import os
 import queue
 import random
 import signal
@@ -52,6 +59,7 @@ from typing import Any
 VALUE_SIZES = (4096, 65536, 300_000)
 NEMESES = ("kill_node", "pause_node", "kill_master", "pause_master", "corrupt")
 DISK_NEMESES = (*NEMESES, "fill_disk")  # with disk tiers on their own small filesystems (root)
+HOST_NEMESES = (*NEMESES, "partition")  # with the processes spread over network namespaces (root)
 
 
 def value_for(key: bytes, version: int) -> bytes:
@@ -61,7 +69,7 @@ def value_for(key: bytes, version: int) -> bytes:
     return (seed * (size // len(seed) + 1))[:size]
 
 
-def _client(idx: int, master: str, seconds: float, seed: int, out: Any) -> None:
+def _client(idx: int, master: str, seconds: float, seed: int, out: Any, token: str | None = None) -> None:
     """One client process: random operations on its own keys; every outcome goes to ``out``."""
     import logging
 
@@ -92,7 +100,7 @@ def _client(idx: int, master: str, seconds: float, seed: int, out: Any) -> None:
     acked: dict[bytes, list[Any]] = {}
     timeline: list[tuple[float, bool]] = []  # (wall time an op started, whether it succeeded)
     deadline = time.monotonic() + seconds
-    with Client(master, timeout=3.0, retries=2, replicas=2) as c:
+    with Client(master, timeout=3.0, retries=2, replicas=2, token=token) as c:
         while time.monotonic() < deadline:
             key = rng.choice(keys)
             op = rng.choices(("put", "get", "remove", "prefix"), (4, 8, 1, 1))[0]
@@ -166,14 +174,21 @@ def _failover(cl: Any, since: float) -> float:
     call is answered by the cluster's (new) leader."""
     from kvstore.client import Client
 
-    with Client(cl.master_address, timeout=30) as probe:
+    with Client(cl.master_address, timeout=30, token=cl.token) as probe:
         probe.stats()
     return time.time() - since
 
 
 def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, nodes: int = 3,
-        period: float = 4.0, node_ttl: float = 2.0, etcd: str | None = None, disk: bool = False) -> Report:
-    """One seed of the harness (see the module docstring). Processes are ended by PID."""
+        period: float = 4.0, node_ttl: float = 2.0, etcd: str | None = None, disk: bool = False,
+        hosts: Any = None) -> Report:
+    """One seed of the harness (see the module docstring). Processes are ended by PID.
+
+    ``hosts`` (a :class:`~kvstore.testing.netns.Hosts` this process runs in host 0 of,
+    with ``etcd`` reachable from all of them): a master and a node on each of hosts 1
+    and 2, the third node here beside the clients (so they read it through shared
+    memory and the others over TCP), everyone authenticated by a shared token; adds
+    the ``partition`` nemesis (of host 1 or 2)."""
     from kvstore.client import Client
     from kvstore.errors import KVStoreError
     from kvstore.testing.cluster import Cluster
@@ -183,25 +198,33 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
     cl = Cluster(workdir, node_ttl=f"{node_ttl}s", dram="8MiB" if disk else "64MiB", etcd=etcd,
                  standbys=1 if etcd else 0, cluster=f"chaos{seed}", leader_ttl="2s", node_metrics=True,
                  disk="64MiB" if disk else None, disk_fs="96m" if disk else None, hold_ttl="4s")
-    nemeses = DISK_NEMESES if disk else NEMESES
+    if hosts is not None:
+        if etcd is None:
+            raise ValueError("chaos on hosts needs etcd (two masters on different hosts)")
+        cl.hosts, cl.master_hosts, cl.node_hosts = hosts, (1, 2), (1, 2, 0)
+        cl.token = hashlib.sha256(b"chaos-%d" % seed).hexdigest()
+    nemeses = DISK_NEMESES if disk else HOST_NEMESES if hosts is not None else NEMESES
     windows: list[tuple[float, float]] = []  # (fault, answered again) of each leader fault
     ctx = mp.get_context("spawn")
     out: Any = ctx.Queue()
     procs = []
     try:
         cl.start(nodes=nodes)
-        procs = [ctx.Process(target=_client, args=(i, cl.master_address, seconds, seed, out), daemon=True)
-                 for i in range(clients)]
+        procs = [ctx.Process(target=_client, args=(i, cl.master_address, seconds, seed, out, cl.token),
+                             daemon=True) for i in range(clients)]
         for p in procs:
             p.start()
         start = time.monotonic()
         killed_at: dict[str, list[float]] = {f"node{i}": [] for i in range(nodes)}
+        first_round = rng.sample(nemeses, len(nemeses))  # every kind once (in a seeded order), then at random
         while time.monotonic() - start < seconds - period:
             time.sleep(period * rng.uniform(0.5, 1.0))
-            kind = rng.choice(nemeses)
+            kind = first_round.pop() if first_round else rng.choice(nemeses)
             i = rng.randrange(nodes)
             name = f"node{i}"
-            report.faults.append((round(time.monotonic() - start, 2), kind, "master" if "master" in kind else name))
+            host = 1 + rng.randrange(2) if kind == "partition" else 0  # the host a partition cuts off
+            target = "master" if "master" in kind else f"host{host}" if kind == "partition" else name
+            report.faults.append((round(time.monotonic() - start, 2), kind, target))
             if kind == "kill_node":
                 cl.nodes[i].signal(signal.SIGKILL)
                 killed_at[name].append(time.time())
@@ -230,6 +253,17 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
                     windows.append((t0, t0 + report.failovers[-1]))
                 time.sleep(max(1.5 * node_ttl - (time.time() - t0), 0))
                 m.signal(signal.SIGCONT)
+            elif kind == "partition":
+                leads = cl.master_hosts[cl.leader()] == host
+                hosts.partition(host)
+                t0 = time.time()
+                try:
+                    if leads:  # its lease lapses in etcd: the master on the other host takes over
+                        report.failovers.append(_failover(cl, t0))
+                        windows.append((t0, t0 + report.failovers[-1]))
+                    time.sleep(max(1.5 * node_ttl - (time.time() - t0), 0))
+                finally:
+                    hosts.heal(host)
             elif kind == "fill_disk":
                 ballast = cl.workdir / name / "ballast"
                 # a node that cannot demote to a full disk drops the chunk (an eviction, as when
@@ -254,6 +288,8 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
         done = {r[1] for r in results}
         report.crashes += [f"client{i}" for i in range(len(procs)) if i not in done]
         # Heal, then read back every acknowledged write.
+        for h in range(1, hosts.n if hosts is not None else 1):
+            hosts.heal(h)
         for i, node in enumerate(cl.nodes):
             node.signal(signal.SIGCONT)
             if not node.alive():
@@ -266,7 +302,7 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
         cl.wait_nodes(nodes, timeout=60)
         time.sleep(node_ttl)
         _check_leaks(cl, nodes, report)
-        with Client(cl.master_address, timeout=10) as c:
+        with Client(cl.master_address, timeout=10, token=cl.token) as c:
             for _, idx, ops, errors, wrong, acked, timeline in results:
                 for t, ok in timeline:
                     if any(lo <= t <= hi for lo, hi in windows):
@@ -306,6 +342,55 @@ def run(seed: int, workdir: Path, *, seconds: float = 40.0, clients: int = 3, no
         cl.stop()
 
 
+def run_on_hosts(seed: int, workdir: Path, *, seconds: float = 40.0, timeout: float | None = None) -> Report:
+    """:func:`run` with its processes on three network namespaces (root; see
+    :mod:`kvstore.testing.netns`): host 0 runs etcd, this run's coordinator, its clients
+    and one node; hosts 1 and 2 a master and a node each; the nemesis may also partition
+    host 1 or 2. The coordinator is a child process inside host 0; its report comes back
+    as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    from kvstore.testing.netns import Hosts
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    with Hosts(3) as hosts:
+        args = json.dumps({"seed": seed, "workdir": str(workdir), "seconds": seconds, "hosts": hosts.describe()})
+        log = workdir / "coordinator.log"
+        p = hosts.spawn(0, [sys.executable, "-m", "kvstore.testing.chaos", args], log, env=env,
+                        stdout=subprocess.PIPE)
+        try:
+            out, _ = p.communicate(timeout=timeout if timeout is not None else seconds + 300)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGINT)  # its clean-up ends the cluster it started, by PID
+            out, _ = p.communicate(timeout=60)
+    if p.returncode != 0:
+        raise RuntimeError(f"chaos coordinator failed ({p.returncode}): {log.read_text()[-3000:]}")
+    d = json.loads(out.decode().strip().splitlines()[-1])
+    return Report(**{**d, "ops": Counter(d["ops"]), "errors": Counter(d["errors"]),
+                     "faults": [tuple(f) for f in d["faults"]]})
+
+
+def _coordinate(args: dict[str, Any]) -> None:
+    """The coordinator of :func:`run_on_hosts`, inside host 0: etcd there, then :func:`run`."""
+    import dataclasses
+    import json
+
+    from kvstore.testing.etcd import EtcdServer
+    from kvstore.testing.netns import Hosts
+
+    hosts = Hosts.attach(args["hosts"])
+    workdir = Path(args["workdir"])
+    with EtcdServer(workdir / "etcd", host=hosts.ip(0)) as etcd:
+        report = run(int(args["seed"]), workdir / "cluster", seconds=float(args["seconds"]), etcd=etcd.endpoint,
+                     hosts=hosts)
+    # (dataclasses.asdict would turn each Counter into a Counter of its items)
+    print(json.dumps({f.name: getattr(report, f.name) for f in dataclasses.fields(report)}), flush=True)
+
+
 def _check_leaks(cl: Any, nodes: int, report: Report, within: float = 10.0) -> None:
     """Once every client finished: no pin, no read lease and no node handle may stay held
     (leases lapse after master.lease_ttl; handles are released by the clients, or reclaimed
@@ -314,7 +399,7 @@ def _check_leaks(cl: Any, nodes: int, report: Report, within: float = 10.0) -> N
 
     deadline = time.monotonic() + within
     while True:
-        with Client(cl.master_address, timeout=10) as c:
+        with Client(cl.master_address, timeout=10, token=cl.token) as c:
             s = c.stats()
         held = {f"node{i}": cl.node_gauge(i, "kvstore_node_holds") for i in range(nodes)}
         leaks = [f"{k}: {int(v)} handles" for k, v in held.items() if v] + \
@@ -339,8 +424,6 @@ def _fill(path: Path) -> None:
 
 def _corrupt_one(pid: int, rng: random.Random) -> bool:
     """Flip one non-zero byte of the node's DRAM arena (its ``kvstore-arena`` memfd)."""
-    import os
-
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             if not os.readlink(fd).startswith("/memfd:kvstore-arena"):
@@ -356,3 +439,12 @@ def _corrupt_one(pid: int, rng: random.Random) -> bool:
         except OSError:
             continue
     return False
+
+
+if __name__ == "__main__":  # the coordinator of run_on_hosts (python -m kvstore.testing.chaos JSON)
+    import json
+    import sys
+
+    from kvstore.testing import chaos  # not __main__: the client processes import it by name
+
+    chaos._coordinate(json.loads(sys.argv[1]))

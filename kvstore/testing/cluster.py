@@ -94,6 +94,26 @@ class Cluster:
     node_metrics: bool = False
     """Serve each node's Prometheus /metrics (``metrics_ports[i]``) for checks like held handles."""
     metrics_ports: dict[int, int] = field(default_factory=dict)
+    hosts: Any = None
+    """A :class:`~kvstore.testing.netns.Hosts` (with ``etcd``, reachable from them): master
+    ``i`` then runs inside host ``master_hosts[i]`` and node ``i`` inside ``node_hosts[i]``
+    (modulo their lengths), each bound to its host's address, so they talk over real
+    interfaces and a host can be partitioned. The caller runs inside one of the hosts."""
+    master_hosts: tuple[int, ...] = (0,)
+    node_hosts: tuple[int, ...] = (0,)
+    token: str | None = None
+    """A shared token for the master and nodes (``--token-file``; clients pass it as
+    ``token=``): required for nodes bound to a non-loopback address."""
+
+    def _token_args(self) -> list[str]:
+        if self.token is None:
+            return []
+        path = self.workdir / "token"
+        if not path.exists():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(self.token)
+        return ["--token-file", str(path)]
 
     @property
     def master_address(self) -> str:
@@ -105,6 +125,16 @@ class Cluster:
         root = str(Path(__file__).resolve().parents[2])
         return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
 
+    def _where(self, placed: tuple[int, ...], i: int) -> tuple[list[str], str]:
+        """Command prefix and bind address of the ``i``-th process placed by ``placed``."""
+        if self.hosts is None:
+            return [], "127.0.0.1"
+        h = placed[i % len(placed)]
+        return self.hosts.prefix(h), self.hosts.ip(h)
+
+    def master_addr(self, i: int) -> str:
+        return f"{self._where(self.master_hosts, i)[1]}:{self.master_ports[i]}"
+
     def start_master(self, i: int = 0) -> Proc:
         """Start master ``i`` (0 unless several masters run through etcd)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -114,10 +144,12 @@ class Cluster:
             self.master_ports.append(free_port())
         port = self.master_ports[i]
         name = "master" if i == 0 else f"master{i}"
-        args = [*CLI, "master", "--port", str(port), "--metrics-port", "-1",
+        prefix, host = self._where(self.master_hosts, i)
+        args = [*prefix, *CLI, "master", "--host", host, "--port", str(port), "--metrics-port", "-1",
                 "--data-dir", str(self.workdir / name), "--node-ttl", self.node_ttl]
         if self.etcd is not None:
             args += ["--etcd", self.etcd, "--cluster", self.cluster, "--leader-ttl", self.leader_ttl]
+        args += self._token_args()
         proc = Proc(name, args, self.workdir / f"{name}.log").start(self.env())
         if i < len(self.masters):
             self.masters[i] = proc
@@ -131,12 +163,13 @@ class Cluster:
     def wait_master(self, i: int = 0, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         proc, port = (self.masters[i], self.master_ports[i]) if self.masters else (self.master, self.master_port)
+        host = self._where(self.master_hosts, i)[1]
         while time.monotonic() < deadline:
             assert proc is not None
             if not proc.alive():
                 raise RuntimeError(f"master exited: {proc.log.read_text()[-2000:]}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+                if s.connect_ex((host, port)) == 0:
                     return
             time.sleep(0.05)
         raise TimeoutError("master did not start")
@@ -150,7 +183,7 @@ class Cluster:
         while time.monotonic() < deadline:
             try:
                 address = find_leader(parse_etcd(self.master_address), 2.0)
-                return self.master_ports.index(int(address.rpartition(":")[2]))
+                return [self.master_addr(k) for k in range(len(self.master_ports))].index(address)
             except (KVStoreError, ValueError) as e:
                 last = e
             time.sleep(0.1)
@@ -160,10 +193,12 @@ class Cluster:
         i = len(self.nodes) if i is None else i
         if self.node_metrics:
             self.metrics_ports[i] = free_port()
-        args = [*CLI, "node", "--master", self.master_address, "--node-id", f"node{i}",
+        prefix, host = self._where(self.node_hosts, i)
+        args = [*prefix, *CLI, "node", "--master", self.master_address, "--host", host, "--node-id", f"node{i}",
                 "--dram", self.dram, "--metrics-port", str(self.metrics_ports.get(i, -1))]
         for t in self.transports:
             args += ["--transport", t]
+        args += self._token_args()
         if self.hold_ttl is not None:
             conf = self.workdir / "node.toml"
             conf.write_text(f'[node]\nhold_ttl = "{self.hold_ttl}"\n')
@@ -197,7 +232,7 @@ class Cluster:
     def live_nodes(self) -> list[str]:
         from kvstore.client import Client
 
-        with Client(self.master_address, timeout=5) as c:
+        with Client(self.master_address, timeout=5, token=self.token) as c:
             return [n.node_id for n in c.stats().nodes]
 
     def wait_nodes(self, n: int, timeout: float = 30.0) -> None:
@@ -220,7 +255,8 @@ class Cluster:
         import re
         import urllib.request
 
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[i]}/metrics", timeout=5).read()
+        host = self._where(self.node_hosts, i)[1]
+        body = urllib.request.urlopen(f"http://{host}:{self.metrics_ports[i]}/metrics", timeout=5).read()
         return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", body.decode(), re.M))
 
     def logs(self) -> str:

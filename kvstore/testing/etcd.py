@@ -20,10 +20,11 @@ def etcd_binary() -> str | None:
 
 
 class EtcdServer:
-    """``with EtcdServer() as etcd: etcd.endpoint`` -> ``"127.0.0.1:PORT"``; its data dir is
-    temporary, its log is ``etcd.log``. Raises RuntimeError if etcd is missing or fails."""
+    """``with EtcdServer() as etcd: etcd.endpoint`` -> ``"127.0.0.1:PORT"`` (``host``: bind
+    another address of this namespace); its data dir is temporary, its log is
+    ``etcd.log``. Raises RuntimeError if etcd is missing or fails."""
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    def __init__(self, data_dir: Path | None = None, host: str = "127.0.0.1") -> None:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server; `make install` does)")
@@ -31,9 +32,9 @@ class EtcdServer:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-etcd-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port, peer = free_port(), free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
+        self.endpoint = f"{host}:{self.port}"
         self.log = self.data_dir / "etcd.log"
-        client, peer_url = f"http://{self.endpoint}", f"http://127.0.0.1:{peer}"
+        client, peer_url = f"http://{self.endpoint}", f"http://{host}:{peer}"
         self._cmd = [binary, "--name", "kv", "--data-dir", str(self.data_dir / "data"),
                      "--listen-client-urls", client, "--advertise-client-urls", client,
                      "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,

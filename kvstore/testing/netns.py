@@ -7,6 +7,12 @@ processes run inside a host with ``hosts.spawn(i, args, log)`` (``ip netns exec`
 so they talk over real interfaces, never loopback, and share no abstract Unix
 sockets (``shm://`` cannot cross hosts, as on real machines). Everything is
 removed on exit (processes ended by PID, namespaces deleted).
+
+``hosts.partition(i)`` cuts host ``i`` off the bridge (its veth end in the switch
+goes down: its processes keep running and see their peers time out) and
+``hosts.heal(i)`` joins it again. ``hosts.describe()`` and :meth:`Hosts.attach`
+hand the set to a process that runs inside one of the hosts (the chaos harness's
+coordinator), which then uses it without owning it.
 """
 
 from __future__ import annotations
@@ -42,9 +48,35 @@ class Hosts:
         self.names = [f"{self.tag}h{i}" for i in range(n)]
         self.subnet = f"10.{200 + pid % 50}.{(pid // 50) % 250}"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.owner = True
 
     def ip(self, i: int) -> str:
         return f"{self.subnet}.{10 + i}"
+
+    def prefix(self, i: int) -> list[str]:
+        """The command prefix that runs a program inside host ``i``."""
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def partition(self, i: int) -> None:
+        """Cut host ``i`` off every other host (see the module docstring)."""
+        _ip("-n", self.switch, "link", "set", f"{self.tag}v{i}a", "down")
+
+    def heal(self, i: int) -> None:
+        """Undo :meth:`partition`."""
+        _ip("-n", self.switch, "link", "set", f"{self.tag}v{i}a", "up")
+
+    def describe(self) -> dict[str, object]:
+        return {"n": self.n, "tag": self.tag, "subnet": self.subnet}
+
+    @classmethod
+    def attach(cls, desc: dict[str, object]) -> Hosts:
+        """The hosts another process built (:meth:`describe`); :meth:`stop` then ends only
+        the processes spawned through this handle and deletes no namespace."""
+        h = cls(int(desc["n"]))  # type: ignore[call-overload]
+        h.tag, h.subnet = str(desc["tag"]), str(desc["subnet"])
+        h.switch, h.names = f"{h.tag}sw", [f"{h.tag}h{i}" for i in range(h.n)]
+        h.owner = False
+        return h
 
     def start(self) -> Hosts:
         why = available()
@@ -75,7 +107,7 @@ class Hosts:
               stdin: int | None = None, stdout: int | None = None) -> subprocess.Popen[bytes]:
         """Run ``args`` inside host ``i`` (stderr, and stdout unless given, to ``log``)."""
         with open(log, "ab") as out:
-            p = subprocess.Popen(["ip", "netns", "exec", self.names[i], *args], stdin=stdin,
+            p = subprocess.Popen([*self.prefix(i), *args], stdin=stdin,
                                  stdout=stdout if stdout is not None else out, stderr=out,
                                  env=env, start_new_session=True)
         self.procs.append(p)
@@ -84,7 +116,7 @@ class Hosts:
     def run(self, i: int, args: list[str], env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run ``args`` inside host ``i`` to completion; its output is returned."""
-        return subprocess.run(["ip", "netns", "exec", self.names[i], *args], env=env, timeout=timeout,
+        return subprocess.run([*self.prefix(i), *args], env=env, timeout=timeout,
                               capture_output=True, text=True)
 
     def stop(self) -> None:
@@ -95,6 +127,8 @@ class Hosts:
                 except ProcessLookupError:
                     pass
                 p.wait(10)
+        if not self.owner:
+            return
         for name in [*self.names, self.switch]:  # deleting a namespace removes its veth ends
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
