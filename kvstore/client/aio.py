@@ -16,7 +16,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -247,8 +247,35 @@ class AsyncClient(ClientCore):
         ks = [check_key(k) for k in keys]
         return await self._retrying(lambda d: self._remove_flow(ks, force, d), timeout)
 
+    async def pin_batch(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> list[bool]:
+        ks = [check_key(k) for k in keys]
+        return await self._retrying(lambda d: self._pin_flow(ks, True, d), timeout)
+
+    async def unpin_batch(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> list[bool]:
+        ks = [check_key(k) for k in keys]
+        return await self._retrying(lambda d: self._pin_flow(ks, False, d), timeout)
+
     async def stats(self, *, timeout: float | None = None) -> mpb.StatsResponse:
         return await self._retrying(self._stats_flow, timeout)
+
+    async def watch_events(self, *, after: int = 0, from_now: bool = False,
+                           timeout: float | None = None) -> AsyncIterator[mpb.PoolEvent]:
+        """:meth:`Client.watch_events <kvstore.client.Client.watch_events>` on asyncio:
+        ``async for ev in client.watch_events(after=seq): ...``."""
+        await self._master_stub(self.timeout)
+        assert self._channel is not None
+        stub = master_pb2_grpc.EventsStub(self._channel)  # type: ignore[no-untyped-call]
+        call = stub.Watch(mpb.WatchRequest(after=after, from_now=from_now), timeout=timeout,
+                          metadata=self._metadata)
+        try:
+            async for ev in call:
+                yield ev
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                return
+            raise error_from_rpc(err, f"master {self._dialed}") from err
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         """Let pending releases go out, then close every connection."""

@@ -255,6 +255,17 @@ class Client(ClientCore):
         ks = [check_key(k) for k in keys]
         return self._retrying(lambda d: self._remove_flow(ks, force, d), timeout)
 
+    def pin_batch(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> list[bool]:
+        """Pin keys (a pinned object is never evicted or removed, and an HA master's pins
+        survive a failover); ``True`` per key the pool holds, ``False`` for a miss."""
+        ks = [check_key(k) for k in keys]
+        return self._retrying(lambda d: self._pin_flow(ks, True, d), timeout)
+
+    def unpin_batch(self, keys: Sequence[bytes | str], *, timeout: float | None = None) -> list[bool]:
+        """Undo :meth:`pin_batch` (evictable again); ``True`` per key the pool holds."""
+        ks = [check_key(k) for k in keys]
+        return self._retrying(lambda d: self._pin_flow(ks, False, d), timeout)
+
     def stats(self, *, timeout: float | None = None) -> mpb.StatsResponse:
         """The master's view: nodes with tiers, object/lease/pin counts, counters."""
         return self._retrying(self._stats_flow, timeout)

@@ -545,6 +545,12 @@ class ClientCore:
         resp: mpb.StatsResponse = yield Master("Stats", mpb.StatsRequest(), deadline)
         return resp
 
+    def _pin_flow(self, keys: list[bytes], pinned: bool, deadline: float) -> Flow[list[bool]]:
+        """Pin (or unpin) complete objects: ``True`` per key the pool holds."""
+        keys = yield from self._scoped(keys, deadline)
+        resp = yield Master("Pin" if pinned else "Unpin", mpb.PinRequest(keys=keys), deadline)
+        return [st == mpb.OK for st in resp.statuses]
+
     def _remove_flow(self, keys: list[bytes], force: bool, deadline: float) -> Flow[list[bool]]:
         """Remove through the master, then tell the holding nodes at once (so no cached
         location serves the key); a node that can't be reached learns it at its next

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, TransportError
 from kvstore.master.discovery import EtcdTarget, leader_value
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ def _aetcd() -> Any:
     except ImportError as e:
         raise InvalidArgument("master.etcd needs aetcd: pip install 'kvstore[ha]'") from e
     return aetcd
+
+
+_TXN_OPS = 100
+"""Operations per etcd transaction (etcd refuses more than --max-txn-ops, 128 by default)."""
 
 
 class Election:
@@ -125,6 +129,45 @@ class Election:
         log.error("master %s lost the leadership of cluster %s (its etcd lease ran out)",
                   self.name, self.target.cluster)
         self.lost.set()
+
+    @property
+    def _pins_prefix(self) -> bytes:
+        return self.target.leader_key.rpartition(b"/")[0] + b"/pins/"
+
+    async def save_pins(self, changes: list[tuple[bytes, int | None]]) -> None:
+        """Record pins in etcd for the next leader: ``(key, checksum of the pinned version)``,
+        or ``(key, None)`` to forget one. Raises :class:`TransportError` when etcd cannot
+        be written (the caller answers UNAVAILABLE and the client retries)."""
+        aetcd = _aetcd()
+        try:
+            client = await self._connect()
+            tx = client.transactions
+            ops = [tx.put(self._pins_prefix + key.hex().encode(), b"%d" % checksum) if checksum is not None
+                   else tx.delete(self._pins_prefix + key.hex().encode()) for key, checksum in changes]
+            for i in range(0, len(ops), _TXN_OPS):  # etcd's default --max-txn-ops is 128
+                await client.transaction(compare=[], success=ops[i:i + _TXN_OPS], failure=[])
+        except (aetcd.ClientError, OSError) as e:
+            await self._drop_client()
+            raise TransportError(f"etcd {self.target.url}: {e}") from e
+
+    async def load_pins(self, attempts: int = 5) -> dict[bytes, int]:
+        """Every pin recorded by :meth:`save_pins` (key -> checksum), tried ``attempts``
+        times; empty (logged) when etcd cannot be read."""
+        aetcd = _aetcd()
+        for attempt in range(attempts):
+            try:
+                client = await self._connect()
+                got = await client.get_prefix(self._pins_prefix)
+                n = len(self._pins_prefix)
+                return {bytes.fromhex(kv.key[n:].decode()): int(kv.value) for kv in got}
+            except (aetcd.ClientError, OSError) as e:
+                log.warning("master %s: reading pins from etcd failed (%s)%s", self.name, e,
+                            "; retrying" if attempt + 1 < attempts else "")
+                await self._drop_client()
+                await asyncio.sleep(self.poll)
+        log.error("master %s: pins recorded in etcd could not be read; objects pinned under the "
+                  "previous leader are not pinned now", self.name)
+        return {}
 
     async def resign(self) -> None:
         """Give the leadership up now (revoking the lease deletes the key): a standby

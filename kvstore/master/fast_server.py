@@ -50,7 +50,7 @@ async def serve_fast(servicer: MasterServicer, host: str, port: int,
                     raise ValueError(f"unknown op {op}")
                 name = METHODS[op - 1]
                 try:
-                    resp = servicer.call(name, REQUESTS[name].FromString(body), auth)
+                    resp = await servicer.call_async(name, REQUESTS[name].FromString(body), auth)
                     writer.write(frame(op | REPLY_BIT, resp.SerializeToString()))
                 except CallError as e:
                     writer.write(frame(op | REPLY_BIT, msgpack.packb([e.code.name, e.message]), FLAG_ERROR))

@@ -65,6 +65,7 @@ class MasterServer:
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(tick_s))
         self._leader: asyncio.Task[None] | None = None
         if election is not None and new_state is not None:
+            servicer.record_pins = election.save_pins
             self._leader = asyncio.get_running_loop().create_task(self._lead_loop(election, new_state))
 
     @property
@@ -73,12 +74,14 @@ class MasterServer:
         return self.servicer.state
 
     async def _lead_loop(self, election: Election, new_state: Callable[[], MasterState]) -> None:
-        """Campaign; once elected, serve (the table rebuilt from the nodes) until the lease is lost;
-        then drop the table (the new leader's is the pool's) and campaign again."""
+        """Campaign; once elected, serve (the table rebuilt from the nodes, the pins from etcd)
+        until the lease is lost; then drop the table (the new leader's is the pool's) and
+        campaign again."""
         while True:
             await election.campaign()
+            pins = await election.load_pins()  # pinned under an earlier leader: pinned again
             # nodes watch the leader key and re-register at once; the slowest within a heartbeat
-            self.servicer.lead(new_state(), min(self.servicer.config.heartbeat_interval, 1.0))
+            self.servicer.lead(new_state(), min(self.servicer.config.heartbeat_interval, 1.0), pins)
             self.servicer.leading = election.leading
             await election.lost.wait()
             self.servicer.leading = _never

@@ -135,6 +135,10 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         """Until then (monotonic; just elected) only nodes' calls are served: clients wait
         (UNAVAILABLE, retried) until the nodes have re-registered what they hold."""
         self.events = EventLog(config.events_window)
+        self.record_pins: Callable[[list[tuple[bytes, int | None]]], Awaitable[None]] | None = None
+        """With leader election: writes pins (key -> checksum of the pinned version; None:
+        unpinned) where the next leader finds them (etcd), before the call is answered."""
+        self._pin_changes: list[tuple[bytes, int | None]] = []
         self.methods: dict[str, Callable[[Any], Any]] = {name: getattr(self, "_" + name) for name in METHODS}
         for name in METHODS:
             setattr(self, name, self._wrap(name))
@@ -169,10 +173,25 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         finally:
             self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - t0)
 
+    async def call_async(self, name: str, request: Any, authorization: bytes | None) -> Any:
+        """:meth:`call`, and then, for a pin or unpin under leader election, its record in
+        etcd: the call is answered only once a failover would keep it (UNAVAILABLE, to be
+        retried, when etcd cannot be written; the pin holds on this leader meanwhile)."""
+        resp = self.call(name, request, authorization)
+        changes, self._pin_changes = self._pin_changes, []
+        if changes and self.record_pins is not None:
+            try:
+                await self.record_pins(changes)
+            except KVStoreError as e:
+                self.metrics.rpc_errors.labels(name, "UNAVAILABLE").inc()
+                raise CallError(grpc.StatusCode.UNAVAILABLE,
+                                f"{name}: applied, but not recorded for a standby master ({e}); retry") from e
+        return resp
+
     def _wrap(self, name: str) -> Callable[[Any, Any], Awaitable[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return self.call(name, request, authorization(context))
+                return await self.call_async(name, request, authorization(context))
             except CallError as e:
                 await context.abort(e.code, e.message)
 
@@ -259,9 +278,10 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         return {"auth_version": version, "client_digests": self.credentials.client_digests(),
                 "client_scopes": self.credentials.client_scopes()}
 
-    def lead(self, state: MasterState, warmup: float) -> None:
+    def lead(self, state: MasterState, warmup: float, pins: dict[bytes, int] | None = None) -> None:
         """Serve ``state`` (this master just won the election); clients wait ``warmup``
-        seconds while the nodes re-register.
+        seconds while the nodes re-register; ``pins`` (from etcd: key -> checksum) are
+        pinned again as the nodes re-register those versions.
 
         The table starts empty and is rebuilt from the nodes' registrations, the source of
         truth: this master's own journal may be from an earlier term, and trusting it would
@@ -274,6 +294,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
             self.store.write([(k, None) for k, _ in records if k not in (codec.META_EPOCH, codec.META_GEN)])
             state.restore(counters, self.clock())
         state.take_events()  # restoring is not news
+        state.pins_to_restore = dict(pins or {})
         self.state, self._unwritten = state, []
         self.warm_until = time.monotonic() + warmup
         self.flush()
@@ -400,13 +421,18 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     def _Pin(self, req: pb.PinRequest) -> pb.PinResponse:
         self._keys(req.keys, "Pin")
-        return pb.PinResponse(statuses=statuses_out(
-            self.state.pin(self.clock(), req.keys)))
+        st = self.state.pin(self.clock(), req.keys)
+        self._pin_changes += [(k, self.state.pinned_version(k)) for k, s in zip(req.keys, st, strict=True)
+                              if s == Status.OK]
+        return pb.PinResponse(statuses=statuses_out(st))
 
     def _Unpin(self, req: pb.PinRequest) -> pb.PinResponse:
         self._keys(req.keys, "Unpin")
-        return pb.PinResponse(statuses=statuses_out(
-            self.state.unpin(self.clock(), req.keys)))
+        st = self.state.unpin(self.clock(), req.keys)
+        # also a pin read from etcd whose version has not re-registered yet
+        self._pin_changes += [(k, None) for k, s in zip(req.keys, st, strict=True)
+                              if s == Status.OK or self.state.pins_to_restore.pop(k, None) is not None]
+        return pb.PinResponse(statuses=statuses_out(st))
 
     def _Stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
         resp = stats_out(self.state.stats(self.clock()))

@@ -138,6 +138,9 @@ class MasterState:
         self._leases: dict[int, _Lease] = {}  # insertion order ~ expiry order
         self._bytes = 0
         self._pins = 0
+        self.pins_to_restore: dict[bytes, int] = {}
+        """key -> checksum of the pinned version: pins a newly elected leader read from etcd,
+        restored as the nodes re-register those versions (see :meth:`pinned_version`)."""
         self._next_epoch = 1
         self._generation = 1
         self._next_id = (1 << 40) + 1
@@ -304,7 +307,8 @@ class MasterState:
                 self._emit("STORED", h.key, obj.size, [node_id])
                 self.counters["adopted_on_register"] += 1
             elif obj is None and h.key not in self._pending and h.key not in self._removed and h.size > 0:
-                obj = _Object(h.size, h.checksum, [node_id])  # the master forgot it: the node is the truth
+                # the master forgot it: the node is the truth (pinned again if it was when it was lost)
+                obj = _Object(h.size, h.checksum, [node_id], self.pins_to_restore.get(h.key) == h.checksum)
                 self._add_object(h.key, obj)
                 self._persist_object(h.key, obj)
                 self._emit("STORED", h.key, obj.size, [node_id])
@@ -598,6 +602,12 @@ class MasterState:
     def unpin(self, now_ms: int, keys: Sequence[bytes]) -> list[Status]:
         """Unpin complete objects: OK (also when not pinned) or NOT_FOUND."""
         return self._set_pin(now_ms, keys, False)
+
+    def pinned_version(self, key: bytes) -> int | None:
+        """The checksum of ``key``'s version while it is pinned, else None (what an HA
+        master records in etcd so that the next leader pins it again)."""
+        obj = self._objects.get(key)
+        return obj.checksum if obj is not None and obj.pinned else None
 
     def _set_pin(self, now_ms: int, keys: Sequence[bytes], pinned: bool) -> list[Status]:
         self._advance(now_ms)

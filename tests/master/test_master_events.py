@@ -97,3 +97,23 @@ def test_kvstore_events_cli(tmp_path: Path) -> None:
         r = CliRunner().invoke(cli, ["events", "--master", m.address, "--count", "1", "--seconds", "5"])
         assert r.exit_code == 0, r.output
         assert "\tNODE_JOINED\t-\t0\tn7" in r.output and time.monotonic() - t < 5
+
+
+def test_async_client_tails_events(tmp_path: Path) -> None:
+    """AsyncClient.watch_events: the same stream on asyncio, resumable by sequence number."""
+    import asyncio
+
+    from kvstore.client import AsyncClient
+
+    async def tail(address: str) -> tuple[list[pb.PoolEvent], list[pb.PoolEvent]]:
+        async with AsyncClient(address, timeout=5) as c:
+            await c.put(b"x", b"1" * 100)
+            await c.put(b"y", b"2" * 100)
+            first = [e async for e in c.watch_events(timeout=1)]
+            again = [e async for e in c.watch_events(after=first[0].seq, timeout=1)]
+            return first, again
+
+    with Cluster(tmp_path, node_ttl="2s").start(nodes=1) as cl:
+        first, again = asyncio.run(tail(cl.master_address))
+    assert kinds(first) == [("NODE_JOINED", b""), ("STORED", b"x"), ("STORED", b"y")]
+    assert [e.seq for e in again] == [e.seq for e in first[1:]]

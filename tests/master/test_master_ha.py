@@ -152,6 +152,30 @@ def test_planned_stop_hands_over_at_once(tmp_path: Path, etcd: EtcdServer) -> No
         assert asyncio.run(put_get(b"after")) == value(b"after")
 
 
+def test_pins_survive_a_failover(tmp_path: Path, etcd: EtcdServer) -> None:
+    """A pin is recorded in etcd before it is answered, and the next leader pins that
+    version again as the node re-registers it; an unpinned key stays unpinned, and a
+    pin of a key the pool lacks is a miss."""
+    with Cluster(tmp_path, node_ttl="3s", etcd=etcd.endpoint, cluster="pins", standbys=1).start(nodes=1) as cl:
+        first = cl.leader()
+        with Client(cl.master_address, timeout=10) as c:
+            for k in (b"p1", b"p2", b"p3"):
+                c.put(k, value(k))
+            assert c.pin_batch([b"p1", b"p2", b"nope"]) == [True, True, False]
+            assert c.unpin_batch([b"p2"]) == [True]
+            assert c.stats().pins == 1
+            cl.masters[first].signal(signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while cl.leader() == first or c.stats().objects < 3:  # the node re-registers all three
+                assert time.monotonic() < deadline, cl.logs()
+                time.sleep(0.2)
+            assert c.stats().pins == 1
+            with pytest.raises(KVStoreError, match="pinned"):
+                c.remove(b"p1")
+            assert c.remove(b"p2") and c.remove(b"p3")
+            assert c.unpin_batch([b"p1"]) == [True] and c.remove(b"p1")
+
+
 def test_addresses_and_config_are_checked() -> None:
     t = parse_etcd("etcd://127.0.0.1:2379,10.0.0.2:2379/prod-a")
     assert t.endpoints == ("127.0.0.1:2379", "10.0.0.2:2379") and t.cluster == "prod-a"
