@@ -140,6 +140,11 @@ class MasterConfig:
                          "(`kvstore auth init --tls` makes one); unset: plain TCP."},
     )
     tls_key: Path | None = field(default=None, metadata={"doc": "PEM private key of master.tls_cert."})
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={"doc": "Mutual TLS: CA (PEM) whose certificates clients and nodes must present on the "
+                         "gRPC port and framed channel; unset: no client certificate asked. Needs master.tls_cert."},
+    )
     auth_dir: Path | None = field(
         default=None,
         metadata={"doc": "Credentials directory from `kvstore auth init`: tokens per role (admin, node, "
@@ -222,7 +227,9 @@ class MasterConfig:
             raise ConfigError(f"master.events_window must be >= 1, got {self.events_window}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("master.tls_cert and master.tls_key go together")
-        for name in ("data_dir", "token_file", "auth_dir", "tls_cert", "tls_key"):
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("master.tls_client_ca (mutual TLS) needs master.tls_cert and master.tls_key")
+        for name in ("data_dir", "token_file", "auth_dir", "tls_cert", "tls_key", "tls_client_ca"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 
@@ -273,6 +280,12 @@ class NodeConfig:
     tls_ca: str | None = field(
         default=None, metadata={"doc": "CA (PEM) to verify the master's TLS certificate; unset: plain gRPC."}
     )
+    tls_client_ca: str | None = field(
+        default=None,
+        metadata={"doc": "Mutual TLS: CA (PEM) whose certificates peers of the control channel and tcp:// "
+                         "must present; unset: no client certificate asked. Needs node.tls_cert, which the "
+                         "node also presents to a master that asks for one."},
+    )
 
     def __post_init__(self) -> None:
         _coerce_units(self, "node")
@@ -292,6 +305,8 @@ class NodeConfig:
             raise ConfigError("node.idle_timeout must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("node.tls_cert and node.tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("node.tls_client_ca (mutual TLS) needs node.tls_cert and node.tls_key")
 
 
 @dataclass(frozen=True)

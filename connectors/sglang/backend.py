@@ -71,8 +71,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         self.storage_config = storage_config
         self.cfg = SGLangStoreConfig.from_extra(storage_config.extra_config)
         self.is_writer = bool(storage_config.is_storage_writer)
-        self.client = Client(self.cfg.master, timeout=self.cfg.timeout, token=self.cfg.token,
-                             tls_ca=self.cfg.tls_ca, cache_locations=True)
+        self.client = Client(self.cfg.master, timeout=self.cfg.timeout, token=self.cfg.token, tls_ca=self.cfg.tls_ca,
+                             tls_cert=self.cfg.tls_cert, tls_key=self.cfg.tls_key, cache_locations=True)
         self.mem_pool_host: Any = None
         self.page_bytes = 0
         self._prefix = {"v1": b"", "flat": b""}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.errors import ConfigError
+from kvstore.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class SGLangStoreConfig:
     """File holding that token (``kvstore auth init`` / ``add-tenant``)."""
     tls_ca: str | None = None
     """CA (PEM) verifying the master's and nodes' TLS certificates."""
+    tls_cert: str | None = None
+    """Client certificate (PEM) where the master and nodes require one (mutual TLS)."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
     namespace: str = ""
     """Extra text mixed into every page key: instances share pages only with the same
     namespace (the model, ranks and pool layout are always part of it)."""
@@ -47,7 +52,7 @@ class SGLangStoreConfig:
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> SGLangStoreConfig:
         extra = dict(extra or {})
-        mine = {"master", "timeout", "token", "token_file", "tls_ca", "namespace"}
+        mine = {"master", "timeout", "token", "token_file", "tls_ca", "tls_cert", "tls_key", "namespace"}
         unknown = sorted(set(extra) - mine - SGLANG_KEYS)
         if unknown:
             log.warning("kvstore HiCache backend: extra-config key(s) %s are neither kvstore's %s nor SGLang's; "
@@ -74,12 +79,14 @@ class SGLangStoreConfig:
                 raise ConfigError(f"hicache extra config 'token_file' {path}: {e.strerror}") from e
             if not token:
                 raise ConfigError(f"hicache extra config 'token_file' {path} is empty")
-        for name in ("token", "tls_ca", "namespace"):
+        for name in ("token", "tls_ca", "tls_cert", "tls_key", "namespace"):
             v = extra.get(name)
             if v is not None and not isinstance(v, str):
                 raise ConfigError(f"hicache extra config '{name}' must be a string, got {v!r}")
-        tls_ca = extra.get("tls_ca")
-        if tls_ca and not Path(tls_ca).is_file():
-            raise ConfigError(f"hicache extra config 'tls_ca' {tls_ca}: no such file")
+        tls: dict[str, str | None] = {name: extra.get(name) or None for name in ("tls_ca", "tls_cert", "tls_key")}
+        for name, pem in tls.items():
+            if pem and not Path(pem).is_file():
+                raise ConfigError(f"hicache extra config '{name}' {pem}: no such file")
+        ClientTLS.of(tls["tls_ca"], tls["tls_cert"], tls["tls_key"])  # a certificate without its key or a CA
         return cls(master=master, timeout=timeout, token=token or None, token_file=extra.get("token_file"),
-                   tls_ca=tls_ca or None, namespace=str(extra.get("namespace") or ""))
+                   namespace=str(extra.get("namespace") or ""), **tls)

@@ -12,6 +12,7 @@ from typing import Any
 
 from kvstore.client.breaker import Breaker
 from kvstore.errors import ConfigError
+from kvstore.tls import ClientTLS
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class ConnectorConfig:
     """Bearer token for the master and the nodes, if they require one (prefer ``token_file``)."""
     tls_ca: str | None = None
     """CA (PEM) verifying the master's and nodes' TLS certificates (``kvstore auth init --tls``)."""
+    tls_cert: str | None = None
+    """Client certificate (PEM) for a master and nodes that require one (mutual TLS,
+    ``--tls-client-ca``); needs ``tls_ca`` and ``tls_key``."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
     token_file: str | None = None
     """File holding that token (a tenant's token from ``kvstore auth init``/``add-tenant``),
     so the secret stays out of the engine's command line and logs."""
@@ -93,6 +99,7 @@ class ConnectorConfig:
             raise ConfigError("kv_connector_extra_config.shutdown_flush_timeout must be >= 0")
         if not 1 <= int(self.kernel_threads) <= 64:
             raise ConfigError("kv_connector_extra_config.kernel_threads must be in [1, 64]")
+        ClientTLS.of(self.tls_ca, self.tls_cert, self.tls_key)  # a certificate without its key or a CA
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:

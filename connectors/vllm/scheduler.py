@@ -72,7 +72,8 @@ class SchedulerSide:
         self.block_size = block_size
         self.load_enabled = load
         self.save_enabled = save
-        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, tls_ca=cfg.tls_ca)
+        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, tls_ca=cfg.tls_ca,
+                             tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         self.breaker = cfg.breaker()
         self.handshakes: list[KVStoreHandshake] = []
         self._reqs: dict[str, _Tracked] = {}

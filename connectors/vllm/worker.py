@@ -138,7 +138,8 @@ class WorkerSide:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.load_enabled, self.save_enabled = load, save
         # Chunk keys are content addressed, so the client may remember where they live.
-        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, tls_ca=cfg.tls_ca, cache_locations=True)
+        self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, tls_ca=cfg.tls_ca,
+                             tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, cache_locations=True)
         self.breaker = cfg.breaker()  # saves stop trying a master that is down
         self.cache: kernels.PagedCache | None = None
         self.direct = False

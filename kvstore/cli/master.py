@@ -33,6 +33,9 @@ from kvstore.units import parse_duration
               help="PEM certificate: serve gRPC and the framed channel over TLS [default: plain].")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Mutual TLS: require clients and nodes to present a certificate this CA (PEM) "
+                   "signed [default: none asked, master.tls_client_ca]. Needs --tls-cert.")
 @click.option("--auth-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Credentials directory from `kvstore auth init`: a token per role (admin, node, "
                    "client per tenant) [default: none, master.auth_dir].")
@@ -50,7 +53,7 @@ from kvstore.units import parse_duration
                    "after the leader dies [default: 3s, master.leader_ttl].")
 def master(host: str | None, port: int | None, metrics_port: int | None, data_dir: Path | None,
            node_ttl: str | None, config_file: Path | None, token_file: Path | None, tls_cert: Path | None,
-           tls_key: Path | None, auth_dir: Path | None,
+           tls_key: Path | None, tls_client_ca: Path | None, auth_dir: Path | None,
            etcd: str | None,
            cluster: str | None, advertise: str | None, leader_ttl: str | None) -> None:
     """Run the metadata master: knows where every chunk lives, never touches data.
@@ -67,6 +70,7 @@ def master(host: str | None, port: int | None, metrics_port: int | None, data_di
                              "auth_dir": str(auth_dir) if auth_dir else None,
                              "tls_cert": str(tls_cert) if tls_cert else None,
                              "tls_key": str(tls_key) if tls_key else None,
+                             "tls_client_ca": str(tls_client_ca) if tls_client_ca else None,
                              "etcd": etcd, "cluster": cluster, "advertise": advertise,
                              "leader_ttl": leader_ttl}
     overrides = {f"master.{k}": v for k, v in flags.items() if v is not None}

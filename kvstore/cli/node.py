@@ -47,11 +47,15 @@ def serve_until_signal(stop: Any) -> None:
 @click.option("--tls-cert", default=None, help="PEM certificate: serve the control channel over TLS.")
 @click.option("--tls-key", default=None, help="PEM private key of --tls-cert.")
 @click.option("--tls-ca", default=None, help="CA (PEM) verifying the master's TLS certificate.")
+@click.option("--tls-client-ca", default=None,
+              help="Mutual TLS: require peers of the control channel and tcp:// to present a certificate "
+                   "this CA (PEM) signed. --tls-cert is also presented to the master.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML config file ([store] and [node] sections; flags given win).")
 def node(master: str, node_id: str, host: str, control_port: int, transports: tuple[str, ...], dram: str,
          disk_dir: Path | None, disk: str, metrics_port: int, token_file: Path | None,
-         tls_cert: str | None, tls_key: str | None, tls_ca: str | None, config_file: Path | None) -> None:
+         tls_cert: str | None, tls_key: str | None, tls_ca: str | None, tls_client_ca: str | None,
+         config_file: Path | None) -> None:
     """Run a store node: serve DRAM/disk to clients and register with the master."""
     from kvstore.node.daemon import StoreNode
 
@@ -65,7 +69,7 @@ def node(master: str, node_id: str, host: str, control_port: int, transports: tu
         overrides["store.disk_dir"] = str(disk_dir)
     flags = {"master": master, "node_id": node_id, "host": host, "control_port": control_port,
              "transports": list(transports), "metrics_port": metrics_port, "tls_cert": tls_cert,
-             "tls_key": tls_key, "tls_ca": tls_ca}
+             "tls_key": tls_key, "tls_ca": tls_ca, "tls_client_ca": tls_client_ca}
     overrides.update({f"node.{k}": v for k, v in flags.items() if given(k)})
     cfg = load_config(config_file, overrides)
     ncfg = cfg.node

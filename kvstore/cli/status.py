@@ -15,12 +15,15 @@ from kvstore.units import format_size
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with this caller's token: the master's shared token, or one from `kvstore auth init`.")
 @click.option("--tls-ca", default=None, help="CA (PEM) verifying the master's and nodes' TLS certificates.")
+@click.option("--tls-cert", default=None,
+              help="Client certificate (PEM) for a master and nodes that require one (mutual TLS).")
+@click.option("--tls-key", default=None, help="PEM private key of --tls-cert.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the master.")
-def status(master: str, token_file: Path | None, tls_ca: str | None, timeout: float) -> None:
+def status(master: str, token_file: Path | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None, timeout: float) -> None:
     """Print nodes, tiers (used/capacity), objects and hit/miss counts."""
     from kvstore.client import Client
 
-    with Client(master, timeout=timeout, token=read_token(token_file), tls_ca=tls_ca) as c:
+    with Client(master, timeout=timeout, token=read_token(token_file), tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as c:
         s = c.stats()
     click.echo(f"master {master}: {len(s.nodes)} node(s), {s.objects} object(s) "
                f"({format_size(s.bytes)}), {s.pending} pending, {s.leases} lease(s), {s.pins} pin(s)")

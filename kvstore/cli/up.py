@@ -24,10 +24,13 @@ from kvstore.config import load_config
 @click.option("--tls-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory from `kvstore auth init --tls` (its tls/ part): the master and the node's "
                    "control channel serve TLS; clients pass tls_ca=DIR/tls/ca.pem.")
+@click.option("--mtls", is_flag=True,
+              help="With --tls-dir: also require client certificates signed by its CA (mutual TLS); "
+                   "clients add tls_cert=DIR/tls/client.pem, tls_key=DIR/tls/client.key.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML config file ([master], [node], [store] sections; flags win).")
 def up(port: int, data_dir: Path, dram: str, disk: str, metrics_port: int, token_file: Path | None,
-       tls_dir: Path | None, config_file: Path | None) -> None:
+       tls_dir: Path | None, mtls: bool, config_file: Path | None) -> None:
     """Run a master and one node in this process with sane defaults, until Ctrl-C.
 
     Clients connect to the printed address: ``kvstore.Client("127.0.0.1:5555")``.
@@ -50,6 +53,10 @@ def up(port: int, data_dir: Path, dram: str, disk: str, metrics_port: int, token
         overrides.update({"master.tls_cert": str(tls / "server.pem"), "master.tls_key": str(tls / "server.key"),
                           "node.tls_cert": str(tls / "server.pem"), "node.tls_key": str(tls / "server.key"),
                           "node.tls_ca": str(tls / "ca.pem")})
+        if mtls:
+            overrides.update({"master.tls_client_ca": str(tls / "ca.pem"), "node.tls_client_ca": str(tls / "ca.pem")})
+    elif mtls:
+        raise click.UsageError("--mtls needs --tls-dir")
     cfg = load_config(config_file, overrides)
     token = read_token(token_file)
     master = serve_master(cfg.master, token=token)

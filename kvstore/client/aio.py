@@ -41,7 +41,6 @@ from kvstore.master.errors import error_from_rpc
 from kvstore.master.fast import AsyncFastMasterClient, resolve
 from kvstore.node.control_aio import AsyncControlClient
 from kvstore.node.protocol import Maps, Op
-from kvstore.tls import grpc_channel_credentials
 from kvstore.v1 import master_pb2 as mpb
 from kvstore.v1 import master_pb2_grpc
 
@@ -121,8 +120,8 @@ class AsyncClient(ClientCore):
         if address != self._dialed or self._stub is None:
             if self._channel is not None:
                 await self._channel.close()
-            self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) if self.tls_ca is None \
-                else grpc.aio.secure_channel(address, grpc_channel_credentials(self.tls_ca), options=GRPC_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) if self.tls is None \
+                else grpc.aio.secure_channel(address, self.tls.grpc_credentials(), options=GRPC_OPTIONS)
             self._stub = master_pb2_grpc.MasterStub(self._channel)  # type: ignore[no-untyped-call]
             self._dialed = address
         return self._stub

@@ -71,13 +71,13 @@ class Client(ClientCore):
     """Synchronous client. See the module docstring for the contract.
 
     ``Client(master, timeout=10.0, retries=5, replicas=1, same_host=True, token=None,
-    host=None, cache_locations=True)``.
+    host=None, cache_locations=True, tls_ca=None, tls_cert=None, tls_key=None)``.
     """
 
     def __init__(self, master: str = "127.0.0.1:5555", **kwargs: Any) -> None:
         super().__init__(master, **kwargs)
         # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
-        self._link = MasterLink(master, GRPC_OPTIONS, tls_ca=self.tls_ca)
+        self._link = MasterLink(master, GRPC_OPTIONS, tls=self.tls)
         self._fast_master = ""  # the master whose framed channel self._fast is
         self._conns = Connections(self.host_id, same_host=self.same_host, timeout=self.timeout, token=self.token,
                                   tls=self._tls)

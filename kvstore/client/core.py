@@ -40,7 +40,7 @@ from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
 from kvstore.scatter import Dest, Scattered
-from kvstore.tls import client_context
+from kvstore.tls import ClientTLS
 from kvstore.v1 import master_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ class ClientCore:
 
     def __init__(self, master: str = "127.0.0.1:5555", *, timeout: float = 10.0, retries: int = 5,
                  replicas: int = 1, same_host: bool = True, token: str | None = None, host: str | None = None,
-                 cache_locations: bool | int = True, tls_ca: str | None = None) -> None:
+                 cache_locations: bool | int = True, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0, got {timeout}")
         self.master = master
@@ -122,9 +123,11 @@ class ClientCore:
         self.host_id = host or host_id()
         self.token = token
         # TLS to the master (gRPC and framed channel) and to the nodes' control channels,
-        # verified against this CA (kvstore auth init --tls)
+        # verified against this CA (kvstore auth init --tls), presenting tls_cert where
+        # the master or node asks for a client certificate (mutual TLS)
         self.tls_ca = tls_ca
-        self._tls = client_context(tls_ca) if tls_ca is not None else None
+        self.tls = ClientTLS.of(tls_ca, tls_cert, tls_key)
+        self._tls = self.tls.context() if self.tls is not None else None
         self._key_prefix: bytes | None = None  # the credential's key scope, once known
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._auth = f"Bearer {token}".encode() if token else None

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from kvstore.errors import InvalidArgument, TransportError
+from kvstore.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +228,10 @@ class MasterLink:
     the current address (re-dialling when it changed), :meth:`failed` makes the next
     :meth:`stub` look the leader up again. Thread-safe."""
 
-    def __init__(self, address: str, options: list[tuple[str, Any]], tls_ca: str | None = None) -> None:
+    def __init__(self, address: str, options: list[tuple[str, Any]], tls: ClientTLS | None = None) -> None:
         self.address = MasterAddress(address)
         self._options = options
-        self._credentials: Any = None
-        if tls_ca is not None:
-            from kvstore.tls import grpc_channel_credentials
-
-            self._credentials = grpc_channel_credentials(tls_ca)
+        self._credentials: Any = tls.grpc_credentials() if tls is not None else None
         self._dialed = ""
         self._channel: grpc.Channel | None = None
         self._stub: Any = None

@@ -198,7 +198,8 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     try:
         if config.tls_cert is not None and config.tls_key is not None:
             port = server.add_secure_port(f"{config.host}:{config.port}",
-                                          grpc_server_credentials(config.tls_cert, config.tls_key))
+                                          grpc_server_credentials(config.tls_cert, config.tls_key,
+                                                                  config.tls_client_ca))
         else:
             port = server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError as e:
@@ -225,7 +226,7 @@ async def start_master(config: MasterConfig, *, token: str | None = None,
     if config.fast_port >= 0:
         try:
             fast = await serve_fast(servicer, config.host, config.fast_port,
-                                    server_context(config.tls_cert, config.tls_key)
+                                    server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
                                     if config.tls_cert is not None and config.tls_key is not None else None)
         except OSError as e:
             await server.stop(None)

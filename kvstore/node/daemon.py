@@ -36,7 +36,7 @@ from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, NodeService
 from kvstore.store import LocalStore
-from kvstore.tls import server_context
+from kvstore.tls import ClientTLS, server_context
 from kvstore.v1 import master_pb2 as mpb
 from transport.base import Transport, TransportOptions
 from transport.regions import Region
@@ -83,7 +83,7 @@ class StoreNode:
         self._auth_version = ""
         self.host_id = node.host_id or host_id()
         # with a token, tcp:// peers must present one this node accepts (shm:// checks uids)
-        tls = server_context(node.tls_cert, node.tls_key) if node.tls_cert is not None and node.tls_key is not None \
+        tls = server_context(node.tls_cert, node.tls_key, node.tls_client_ca) if node.tls_cert is not None and node.tls_key is not None \
             else None
         opts = TransportOptions(authorize=self.authorize_raw if token else None, tls_server=tls) \
             if token or tls is not None else None
@@ -116,7 +116,11 @@ class StoreNode:
         self.control_port = int(self.control_address.rpartition(":")[2])
         self.node_id = node.node_id or f"{socket.gethostname()}-{self.control_port}"
         # host:port, or etcd://.../CLUSTER: the leader of a cluster of masters, followed on failover
-        self._link = MasterLink(node.master, GRPC_OPTIONS, tls_ca=node.tls_ca)
+        # to the master: verified against tls_ca, presenting the node's own certificate
+        # (a master with tls_client_ca asks for one)
+        self._link = MasterLink(node.master, GRPC_OPTIONS,
+                                tls=ClientTLS.of(node.tls_ca, node.tls_cert if node.tls_ca else None,
+                                                 node.tls_key if node.tls_ca else None))
         self._leader_changed = threading.Event()
         self._inflight: Any = None
         self._watch = LeaderWatch(self._link.address.target, self._on_new_leader) \

@@ -4,6 +4,8 @@ certificates from `kvstore auth init --tls`, run as `kvstore up --tls-dir` (real
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,40 +14,65 @@ import pytest
 
 from kvstore.auth import init
 from kvstore.client import AsyncClient, Client
-from kvstore.errors import KVStoreError
+from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.node.control import ControlClient
 from kvstore.node.protocol import Op
 from kvstore.testing.cluster import CLI, Proc, free_port
-from kvstore.tls import make
+from kvstore.tls import client_context, make
 
 ROOT = Path(__file__).resolve().parents[2]
 VALUE = os.urandom(3 << 20)
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    tmp = tmp_path_factory.mktemp("tls")
+def _up(tmp: Path, *flags: str) -> tuple[Proc, str]:
+    """`kvstore up --tls-dir` with ``flags``, once its node has registered."""
     init(tmp / "auth")
-    make(tmp / "auth" / "tls", [])
+    tls = make(tmp / "auth" / "tls", [])
     port = free_port()
     p = Proc("up", [*CLI, "up", "--port", str(port), "--data-dir", str(tmp / "kv"), "--dram", "64MiB",
-                    "--disk", "0", "--metrics-port", "-1", "--tls-dir", str(tmp / "auth")],
+                    "--disk", "0", "--metrics-port", "-1", "--tls-dir", str(tmp / "auth"), *flags],
              tmp / "up.log").start({**os.environ, "PYTHONPATH": str(ROOT)})
-    address, ca = f"127.0.0.1:{port}", tmp / "auth" / "tls" / "ca.pem"
+    address = f"127.0.0.1:{port}"
+    mine = {"tls_cert": str(tls["client_cert"]), "tls_key": str(tls["client_key"])} if flags else {}
     deadline = time.monotonic() + 30
     while True:
         try:
-            with Client(address, tls_ca=str(ca), timeout=2) as c:
-                if c.stats().nodes:
-                    break
+            with Client(address, tls_ca=str(tls["ca"]), timeout=2, **mine) as c:
+                if c.stats().nodes:  # with --mtls: the node presented its certificate to the master
+                    return p, address
         except KVStoreError:
             assert p.alive(), (tmp / "up.log").read_text()
         assert time.monotonic() < deadline, (tmp / "up.log").read_text()
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("tls")
+    p, address = _up(tmp)
     try:
-        yield address, ca
+        yield address, tmp / "auth" / "tls" / "ca.pem"
     finally:
         p.stop()
+
+
+def _refused(address: str, ctx: ssl.SSLContext) -> bool:
+    """Whether a TLS listener hangs up on a peer with ``ctx``. TLS 1.3 finishes the client's
+    side of the handshake first, so the refusal (an alert, or the close) arrives with the
+    first read; a listener that accepted us sends its own opening (HTTP/2 settings) or
+    waits for a request."""
+    host, _, port = address.rpartition(":")
+    ctx.set_alpn_protocols(["h2"])  # gRPC hangs up on TLS peers that do not offer HTTP/2; others ignore it
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as s:
+            s.settimeout(1.0)
+            try:
+                return s.recv(1) == b""
+            except TimeoutError:
+                return False
+    except (ssl.SSLError, ConnectionError):
+        return True
 
 
 def test_put_get_over_tls_same_host_and_network(up: tuple[str, Path]) -> None:
@@ -92,36 +119,93 @@ def test_async_client_over_tls(up: tuple[str, Path]) -> None:
     assert a == VALUE[:100_000] and b == VALUE
 
 
-def test_tcp_transport_over_tls(tmp_path: Path) -> None:
+def test_mutual_tls(tmp_path: Path) -> None:
+    """`kvstore up --tls-dir --mtls`: the master's gRPC port and framed channel and the node's
+    control channel serve only peers with a certificate the CA signed; the node itself
+    registers with its own; a client with the client certificate works on both paths."""
+    p, address = _up(tmp_path, "--mtls")
+    tls = tmp_path / "auth" / "tls"
+    ca, cert, key = str(tls / "ca.pem"), str(tls / "client.pem"), str(tls / "client.key")
+    try:
+        with Client(address, tls_ca=ca, tls_cert=cert, tls_key=key) as c, \
+                Client(address, tls_ca=ca, tls_cert=cert, tls_key=key, same_host=False) as net:
+            assert c.put(b"mtls-a", VALUE)
+            assert net.put(b"mtls-b", VALUE[::-1])
+            assert bytes(net.get(b"mtls-a") or b"") == VALUE
+            assert bytes(c.get(b"mtls-b") or b"") == VALUE[::-1]
+            stats = c.stats()
+            node = stats.nodes[0].control_address
+            fast = c._fast.address if c._fast is not None else None
+        assert fast is not None, "the client should have used the master's framed channel"
+        # without a client certificate: the CA verifies the server, but the server refuses us
+        with Client(address, tls_ca=ca, timeout=2, retries=0) as anon, pytest.raises(KVStoreError):
+            anon.stats()
+        other = make(tmp_path / "other", [])  # a client certificate from a CA the servers do not trust
+        with Client(address, tls_ca=ca, tls_cert=str(other["client_cert"]), tls_key=str(other["client_key"]),
+                    timeout=2, retries=0) as foreign, pytest.raises(KVStoreError):
+            foreign.stats()
+        for listener in (address, fast, node):
+            assert _refused(listener, client_context(ca)), listener
+            assert _refused(listener, client_context(ca, other["client_cert"], other["client_key"])), listener
+            assert not _refused(listener, client_context(ca, cert, key)), listener
+        anon_ctl = ControlClient(node, tls=client_context(ca))
+        try:
+            with pytest.raises(KVStoreError):
+                anon_ctl.call(Op.ACQUIRE, [b"mtls-a"], 3)
+        finally:
+            anon_ctl.close()
+        with Client(address, tls_ca=ca, tls_cert=cert, tls_key=key) as c:
+            assert bytes(c.get(b"mtls-a") or b"") == VALUE  # still served, unchanged
+    finally:
+        p.stop()
+
+
+def test_client_certificate_arguments_are_checked() -> None:
+    with pytest.raises(InvalidArgument, match="go together"):
+        Client("127.0.0.1:1", tls_ca="ca.pem", tls_cert="client.pem")
+    with pytest.raises(InvalidArgument, match="needs tls_ca"):
+        Client("127.0.0.1:1", tls_cert="client.pem", tls_key="client.key")
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_tcp_transport_over_tls(tmp_path: Path, mutual: bool) -> None:
     """The transfer engine's tcp:// with TLS: a verified peer reads and writes; a plaintext
-    or wrongly-verified one gets nothing."""
+    or wrongly-verified one gets nothing; with mutual TLS, nor does one without the client
+    certificate."""
     import numpy as np
 
-    from kvstore.tls import client_context, server_context
+    from kvstore.tls import server_context
     from transport.base import TransportOptions
     from transport.regions import Desc
     from transport.registry import create
 
     files = make(tmp_path / "tls", [])
-    server = create("tcp://127.0.0.1:0", TransportOptions(tls_server=server_context(files["cert"], files["key"])))
+    server = create("tcp://127.0.0.1:0", TransportOptions(
+        tls_server=server_context(files["cert"], files["key"], files["ca"] if mutual else None)))
     region = server.allocate(1 << 20, name="served")
     assert region.view is not None
     src = np.frombuffer(region.view, dtype=np.uint8)
     src[:] = np.arange(1 << 20, dtype=np.uint64).astype(np.uint8)
-    client = create("tcp://127.0.0.1:0", TransportOptions(listen=False, tls_client=client_context(files["ca"])))
+    mine = client_context(files["ca"], files["client_cert"], files["client_key"]) if mutual \
+        else client_context(files["ca"])
+    client = create("tcp://127.0.0.1:0", TransportOptions(listen=False, tls_client=mine))
     try:
         peer = client.connect(server.metadata(), timeout=10)
         local = client.allocate(1 << 20, name="local")
         client.read(peer, [Desc(local, 0, region.remote(), 0, 1 << 20)], timeout=10, checksum=True).wait()
         assert local.view is not None and bytes(local.view) == bytes(region.view)
-        plain = create("tcp://127.0.0.1:0", TransportOptions(listen=False))
-        try:
-            with pytest.raises(KVStoreError):
-                p = plain.connect(server.metadata(), timeout=3)
-                buf = plain.allocate(4096, name="steal")
-                plain.read(p, [Desc(buf, 0, region.remote(), 0, 4096)], timeout=3).wait()
-        finally:
-            plain.close()
+        strangers = [TransportOptions(listen=False)]
+        if mutual:
+            strangers.append(TransportOptions(listen=False, tls_client=client_context(files["ca"])))
+        for opts in strangers:
+            plain = create("tcp://127.0.0.1:0", opts)
+            try:
+                with pytest.raises(KVStoreError):
+                    p = plain.connect(server.metadata(), timeout=3)
+                    buf = plain.allocate(4096, name="steal")
+                    plain.read(p, [Desc(buf, 0, region.remote(), 0, 4096)], timeout=3).wait()
+            finally:
+                plain.close()
     finally:
         client.close()
         server.close()
