@@ -31,6 +31,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kvstore.errors import ConfigError, InvalidArgument
 
@@ -60,15 +61,30 @@ def scope_of(tenant: str) -> bytes:
     return f"@{tenant}/".encode()
 
 
+class TenantLimits(NamedTuple):
+    """A tenant's quotas in ``credentials.json`` (None: no limit); the master refuses a
+    call that would go beyond one with RESOURCE_EXHAUSTED."""
+
+    quota_bytes: int | None = None
+    """Most bytes of complete objects its keys may hold (puts beyond: NoSpace)."""
+    max_pins: int | None = None
+    """Most of its keys pinned at once (pins beyond: NoSpace)."""
+    max_puts_in_flight: int | None = None
+    """Most of its keys reserved by puts not yet ended (puts beyond: TryAgain)."""
+
+
+LIMIT_FIELDS = TenantLimits._fields
+
+
 class Credentials:
     """digest -> :class:`Principal`; ``check(token)`` in constant time per entry."""
 
     def __init__(self, entries: dict[str, Principal], source: str = "",
-                 quotas: dict[str, int] | None = None) -> None:
+                 limits: dict[str, TenantLimits] | None = None) -> None:
         self.entries = entries
         self.source = source
-        self.quotas = quotas or {}
-        """tenant -> most bytes its keys may hold in the pool (absent: no limit)."""
+        self.limits = limits or {}
+        """tenant -> its quotas (absent: no limit)."""
 
     @classmethod
     def shared(cls, token: str) -> Credentials:
@@ -81,20 +97,22 @@ class Credentials:
         try:
             doc = json.loads(path.read_text())
             entries = {}
-            quotas: dict[str, int] = {}
+            limits: dict[str, TenantLimits] = {}
             for e in doc["credentials"]:
                 role, tenant, d = str(e["role"]), str(e.get("tenant", "default")), str(e["sha256"])
                 if role not in ROLES or len(d) != 64:
                     raise ValueError(f"bad entry {e!r:.80}")
                 entries[d] = Principal(role, tenant)
-                if role == "client" and e.get("quota_bytes") is not None:
-                    quotas[tenant] = int(e["quota_bytes"])
+                if role == "client":
+                    lim = TenantLimits(*(None if e.get(f) is None else int(e[f]) for f in LIMIT_FIELDS))
+                    if lim != TenantLimits():
+                        limits[tenant] = lim
         except OSError as e:
             raise ConfigError(f"master.auth_dir {directory}: cannot read {CREDENTIALS}: {e.strerror} "
                               "(create it with `kvstore auth init DIR`)") from e
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"master.auth_dir {directory}: {CREDENTIALS} is malformed: {e}") from e
-        return cls(entries, str(path), quotas)
+        return cls(entries, str(path), limits)
 
     def check(self, token: str | bytes | None) -> Principal | None:
         """The principal a presented token stands for, or None. Looked up by the token's
@@ -158,9 +176,12 @@ def init(directory: Path, tenant: str = "default") -> dict[str, Path]:
     return files
 
 
-def add_tenant(directory: Path, tenant: str, quota_bytes: int | None = None) -> Path:
+def add_tenant(directory: Path, tenant: str, quota_bytes: int | None = None, *, max_pins: int | None = None,
+               max_puts_in_flight: int | None = None) -> Path:
     """A new client token for ``tenant`` in an existing directory; its token file.
-    ``quota_bytes``: the most bytes the tenant's keys may hold in the pool."""
+    The tenant's limits (None: none): ``quota_bytes``, the most bytes its keys may hold
+    in the pool; ``max_pins``, the most of its keys pinned at once; ``max_puts_in_flight``,
+    the most of its keys reserved by puts not yet ended."""
     directory = Path(directory)
     check_tenant(tenant)
     try:
@@ -172,10 +193,11 @@ def add_tenant(directory: Path, tenant: str, quota_bytes: int | None = None) -> 
         raise InvalidArgument(f"tenant {tenant!r} already has a token ({path})")
     entry: dict[str, object] = {"sha256": digest(_write_token(path)), "role": "client", "tenant": tenant,
                                 "file": str(path.relative_to(directory))}
-    if quota_bytes is not None:
-        if quota_bytes <= 0:
-            raise InvalidArgument(f"quota for tenant {tenant!r} must be > 0 bytes, got {quota_bytes}")
-        entry["quota_bytes"] = quota_bytes
+    for name, v in zip(LIMIT_FIELDS, (quota_bytes, max_pins, max_puts_in_flight), strict=True):
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidArgument(f"{name} for tenant {tenant!r} must be a whole number > 0, got {v!r}")
+            entry[name] = v
     doc["credentials"].append(entry)
     _save(directory, doc)
     return path

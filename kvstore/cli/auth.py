@@ -20,7 +20,8 @@ def auth() -> None:
 @auth.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tenant", default="default", show_default=True, help="Name of the first tenant.")
-@click.option("--tls", is_flag=True, help="Also make a CA and a server certificate (DIRECTORY/tls).")
+@click.option("--tls", is_flag=True,
+              help="Also make a CA, a server certificate and a client certificate (DIRECTORY/tls).")
 @click.option("--tls-host", "tls_hosts", multiple=True,
               help="Host name or IP the certificate covers (repeatable; localhost and 127.0.0.1 always).")
 def init(directory: Path, tenant: str, tls: bool, tls_hosts: tuple[str, ...]) -> None:
@@ -38,7 +39,8 @@ def init(directory: Path, tenant: str, tls: bool, tls_hosts: tuple[str, ...]) ->
         t = make_tls(directory / "tls", list(tls_hosts))
         click.echo(f"TLS: CA {t['ca']}, certificate {t['cert']} (key {t['key']}) for "
                    f"{', '.join([*tls_hosts, 'localhost', '127.0.0.1'])}; serve with --tls-cert/--tls-key, "
-                   f"verify with --tls-ca {t['ca']}")
+                   f"verify with --tls-ca {t['ca']}; client certificate {t['client_cert']} "
+                   f"(key {t['client_key']}) for masters and nodes run with --tls-client-ca {t['ca']}")
 
 
 @auth.command("add-tenant")
@@ -46,11 +48,19 @@ def init(directory: Path, tenant: str, tls: bool, tls_hosts: tuple[str, ...]) ->
 @click.argument("name")
 @click.option("--quota", default=None, help="Most bytes the tenant's keys may hold in the pool, e.g. 10GiB "
                                             "[default: no limit].")
-def add_tenant(directory: Path, name: str, quota: str | None) -> None:
+@click.option("--max-pins", type=click.IntRange(min=1), default=None,
+              help="Most of the tenant's keys pinned at once [default: no limit].")
+@click.option("--max-puts-in-flight", type=click.IntRange(min=1), default=None,
+              help="Most of the tenant's keys reserved by puts not yet ended; beyond it puts get "
+                   "TryAgain [default: no limit].")
+def add_tenant(directory: Path, name: str, quota: str | None, max_pins: int | None,
+               max_puts_in_flight: int | None) -> None:
     """Add a client token for tenant NAME (a running master picks it up within a second)."""
     from kvstore.auth import add_tenant as add
     from kvstore.units import parse_size
 
     limit = parse_size(quota, name="--quota") if quota is not None else None
-    click.echo(f"tenant {name}: token in {add(directory, name, limit)}"
-               + (f", quota {quota}" if quota else ""))
+    path = add(directory, name, limit, max_pins=max_pins, max_puts_in_flight=max_puts_in_flight)
+    limits = [f"quota {quota}" if quota else "", f"max {max_pins} pins" if max_pins else "",
+              f"max {max_puts_in_flight} puts in flight" if max_puts_in_flight else ""]
+    click.echo(f"tenant {name}: token in {path}" + "".join(f", {x}" for x in limits if x))

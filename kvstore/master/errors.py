@@ -9,7 +9,9 @@ INVALID_ARGUMENT, OUT_OF_RANGE,     InvalidArgument
 FAILED_PRECONDITION
 RESOURCE_EXHAUSTED                  InvalidArgument for a request over a
                                     limit (message or batch size), NoSpace
-                                    when storage is full
+                                    when storage (or a tenant quota) is
+                                    full, TryAgain past a tenant's puts in
+                                    flight
 UNAUTHENTICATED, PERMISSION_DENIED  PermissionDenied
 NOT_FOUND                           NotFound
 ALREADY_EXISTS                      InvalidArgument
@@ -34,6 +36,8 @@ from kvstore.errors import (
 
 # A RESOURCE_EXHAUSTED whose details start with this marker means "storage full".
 NO_SPACE_MARKER = "no space:"
+# ... and with this one "too much in flight right now": retry later.
+BUSY_MARKER = "busy:"
 
 _BY_CODE: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.UNAVAILABLE: TransportError,
@@ -66,7 +70,9 @@ def error_from_status(code: grpc.StatusCode | None, details: str, what: str = "m
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     msg = f"{what}: {name}: {details}"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return NoSpace(msg) if details.startswith(NO_SPACE_MARKER) else InvalidArgument(msg)
+        if details.startswith(NO_SPACE_MARKER):
+            return NoSpace(msg)
+        return TryAgain(msg) if details.startswith(BUSY_MARKER) else InvalidArgument(msg)
     cls = _BY_CODE.get(code) if isinstance(code, grpc.StatusCode) else None
     return (cls or KVStoreError)(msg)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from kvstore.auth import CREDENTIALS, Credentials, Principal
+from kvstore.auth import CREDENTIALS, Credentials, Principal, TenantLimits
 from kvstore.config import MasterConfig
 from kvstore.errors import ConfigError, KVStoreError, NoSpace
 from kvstore.master import codec
@@ -37,7 +37,7 @@ from kvstore.master.convert import (
     statuses_out,
     tiers_in,
 )
-from kvstore.master.errors import NO_SPACE_MARKER, CallError, status_for
+from kvstore.master.errors import BUSY_MARKER, NO_SPACE_MARKER, CallError, status_for
 from kvstore.master.events import EventLog
 from kvstore.master.fast import METHODS
 from kvstore.master.metrics import MasterMetrics
@@ -228,21 +228,55 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
                           f"{name}: key {bad[:40]!r} is outside tenant {who.tenant!r} (keys of this "
                           f"credential start with {scope!r}; the SDK adds it)")
 
-    def _check_quota(self, req: pb.PutStartRequest) -> None:
-        """A tenant's keys may hold at most its quota (bytes of complete objects, counted
-        once whatever the replicas): RESOURCE_EXHAUSTED (the client's NoSpace) beyond it."""
+    def _limits(self) -> tuple[Principal, TenantLimits] | None:
+        """The caller's tenant and its quotas, for a tenant's client with any."""
         who = self._caller
         if who is None or self.credentials is None or not who.scope:
+            return None
+        limits = self.credentials.limits.get(who.tenant)
+        return None if limits is None else (who, limits)
+
+    def _check_quota(self, req: pb.PutStartRequest) -> None:
+        """A tenant's keys may hold at most its quota (bytes of complete objects, counted
+        once whatever the replicas): RESOURCE_EXHAUSTED (the client's NoSpace) beyond it.
+        And at most ``max_puts_in_flight`` of them may be reserved by puts not yet ended:
+        RESOURCE_EXHAUSTED (the client's TryAgain) beyond it."""
+        mine = self._limits()
+        if mine is None:
             return
-        quota = self.credentials.quotas.get(who.tenant)
-        if quota is None:
+        who, limits = mine
+        if limits.quota_bytes is not None:
+            held = self.state.scope_bytes(who.scope)
+            asked = sum(i.size for i in req.items)
+            if held + asked > limits.quota_bytes:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{NO_SPACE_MARKER} tenant {who.tenant!r} holds {held} bytes of its quota of "
+                              f"{limits.quota_bytes}; this put needs {asked} more (remove keys, or raise quota_bytes)")
+        if limits.max_puts_in_flight is not None:
+            if len(req.items) > limits.max_puts_in_flight:  # never fits: not worth a retry
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"PutStart of {len(req.items)} keys exceeds tenant {who.tenant!r}'s "
+                              f"max_puts_in_flight={limits.max_puts_in_flight}: split the batch")
+            pending = self.state.scope_pending(who.scope)
+            if pending + len(req.items) > limits.max_puts_in_flight:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{BUSY_MARKER} tenant {who.tenant!r} has {pending} keys in puts not yet ended, "
+                              f"{len(req.items)} more would pass its max_puts_in_flight="
+                              f"{limits.max_puts_in_flight}; retry when they end")
+
+    def _check_pins(self, keys: Sequence[bytes]) -> None:
+        """A tenant may pin at most ``max_pins`` of its keys: RESOURCE_EXHAUSTED (the
+        client's NoSpace) for a Pin that would go beyond."""
+        mine = self._limits()
+        if mine is None or mine[1].max_pins is None:
             return
-        held = self.state.scope_bytes(who.scope)
-        asked = sum(i.size for i in req.items)
-        if held + asked > quota:
+        who, limit = mine[0], mine[1].max_pins
+        new = len({k for k in keys if self.state.pinned_version(k) is None})
+        pinned = self.state.scope_pins(who.scope)
+        if new and pinned + new > limit:
             raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{NO_SPACE_MARKER} tenant {who.tenant!r} holds {held} bytes of its quota of "
-                          f"{quota}; this put needs {asked} more (remove keys, or raise quota_bytes)")
+                          f"{NO_SPACE_MARKER} tenant {who.tenant!r} has {pinned} keys pinned, {new} more would "
+                          f"pass its max_pins={limit} (unpin some, or raise max_pins)")
 
     def _auth_mtime(self) -> float:
         if self.config.auth_dir is None:
@@ -421,6 +455,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     def _Pin(self, req: pb.PinRequest) -> pb.PinResponse:
         self._keys(req.keys, "Pin")
+        self._check_pins(req.keys)
         st = self.state.pin(self.clock(), req.keys)
         self._pin_changes += [(k, self.state.pinned_version(k)) for k, s in zip(req.keys, st, strict=True)
                               if s == Status.OK]

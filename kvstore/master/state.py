@@ -148,6 +148,8 @@ class MasterState:
         self._journal: list[codec.Record] = []
         self._events: list[Event] = []  # for the event stream (kvstore.master.events)
         self._scope_bytes: dict[bytes, int] = {}  # complete bytes per tenant key scope (@NAME/)
+        self._scope_pins: dict[bytes, int] = {}  # pinned objects per scope
+        self._scope_pending: dict[bytes, int] = {}  # keys reserved by puts not yet ended, per scope
         self._scope_objects: dict[bytes, int] = {}
         self._dead: list[str] = []
         self._expired_res = 0
@@ -198,6 +200,24 @@ class MasterState:
 
     def scope_objects(self, scope: bytes) -> int:
         return self._scope_objects.get(scope, 0)
+
+    def scope_pins(self, scope: bytes) -> int:
+        """Pinned objects whose keys start with ``scope``."""
+        return self._scope_pins.get(scope, 0)
+
+    def scope_pending(self, scope: bytes) -> int:
+        """Keys starting with ``scope`` that puts have reserved and not yet ended."""
+        return self._scope_pending.get(scope, 0)
+
+    @staticmethod
+    def _bump(counts: dict[bytes, int], key: bytes, delta: int) -> None:
+        scope = key_scope(key)
+        if scope and delta:
+            n = counts.get(scope, 0) + delta
+            if n > 0:
+                counts[scope] = n
+            else:
+                counts.pop(scope, None)
 
     def _count_scope(self, key: bytes, delta: int) -> None:
         scope = key_scope(key)
@@ -411,6 +431,7 @@ class MasterState:
             res.items[key] = _Pending(it.size, it.checksum,
                                       tuple((n.node_id, n.epoch) for n in chosen))
             self._pending[key] = put_id
+            self._bump(self._scope_pending, key, 1)
             out.append(Placement(Status.OK, tuple(chosen)))
         if res.items:
             self._reservations[put_id] = res
@@ -430,6 +451,7 @@ class MasterState:
                 out.append(Status.EXPIRED)
                 continue
             del self._pending[key]
+            self._bump(self._scope_pending, key, -1)
             live = [nid for nid, ep in item.targets
                     if (n := self._nodes.get(nid)) is not None and n.epoch == ep]
             for nid, _ in item.targets:
@@ -476,6 +498,7 @@ class MasterState:
     def _release(self, key: bytes, item: _Pending) -> None:
         """Undo a pending reservation item: free its bytes, queue deletes."""
         del self._pending[key]
+        self._bump(self._scope_pending, key, -1)
         for nid, ep in item.targets:
             node = self._nodes.get(nid)
             if node is None:
@@ -620,6 +643,7 @@ class MasterState:
             if obj.pinned != pinned:
                 obj.pinned = pinned
                 self._pins += 1 if pinned else -1
+                self._bump(self._scope_pins, key, 1 if pinned else -1)
                 self._persist_object(key, obj)
             out.append(Status.OK)
         return out
@@ -712,6 +736,7 @@ class MasterState:
         self._bytes += obj.size
         self._count_scope(key, obj.size)
         self._pins += obj.pinned
+        self._bump(self._scope_pins, key, int(obj.pinned))
         for nid in obj.replicas:
             node = self._nodes[nid]
             node.keys.add(key)
@@ -724,6 +749,7 @@ class MasterState:
         self._bytes -= obj.size
         self._count_scope(key, -obj.size)
         self._pins -= obj.pinned
+        self._bump(self._scope_pins, key, -int(obj.pinned))
         self._journal.append((codec.OBJECT + key, None))
         self._emit(why, key, obj.size)
 

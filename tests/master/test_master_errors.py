@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from kvstore import errors
-from kvstore.master.errors import NO_SPACE_MARKER, error_from_rpc, status_for
+from kvstore.master.errors import BUSY_MARKER, NO_SPACE_MARKER, error_from_rpc, status_for
 
 
 class FakeRpcError(grpc.RpcError):
@@ -39,6 +39,8 @@ def test_error_from_rpc(code: grpc.StatusCode, cls: type[errors.KVStoreError]) -
 def test_no_space_and_retryable() -> None:
     e = error_from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{NO_SPACE_MARKER} full"))
     assert isinstance(e, errors.NoSpace)
+    busy = error_from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{BUSY_MARKER} too many puts"))
+    assert isinstance(busy, errors.TryAgain) and busy.retryable
     assert error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE)).retryable
     assert not error_from_rpc(FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT)).retryable
 

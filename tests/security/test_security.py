@@ -284,3 +284,44 @@ def test_tenant_quota_stops_one_tenant_only(pool: Secured) -> None:
         assert (st.objects, st.bytes, dict(st.counters)) == (2, 800_000, {})
         assert c.remove(b"q-0", force=True)
         assert c.put(b"q-2", os.urandom(400_000))  # room again
+
+
+def test_tenant_pin_and_in_flight_limits(pool: Secured) -> None:
+    """max_pins: a Pin past it is NoSpace (re-pinning a pinned key is free); max_puts_in_flight:
+    a put that would pass it is TryAgain until reservations end; other tenants unaffected."""
+    from kvstore.auth import add_tenant
+    from kvstore.errors import InvalidArgument, NoSpace, TryAgain
+    from kvstore.v1 import master_pb2 as mpb
+
+    token = add_tenant(pool.tmp / "auth", "bounded", max_pins=2, max_puts_in_flight=2).read_text().strip()
+    deadline = time.monotonic() + 20
+    while True:  # the master and the node pick the new tenant up
+        try:
+            with Client(pool.address, token=token, timeout=5) as c:
+                assert c.put_batch([(b"p-0", b"a" * 1000), (b"p-1", b"b" * 1000)]) == [True] * 2
+                assert c.put(b"p-2", b"c" * 1000)
+            break
+        except PermissionDenied:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    with Client(pool.address, token=token, timeout=3, retries=0) as c, pool.client() as other:
+        with pytest.raises(InvalidArgument, match="split the batch"):  # a batch that can never fit
+            c.put_batch([(f"big-{i}".encode(), b"x") for i in range(3)])
+        assert c.pin_batch([b"p-0", b"p-1"]) == [True, True]
+        assert c.pin_batch([b"p-1"]) == [True]  # already pinned: not a new pin
+        with pytest.raises(NoSpace, match="max_pins"):
+            c.pin_batch([b"p-2"])
+        assert c.unpin_batch([b"p-0"]) == [True]
+        assert c.pin_batch([b"p-2"]) == [True]
+        # two reservations left open (PutStart without PutEnd), as a slow or dead writer leaves them
+        scope = c._key_prefix
+        assert scope
+        start = mpb.PutStartRequest(items=[mpb.PutItem(key=scope + b"open-0", size=100, checksum=1),
+                                           mpb.PutItem(key=scope + b"open-1", size=100, checksum=2)])
+        held = c._grpc("PutStart", start, 5)
+        with pytest.raises(TryAgain, match="max_puts_in_flight"):
+            c.put(b"p-3", b"d" * 1000)
+        assert other.put(b"in-flight-elsewhere", b"e" * 1000)  # another tenant is not limited
+        c._grpc("PutRevoke", mpb.PutRevokeRequest(put_id=held.put_id, keys=[i.key for i in start.items]), 5)
+        assert c.put(b"p-3", b"d" * 1000)
+        assert bytes(c.get(b"p-3") or b"") == b"d" * 1000
