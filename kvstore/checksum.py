@@ -43,6 +43,7 @@ _NATIVE = _load_native()
 _THREADS = 2
 """Threads for one native copy-and-hash pass: a large value, or a batch of many
 (:func:`copy_verified_many`); a second thread only from 4 MiB per thread on."""
+_MIN_PER_THREAD = 4 << 20
 
 
 def backend() -> str:
@@ -103,6 +104,15 @@ def verify(data: Buffer, expected: int, key: bytes = b"", what: str = "chunk") -
     got = checksum(data, key)
     if got != expected:
         raise Corruption(f"{what}: checksum mismatch (stored {expected:#018x}, read {got:#018x})")
+
+
+def copy_into(dst: memoryview, src: memoryview) -> None:
+    """``dst[:len(src)] = src``, over both copy threads from 4 MiB on (native build)."""
+    n = len(src)
+    if _NATIVE is None or n < _MIN_PER_THREAD:
+        dst[:n] = src
+        return
+    _NATIVE.copy(_address(dst), _address(src), n, _THREADS)
 
 
 def copy_summed(src: memoryview, dst: memoryview | Scattered, key: bytes = b"") -> np.ndarray:

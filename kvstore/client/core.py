@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from kvstore._types import byte_view
-from kvstore.checksum import block_sums, check_ranges, combine
+from kvstore.checksum import block_sums, check_ranges, combine, copy_into
 from kvstore.client.locations import Known, LocationCache
 from kvstore.client.samehost import MappedNode
 from kvstore.errors import (
@@ -289,7 +289,7 @@ class ClientCore:
             try:
                 for i, s in held:
                     conn.mapped.touch(s.offset, len(views[i]), write=True)
-                    arena[s.offset:s.offset + len(views[i])] = views[i]
+                    copy_into(arena[s.offset:s.offset + len(views[i])], views[i])
             except BaseException:
                 try:
                     yield NodeCall(conn, Op.ABORT, [s.handle for _, s in held], max(deadline, time.monotonic() + 2))

@@ -90,3 +90,15 @@ def test_ranges_verify_and_catch_a_flipped_byte(data):
     bad = bytearray(src)
     bad[flip] ^= 0x5A
     assert read(memoryview(bytes(bad)))[0] is False
+
+
+@pytest.mark.parametrize("n", [0, 1, (4 << 20) - 1, 4 << 20, (9 << 20) + 17])
+def test_copy_into_copies_exactly_the_source(n: int) -> None:
+    """Below 4 MiB a slice assignment, from there the two-thread native copy: same bytes,
+    nothing past the source's length touched."""
+    from kvstore.checksum import copy_into
+
+    src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    dst = np.full(n + 64, 7, dtype=np.uint8)
+    copy_into(memoryview(dst).cast("B"), memoryview(src).cast("B"))
+    assert np.array_equal(dst[:n], src) and (dst[n:] == 7).all()
