@@ -8,12 +8,17 @@ decode server's answer, streamed or not, is relayed to the client as it comes.
 
 If the prefill server fails, the request still goes to decode, which then
 recomputes the prompt (logged; the answer is the same, only slower).
-Needs ``aiohttp`` (``pip install 'kvstore[vllm]'``).
+
+With several prefill or decode servers, ``--policy`` picks one per request
+(:mod:`kvstore.routing`): ``round_robin``, ``prefix`` (the server that was sent the
+longest prefix of this prompt before, so its own prefix cache holds it) or
+``prefix_load`` (``prefix`` among the servers not overloaded; the default). Its
+decisions, predicted hits and the prefill servers' reported cached tokens are on
+``/metrics``. Needs ``aiohttp`` (``pip install 'kvstore[vllm]'``).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any
 
@@ -61,13 +66,69 @@ def decode_body(body: dict[str, Any], prefill_answer: dict[str, Any] | None) -> 
     return out
 
 
-def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client_params: bool = False) -> Any:
+class ProxyMetrics:
+    """The proxy's own Prometheus metrics (one registry per app)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.routed = Counter("kvstore_proxy_requests", "Requests routed, per leg, server and reason",
+                              ["leg", "server", "reason"], registry=self.registry)
+        self.blocks = Counter("kvstore_proxy_prompt_blocks", "Prompt blocks routed, per leg",
+                              ["leg"], registry=self.registry)
+        self.predicted = Counter("kvstore_proxy_predicted_hit_blocks",
+                                 "Prompt blocks the chosen server was predicted to hold, per leg",
+                                 ["leg"], registry=self.registry)
+        self.cached = Counter("kvstore_proxy_prefill_cached_tokens",
+                              "Prompt tokens prefill servers reported as cached "
+                              "(usage.prompt_tokens_details.cached_tokens, where they report it)",
+                              registry=self.registry)
+        self.prompt_tokens = Counter("kvstore_proxy_prefill_prompt_tokens",
+                                     "Prompt tokens prefill servers reported (usage.prompt_tokens)",
+                                     registry=self.registry)
+        self.in_flight = Gauge("kvstore_proxy_in_flight", "Requests in flight, per leg and server",
+                               ["leg", "server"], registry=self.registry)
+        self.failed = Counter("kvstore_proxy_upstream_failures", "Upstream requests that failed, per leg",
+                              ["leg"], registry=self.registry)
+
+    def usage(self, answer: dict[str, Any] | None) -> None:
+        usage = (answer or {}).get("usage")
+        if not isinstance(usage, dict):
+            return
+        if isinstance(usage.get("prompt_tokens"), int):
+            self.prompt_tokens.inc(usage["prompt_tokens"])
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            self.cached.inc(details["cached_tokens"])
+
+
+def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client_params: bool = False, *,
+             policy: str = "prefix_load", block_tokens: int = 16, block_chars: int = 64,
+             max_imbalance: int = 4, index_capacity: int = 1 << 18) -> Any:
     """The aiohttp application (built lazily so the CLI loads without aiohttp)."""
     import aiohttp
     from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    rr_prefill, rr_decode = itertools.cycle(prefill), itertools.cycle(decode)
+    from kvstore.routing import PrefixRouter, prefix_keys, prompt_blocks
+
+    routers = {leg: PrefixRouter(servers, policy, capacity=index_capacity, max_imbalance=max_imbalance)
+               for leg, servers in (("prefill", prefill), ("decode", decode))}
+    metrics = ProxyMetrics()
     client_timeout = aiohttp.ClientTimeout(total=timeout)
+
+    def route(leg: str, keys: list[int]) -> str:
+        c = routers[leg].choose(keys)
+        metrics.routed.labels(leg, c.instance, c.reason).inc()
+        metrics.blocks.labels(leg).inc(c.blocks)
+        metrics.predicted.labels(leg).inc(c.matched)
+        metrics.in_flight.labels(leg, c.instance).set(routers[leg].in_flight[c.instance])
+        return c.instance
+
+    def finished(leg: str, server: str) -> None:
+        routers[leg].done(server)
+        metrics.in_flight.labels(leg, server).set(routers[leg].in_flight[server])
 
     async def on_startup(app: web.Application) -> None:
         app["session"] = aiohttp.ClientSession(timeout=client_timeout)
@@ -85,18 +146,28 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
             return web.json_response({"error": {"message": "request body must be a JSON object"}}, status=400)
         body = client_body(body, trust_client_params)
         path = request.path
+        # the same prompt under another model or cache salt shares no cache
+        salt = f"{body.get('model', '')}\x00{body.get('cache_salt', '')}".encode()
+        keys = prefix_keys(prompt_blocks(body, block_tokens, block_chars), salt)
         answer: dict[str, Any] | None = None
-        p_url = next(rr_prefill).rstrip("/") + path
+        p_server = route("prefill", keys)
+        p_url = p_server.rstrip("/") + path
         try:
             async with session.post(p_url, json=prefill_body(body)) as r:
                 if r.status == 200:
                     answer = await r.json()
+                    metrics.usage(answer)
                 else:
+                    metrics.failed.labels("prefill").inc()
                     log.warning("prefill %s answered %d: %s; decode recomputes", p_url, r.status,
                                 (await r.text())[:300])
         except (aiohttp.ClientError, TimeoutError) as e:
+            metrics.failed.labels("prefill").inc()
             log.warning("prefill %s failed (%s); decode recomputes", p_url, e)
-        d_url = next(rr_decode).rstrip("/") + path
+        finally:
+            finished("prefill", p_server)
+        d_server = route("decode", keys)
+        d_url = d_server.rstrip("/") + path
         try:
             async with session.post(d_url, json=decode_body(body, answer)) as r:
                 resp = web.StreamResponse(status=r.status)
@@ -107,8 +178,11 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
                 await resp.write_eof()
                 return resp
         except (aiohttp.ClientError, TimeoutError) as e:
+            metrics.failed.labels("decode").inc()
             log.error("decode %s failed: %s", d_url, e)
             return web.json_response({"error": {"message": f"decode server failed: {e}"}}, status=502)
+        finally:
+            finished("decode", d_server)
 
     async def models(request: web.Request) -> web.Response:
         session: aiohttp.ClientSession = request.app["session"]
@@ -116,13 +190,18 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
             return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "prefill": prefill, "decode": decode})
+        return web.json_response({"status": "ok", "prefill": prefill, "decode": decode, "policy": policy})
+
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     for path in _FORWARDED:
         app.router.add_post(path, forward)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", prometheus)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
@@ -139,9 +218,28 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
 @click.option("--trust-client-params", is_flag=True,
               help="Forward the clients' own kv_transfer_params and cache_salt (dropped by default: a client "
                    "could point the decode at another request's KV or probe others' prompts).")
+@click.option("--policy", type=click.Choice(["round_robin", "prefix", "prefix_load"]), default="prefix_load",
+              show_default=True,
+              help="How to pick among several prefill (and decode) servers: in turn; the one sent the longest "
+                   "prefix of this prompt before (its own prefix cache holds it); or that, among the servers "
+                   "within --max-imbalance requests in flight of the least loaded.")
+@click.option("--block-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompt block the prefix index keys on, for token-id prompts.")
+@click.option("--block-chars", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Prompt block the prefix index keys on, for text prompts and chat messages.")
+@click.option("--max-imbalance", type=click.IntRange(min=0), default=4, show_default=True,
+              help="prefix_load: servers with more than this many requests in flight above the least "
+                   "loaded one are passed over.")
+@click.option("--index-capacity", type=click.IntRange(min=1), default=1 << 18, show_default=True,
+              help="Prompt blocks remembered per server (least recently used dropped beyond).")
 def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: int, timeout: float,
-          trust_client_params: bool) -> None:
-    """OpenAI-compatible P/D proxy: prefill (max_tokens=1) then decode, streaming the answer."""
+          trust_client_params: bool, policy: str, block_tokens: int, block_chars: int, max_imbalance: int,
+          index_capacity: int) -> None:
+    """OpenAI-compatible P/D proxy: prefill (max_tokens=1) then decode, streaming the answer.
+
+    With several servers per role, --policy routes each request to the one most likely
+    to hold its prompt's prefix in its own cache (GET /metrics: decisions and hits).
+    """
     try:
         from aiohttp import web
     except ImportError as e:
@@ -150,5 +248,8 @@ def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: in
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--prefill/--decode must be http(s) URLs, got {url!r}")
     logging.getLogger("kvstore.proxy").setLevel(logging.INFO)
-    click.echo(f"kvstore proxy on http://{host}:{port}: prefill {list(prefill)} -> decode {list(decode)}")
-    web.run_app(make_app(list(prefill), list(decode), timeout, trust_client_params), host=host, port=port, print=None)
+    click.echo(f"kvstore proxy on http://{host}:{port}: prefill {list(prefill)} -> decode {list(decode)} "
+               f"(policy {policy})")
+    web.run_app(make_app(list(prefill), list(decode), timeout, trust_client_params, policy=policy,
+                         block_tokens=block_tokens, block_chars=block_chars, max_imbalance=max_imbalance,
+                         index_capacity=index_capacity), host=host, port=port, print=None)

@@ -1,4 +1,4 @@
-"""The two-server OpenAI path: ``kvstore proxy`` in front of a producer and a consumer vLLM server."""
+"""The OpenAI path: ``kvstore proxy`` in front of two producer and one consumer vLLM servers."""
 
 from __future__ import annotations
 
@@ -41,14 +41,15 @@ def test_client_supplied_transfer_params_and_salt_are_dropped_unless_trusted() -
     assert client_body(forged, trust=True) == forged
 
 
-def _server(model: Path, port: int, log: Path, kv: dict[str, Any] | None) -> subprocess.Popen[bytes]:
+def _server(model: Path, port: int, log: Path, kv: dict[str, Any] | None,
+            extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     from connectors.testing.engine import ENGINE_ENV
 
     env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": str(ROOT)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # servers run the engine core in its own process
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-            "--block-size", "32", "--max-model-len", "1024", "--seed", "0"]
+            "--block-size", "32", "--max-model-len", "1024", "--seed", "0", *extra]
     if kv is not None:
         args += ["--kv-transfer-config", json.dumps(kv)]
     return subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
@@ -93,22 +94,27 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
     from connectors.testing.engine import EngineProcess, kv_transfer_config
 
     ps = prompts(11, (150, 90))
+    turn2 = ps[0] + prompts(12, (70,))[0]  # the first conversation's next turn
     with EngineProcess(tiny_model, log=tmp_path / "plain.log", max_model_len=1024) as e:
         want = e.generate(ps, 8)["tokens"]
+        want2 = e.generate([turn2], 8)["tokens"][0]
     procs: list[subprocess.Popen[bytes]] = []
     with Cluster(tmp_path / "cluster", dram="128MiB").start(nodes=1) as cl:
         try:
-            pp, dp, xp = free_port(), free_port(), free_port()
-            procs.append(_server(tiny_model, pp, tmp_path / "prefill.log",
-                                 kv_transfer_config(cl.master_address, "kv_producer", chunk_tokens=CHUNK)))
+            pps, dp, xp = (free_port(), free_port()), free_port(), free_port()
+            for i, pp in enumerate(pps):  # two prefill servers: the proxy routes by prefix
+                procs.append(_server(tiny_model, pp, tmp_path / f"prefill{i}.log",
+                                     kv_transfer_config(cl.master_address, "kv_producer", chunk_tokens=CHUNK),
+                                     ("--enable-prompt-tokens-details",)))
             procs.append(_server(tiny_model, dp, tmp_path / "decode.log",
                                  kv_transfer_config(cl.master_address, "kv_consumer", chunk_tokens=CHUNK)))
             procs.append(subprocess.Popen(
                 [sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
-                 "--prefill", f"http://127.0.0.1:{pp}", "--decode", f"http://127.0.0.1:{dp}",
+                 *(a for pp in pps for a in ("--prefill", f"http://127.0.0.1:{pp}")),
+                 "--decode", f"http://127.0.0.1:{dp}", "--policy", "prefix",
                  "--port", str(xp)], stdout=open(tmp_path / "proxy.log", "ab"), stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True))
-            for port in (pp, dp):
+            for port in (*pps, dp):
                 _wait_http(f"http://127.0.0.1:{port}/health", procs)
             _wait_http(f"http://127.0.0.1:{xp}/health", procs, timeout=30)
             url = f"http://127.0.0.1:{xp}/v1/completions"
@@ -125,6 +131,21 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
             assert toks == want[1]
             assert raw.rstrip().endswith("data: [DONE]")
             assert cl_hits(cl) > 0  # the consumer read the producer's chunks from the pool
+            # The next turn of the first conversation goes to the prefill server that has its
+            # prefix, which answers from its own prefix cache; the answer is still exact.
+            got2 = json.loads(_post(url, {**base, "prompt": turn2}))
+            assert got2["choices"][0]["token_ids"] == want2
+            with urllib.request.urlopen(f"http://127.0.0.1:{xp}/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+
+            def metric(name: str, *labels: str) -> float:
+                return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                           if line.split("{")[0].split(" ")[0] == name and all(lab in line for lab in labels))
+
+            assert metric("kvstore_proxy_requests_total", 'leg="prefill"') == 3
+            assert metric("kvstore_proxy_requests_total", 'leg="prefill"', 'reason="prefix"') == 1
+            assert metric("kvstore_proxy_predicted_hit_blocks_total", 'leg="prefill"') == len(ps[0]) // 16
+            assert metric("kvstore_proxy_prefill_cached_tokens_total") >= 128  # whole 32-token blocks of ps[0]
         finally:
             for p in reversed(procs):
                 _stop(p)
