@@ -85,12 +85,18 @@ class Connections:
         return next((e for e in node.endpoints if e.scheme == "shm"), None)
 
     def add(self, conn: NodeConn) -> NodeConn:
-        """Keep ``conn`` (closing any earlier connection to that node)."""
+        """Keep ``conn`` (closing any earlier connection to that node), or, when another
+        thread connected to the same node incarnation meanwhile and that connection is
+        alive, keep that one and close ``conn``; the one kept."""
         with self._lock:
             old = self._conns.pop((conn.node_id, conn.epoch), None)
-            for k in [k for k in self._conns if k[0] == conn.node_id]:
-                self._conns.pop(k).close()
-            self._conns[(conn.node_id, conn.epoch)] = conn
+            if old is not None and (old.peer is None or not old.peer.closed):
+                self._conns[(conn.node_id, conn.epoch)] = old
+                old, conn = conn, old
+            else:
+                for k in [k for k in self._conns if k[0] == conn.node_id]:
+                    self._conns.pop(k).close()
+                self._conns[(conn.node_id, conn.epoch)] = conn
         if old is not None:
             old.close()
         return conn

@@ -207,3 +207,23 @@ def test_ranged_reads_into_scattered_pieces(cluster, same_host):
         assert np.concatenate(whole).tobytes() == v
         with pytest.raises(InvalidArgument):  # pieces smaller than the ranges
             r.get_into(b"chunk", dst[:layer], ranges=[(0, layer + 1)])
+
+
+def test_a_connection_raced_by_another_thread_is_not_closed_under_it():
+    """Two threads that both found no connection to a node each open one; the second to
+    add keeps the first's (which may already be in use) and closes its own."""
+    from kvstore.client.connections import Connections, NodeConn
+
+    class Control:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    conns = Connections("host-a", same_host=True, timeout=5)
+    first, second = NodeConn("n1", 3, Control()), NodeConn("n1", 3, Control())
+    assert conns.add(first) is first
+    assert conns.add(second) is first
+    assert second.control.closed and not first.control.closed
+    newer = NodeConn("n1", 4, Control())  # the node restarted: the new incarnation replaces the old
+    assert conns.add(newer) is newer and first.control.closed
