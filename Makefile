@@ -78,6 +78,7 @@ bench: install install-sglang
 	$(BIN)/python benchmarks/store.py --quick --json bench-results/store.json
 	$(BIN)/python benchmarks/pd_handoff.py --quick --json bench-results/pd_handoff.json
 	$(BIN)/python benchmarks/chaos.py --quick --json bench-results/chaos.json
+	$(BIN)/python benchmarks/routing.py --quick --json bench-results/routing.json
 	$(SGL_VENV)/bin/python benchmarks/sglang_backend.py --quick --json bench-results/sglang_backend.json
 
 # The long chaos run: SEEDS seeds of SECONDS each (kill -9, pause, corruption; two masters
