@@ -40,15 +40,11 @@ from connectors.testing import TinyModelSpec, build_tiny_llama  # noqa: E402
 from connectors.testing.engine import kv_transfer_config  # noqa: E402
 from connectors.testing.servers import post, start, stop, vllm_server, wait_http  # noqa: E402
 from kvstore.testing.cluster import Cluster, free_port  # noqa: E402
+from kvstore.testing.prometheus import sample_sum  # noqa: E402
 
 SPEC = TinyModelSpec(layers=4, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=512,
                      max_positions=4096, seed=7)
 POLICIES = ("round_robin", "prefix", "prefix_load")
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.split("{")[0].split(" ")[0] == name)
 
 
 def _workload(seed: int, convs: int, turns: int, system: int, turn_tokens: int) -> list[list[list[int]]]:
@@ -94,13 +90,13 @@ def _run_policy(policy: str, model: Path, prefill: list[str], decode: str, workd
             text = r.read().decode()
     finally:
         stop(proxy)
-    cached = _metric(text, "kvstore_proxy_prefill_cached_tokens_total")
-    prompt_tokens = _metric(text, "kvstore_proxy_prefill_prompt_tokens_total")
+    cached = sample_sum(text, "kvstore_proxy_prefill_cached_tokens_total")
+    prompt_tokens = sample_sum(text, "kvstore_proxy_prefill_prompt_tokens_total")
     return {"policy": policy, "requests": len(ttft), "hit_rate": cached / max(prompt_tokens, 1),
             "ttft_p50_ms": statistics.median(ttft) * 1e3,
             "ttft_p90_ms": sorted(ttft)[int(0.9 * (len(ttft) - 1))] * 1e3,
-            "predicted_hit_blocks": _metric(text, "kvstore_proxy_predicted_hit_blocks_total"),
-            "prompt_blocks": _metric(text, "kvstore_proxy_prompt_blocks_total")}
+            "predicted_hit_blocks": sample_sum(text, "kvstore_proxy_predicted_hit_blocks_total"),
+            "prompt_blocks": sample_sum(text, "kvstore_proxy_prompt_blocks_total")}
 
 
 def _event_lag(master: str, n: int) -> float:

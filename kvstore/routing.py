@@ -123,15 +123,14 @@ class PrefixRouter:
         if self.policy == "round_robin":
             pick, matched, reason = order[0], self.matched(order[0], keys), "round_robin"
         else:
+            held = {i: self.matched(i, keys) for i in order}
             pool = order
             if self.policy == "prefix_load":
                 least = min(self.in_flight.values())
                 pool = [i for i in order if self.in_flight[i] <= least + self.max_imbalance]
-            scored = [(self.matched(i, keys), -self.in_flight[i], -n) for n, i in enumerate(pool)]
-            best = max(range(len(pool)), key=lambda j: scored[j])
-            pick, matched = pool[best], scored[best][0]
-            everywhere = max(self.matched(i, keys) for i in order)
-            reason = "prefix" if matched and matched == everywhere else "load"
+            pick = max(enumerate(pool), key=lambda t: (held[t[1]], -self.in_flight[t[1]], -t[0]))[1]
+            matched = held[pick]
+            reason = "prefix" if matched and matched == max(held.values()) else "load"
         self._remember(pick, keys)
         self.in_flight[pick] += 1
         return Choice(pick, matched, len(keys), reason)

@@ -125,7 +125,6 @@ class ClientCore:
         # TLS to the master (gRPC and framed channel) and to the nodes' control channels,
         # verified against this CA (kvstore auth init --tls), presenting tls_cert where
         # the master or node asks for a client certificate (mutual TLS)
-        self.tls_ca = tls_ca
         self.tls = ClientTLS.of(tls_ca, tls_cert, tls_key)
         self._tls = self.tls.context() if self.tls is not None else None
         self._key_prefix: bytes | None = None  # the credential's key scope, once known

@@ -220,15 +220,9 @@ class MasterState:
                 counts.pop(scope, None)
 
     def _count_scope(self, key: bytes, delta: int) -> None:
-        scope = key_scope(key)
-        if scope:
-            n = self._scope_objects.get(scope, 0) + (1 if delta > 0 else -1)
-            left = self._scope_bytes.get(scope, 0) + delta
-            if n > 0:
-                self._scope_bytes[scope], self._scope_objects[scope] = left, n
-            else:
-                self._scope_bytes.pop(scope, None)
-                self._scope_objects.pop(scope, None)
+        """An object of ``delta`` bytes (negative: gone) under ``key``'s tenant scope."""
+        self._bump(self._scope_objects, key, 1 if delta > 0 else -1)
+        self._bump(self._scope_bytes, key, delta)
 
     def take_events(self) -> list[Event]:
         """What happened to chunks and nodes since the last call, in order."""

@@ -12,6 +12,7 @@ import pytest
 
 from kvstore.cli.proxy import client_body, decode_body, prefill_body
 from kvstore.testing.cluster import Cluster, free_port
+from kvstore.testing.prometheus import sample_sum
 from tests.connectors.conftest import CHUNK, prompts
 
 
@@ -86,14 +87,10 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
             with urllib.request.urlopen(f"http://127.0.0.1:{xp}/metrics", timeout=10) as r:
                 metrics = r.read().decode()
 
-            def metric(name: str, *labels: str) -> float:
-                return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                           if line.split("{")[0].split(" ")[0] == name and all(lab in line for lab in labels))
-
-            assert metric("kvstore_proxy_requests_total", 'leg="prefill"') == 3
-            assert metric("kvstore_proxy_requests_total", 'leg="prefill"', 'reason="prefix"') == 1
-            assert metric("kvstore_proxy_predicted_hit_blocks_total", 'leg="prefill"') == len(ps[0]) // 16
-            assert metric("kvstore_proxy_prefill_cached_tokens_total") >= 128  # whole 32-token blocks of ps[0]
+            assert sample_sum(metrics, "kvstore_proxy_requests_total", leg="prefill") == 3
+            assert sample_sum(metrics, "kvstore_proxy_requests_total", leg="prefill", reason="prefix") == 1
+            assert sample_sum(metrics, "kvstore_proxy_predicted_hit_blocks_total", leg="prefill") == len(ps[0]) // 16
+            assert sample_sum(metrics, "kvstore_proxy_prefill_cached_tokens_total") >= 128  # whole 32-token blocks of ps[0]
         finally:
             for p in reversed(procs):
                 stop(p)

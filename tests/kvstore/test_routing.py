@@ -6,6 +6,7 @@ import pytest
 
 from kvstore.errors import InvalidArgument
 from kvstore.routing import PrefixRouter, prefix_keys, prompt_blocks
+from kvstore.testing.prometheus import sample_sum
 
 A, B, C = "http://a", "http://b", "http://c"
 
@@ -146,12 +147,6 @@ def _multi_turn(policy: str, conversations: int = 5, turns: int = 4) -> dict[str
     return asyncio.run(run())
 
 
-def _metric(text: str, name: str, *labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include every ``labels`` (``k="v"``)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.split("{")[0].split(" ")[0] == name and all(lab in line for lab in labels))
-
-
 def test_proxy_prefix_policy_raises_the_prefill_hit_rate() -> None:
     """Same multi-turn workload, round robin vs prefix: with prefix every later turn of a
     conversation lands on the prefill server that has its prefix, so the servers report
@@ -160,13 +155,13 @@ def test_proxy_prefix_policy_raises_the_prefill_hit_rate() -> None:
     for policy in ("round_robin", "prefix", "prefix_load"):
         out = _multi_turn(policy)
         text = str(out["metrics"])
-        cached = _metric(text, "kvstore_proxy_prefill_cached_tokens_total")
-        prompt = _metric(text, "kvstore_proxy_prefill_prompt_tokens_total")
+        cached = sample_sum(text, "kvstore_proxy_prefill_cached_tokens_total")
+        prompt = sample_sum(text, "kvstore_proxy_prefill_prompt_tokens_total")
         rates[policy] = cached / prompt
-        assert _metric(text, "kvstore_proxy_requests_total", 'leg="prefill"') == 20
+        assert sample_sum(text, "kvstore_proxy_requests_total", leg="prefill") == 20
         if policy != "round_robin":
-            predicted = _metric(text, "kvstore_proxy_predicted_hit_blocks_total", 'leg="prefill"')
+            predicted = sample_sum(text, "kvstore_proxy_predicted_hit_blocks_total", leg="prefill")
             assert predicted * 16 >= cached  # the proxy predicted at least what the servers hit
-            assert _metric(text, "kvstore_proxy_requests_total", 'leg="prefill"', 'reason="prefix"') >= 15
+            assert sample_sum(text, "kvstore_proxy_requests_total", leg="prefill", reason="prefix") >= 15
     assert rates["prefix"] >= 1.5 * rates["round_robin"]
     assert rates["prefix_load"] >= 1.5 * rates["round_robin"]

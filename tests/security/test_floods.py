@@ -59,8 +59,9 @@ class Node:
     def client(self, **kw: object) -> Client:
         return Client(f"127.0.0.1:{self.port}", same_host=False, **kw)  # type: ignore[arg-type]
 
-    def status(self, field: str) -> int:
-        text = Path(f"/proc/{self.node.pid}/status").read_text()
+    def status(self, field: str, pid: int | None = None) -> int:
+        """A field of /proc/PID/status (the node's by default)."""
+        text = Path(f"/proc/{pid or self.node.pid}/status").read_text()
         return int(re.search(rf"^{field}:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
 
     def holds(self) -> float:
@@ -185,8 +186,7 @@ def test_master_under_idle_connections_and_a_call_flood(node: Node) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
 
     def status(field: str) -> int:
-        text = Path(f"/proc/{node.master.pid}/status").read_text()
-        return int(re.search(rf"^{field}:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+        return node.status(field, node.master.pid)
 
     with node.client() as c:
         c.stats()
