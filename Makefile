@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := test,dev,ucx,vllm,hf,ha
+EXTRAS := test,dev,ucx,vllm,hf,ha,router
 STAMP := $(VENV)/.installed
 
 .PHONY: install install-sglang run local-demo test test-fast bench chaos lint clean

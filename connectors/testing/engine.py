@@ -8,6 +8,7 @@ then answers one JSON command per stdin line with one JSON line on stdout:
   -> ``{"tokens": [[ids...]], "params": [...], "seconds": s, "ttft": [...]}``
 * ``{"op": "stats"}`` -> the connector's scheduler and worker counters
 * ``{"op": "wait_idle"}`` -> after queued saves/loads have run
+* ``{"op": "reset_prefix_cache"}`` -> vLLM's own prefix cache emptied
 * ``{"op": "exit"}``
 
 One engine per process keeps vLLM's process-global state apart and frees its
@@ -65,8 +66,9 @@ class EngineProcess:
                  connector: str | None = None, start_timeout: float = 240.0,
                  extra_env: dict[str, str] | None = None, max_lora_rank: int = 0, block_size: int = 32,
                  tensor_parallel_size: int = 1, dtype: str = "float32",
-                 attention_backend: str | None = None, prefix_caching: bool | None = None) -> None:
-        cfg = {"model": str(model_dir), "kv": kv, "max_model_len": max_model_len,
+                 attention_backend: str | None = None, prefix_caching: bool | None = None,
+                 kv_events: dict[str, Any] | None = None) -> None:
+        cfg = {"model": str(model_dir), "kv": kv, "kv_events": kv_events, "max_model_len": max_model_len,
                "max_num_batched_tokens": max_num_batched_tokens, "max_lora_rank": max_lora_rank,
                "block_size": block_size, "tensor_parallel_size": tensor_parallel_size, "dtype": dtype,
                "attention_backend": attention_backend, "prefix_caching": prefix_caching}
@@ -201,6 +203,10 @@ def _main(cfg: dict[str, Any]) -> None:
         from vllm.config import KVTransferConfig
 
         kw["kv_transfer_config"] = KVTransferConfig(**cfg["kv"])
+    if cfg.get("kv_events"):
+        from vllm.config import KVEventsConfig
+
+        kw["kv_events_config"] = KVEventsConfig(**cfg["kv_events"])
     if cfg.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = cfg["max_num_batched_tokens"]
     if cfg.get("tensor_parallel_size", 1) > 1:
@@ -251,6 +257,8 @@ def _main(cfg: dict[str, Any]) -> None:
             elif op == "wait_idle":
                 _wait_idle(llm)
                 _reply({"ok": True})
+            elif op == "reset_prefix_cache":  # the next run of a prompt must come from the pool
+                _reply({"ok": bool(llm.reset_prefix_cache())})
             else:
                 _reply({"error": f"unknown op {op!r}"})
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it

@@ -19,6 +19,8 @@ get_num_new_matched_tokens          scheduler  prefix hit beyond local tokens; n
 update_state_after_alloc            scheduler  plan the load into the allocated blocks
 build_connector_meta                scheduler  the step's loads and saves (resets loads)
 request_finished                    scheduler  True keeps blocks until the saves are done
+update_connector_output             scheduler  the workers' pool events of the step
+take_events                         scheduler  pool events for vLLM's KV-event publisher
 set_xfer_handshake_metadata         scheduler  workers' namespaces, once at start-up
 register_kv_caches                  worker     derive layout from shapes/strides, once
 get_handshake_metadata              worker     this worker's namespace, once
@@ -28,6 +30,7 @@ save_kv_layer                       worker     gather one layer of chunks to sav
 wait_for_save                       worker     settle loads, queue saves; no store I/O
 get_finished                        worker     saves done for finished requests; async loads
 get_block_ids_with_load_errors      worker     blocks to recompute
+get_kv_connector_kv_cache_events    worker     chunks stored to / loaded from the pool
 ==================================  =========  ===========================================
 
 Roles: ``kv_both`` loads and saves (prefix sharing / offload), ``kv_producer``
@@ -56,8 +59,11 @@ from connectors.vllm.stats import Interval, KVStoreConnectorStats, KVStorePromMe
 from connectors.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
         KVConnectorPromMetrics,
         KVConnectorStats,
@@ -68,6 +74,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -94,15 +101,18 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         self._interval = Interval()
+        kec = getattr(vllm_config, "kv_events_config", None)
+        events = bool(kec is not None and kec.enable_kv_cache_events)
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = SchedulerSide(self.cfg, block_size, load=load, save=save)
+            self.scheduler = SchedulerSide(self.cfg, block_size, load=load, save=save, events=events)
         else:
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
             self.worker = WorkerSide(
                 self.cfg, model_id=self.cfg.model_id or str(mc.model), block_size=block_size,
                 kv_heads=mc.get_num_kv_heads(pc), head_dim=mc.get_head_size(), tp_rank=0,
                 tp_size=pc.tensor_parallel_size, load=load, save=save, identity=model_identity(vllm_config),
-                pp_size=pc.pipeline_parallel_size, use_mla=bool(getattr(mc, "use_mla", False)))
+                pp_size=pc.pipeline_parallel_size, use_mla=bool(getattr(mc, "use_mla", False)),
+                events=events)
 
     # -- worker side -------------------------------------------------------------------
 
@@ -156,6 +166,9 @@ class KVStoreConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set() if self.worker is None else self.worker.take_load_errors()
 
+    def get_kv_connector_kv_cache_events(self) -> KVConnectorKVEvents | None:
+        return None if self.worker is None else self.worker.take_events()
+
     # -- scheduler side ----------------------------------------------------------------
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata],
@@ -176,6 +189,14 @@ class KVStoreConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput, **kwargs: Any) -> KVConnectorMetadata:
         assert self.scheduler is not None
         return self.scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self.scheduler is not None and connector_output.kv_cache_events is not None:
+            self.scheduler.add_events(connector_output.kv_cache_events.get_all_events())
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """Pool events (medium ``KVSTORE``) for vLLM's KV-event publisher; see connectors.vllm.events."""
+        return () if self.scheduler is None else self.scheduler.take_events()
 
     def request_finished(self, request: Request, block_ids: list[int],
                          **kwargs: Any) -> tuple[bool, dict[str, Any] | None]:

@@ -9,6 +9,7 @@ source of truth for keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
@@ -34,6 +35,8 @@ class LoadSpec:
     is_async: bool
     extras: list[bytes] = field(default_factory=list)
     """Per-chunk extra identity (LoRA, multimodal items) from the scheduler; see naming.chunk_extras."""
+    block_hashes: list[Any] = field(default_factory=list)
+    """vLLM's block hashes of ``tokens`` (as its KV events carry them), when KV events are on."""
 
 
 @dataclass
@@ -53,6 +56,8 @@ class SaveSpec:
     block_ids: list[int]
     extras: list[bytes] = field(default_factory=list)
     """Per-chunk extra identity (LoRA, multimodal items) from the scheduler; see naming.chunk_extras."""
+    block_hashes: list[Any] = field(default_factory=list)
+    """vLLM's block hashes of ``tokens`` (as its KV events carry them), when KV events are on."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from connectors.vllm.config import ConnectorConfig
+from connectors.vllm.events import EventGate
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
 from connectors.vllm.naming import RefusedRequest, chunk_extras, keys_for, namespace
 from kvstore.client import Client
@@ -67,11 +68,14 @@ class _Tracked:
 class SchedulerSide:
     """Scheduler half of :class:`~connectors.vllm.KVStoreConnector`."""
 
-    def __init__(self, cfg: ConnectorConfig, block_size: int, *, load: bool, save: bool) -> None:
+    def __init__(self, cfg: ConnectorConfig, block_size: int, *, load: bool, save: bool,
+                 events: bool = False) -> None:
         self.cfg = cfg
         self.block_size = block_size
         self.load_enabled = load
         self.save_enabled = save
+        self.events = EventGate() if events else None
+        """Pool events for vLLM's KV-event publisher (``--kv-events-config``); None: off."""
         self.client = Client(cfg.master, timeout=cfg.timeout, token=cfg.token, tls_ca=cfg.tls_ca,
                              tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         self.breaker = cfg.breaker()
@@ -183,7 +187,7 @@ class SchedulerSide:
             req_id=request.request_id, tokens=list((request.prompt_token_ids or [])[:last_chunk_end]),
             cache_salt=request.cache_salt or "", start=start, end=end,
             block_ids=block_ids[start // bs: end // bs], is_async=self.cfg.load_async,
-            extras=t.extras[: last_chunk_end // c]))
+            extras=t.extras[: last_chunk_end // c], block_hashes=self._hashes(request, last_chunk_end)))
         self.counters["load_requests"] += 1
         self.counters["load_tokens"] += num_external_tokens
 
@@ -231,10 +235,37 @@ class SchedulerSide:
         meta.saves.append(SaveSpec(
             req_id=req.request_id, tokens=list(prompt[: done * c]), cache_salt=req.cache_salt or "",
             first_chunk=t.next_save, num_chunks=done - t.next_save,
-            block_ids=t.blocks[t.next_save * bpc: done * bpc], extras=t.extras[:done]))
+            block_ids=t.blocks[t.next_save * bpc: done * bpc], extras=t.extras[:done],
+            block_hashes=self._hashes(req, done * c)))
         self.counters["save_chunks"] += done - t.next_save
         t.next_save = done
         self._saving.add(req.request_id)
+
+    def _hashes(self, request: Request, tokens: int) -> list[Any]:
+        """vLLM's block hashes of the request's first ``tokens`` tokens, as its KV events
+        carry them; empty when events are off."""
+        if self.events is None:
+            return []
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+        return [maybe_convert_block_hash(h) for h in request.block_hashes[: tokens // self.block_size]]
+
+    # -- KV events ---------------------------------------------------------------------
+
+    def add_events(self, events: list[Any]) -> None:
+        """The workers' pool events of one step (see :mod:`connectors.vllm.events`)."""
+        if self.events is None or not events:
+            return
+        # A chunk is in the pool once every rank holding its own copy stored it (MLA: one copy).
+        ranks = len({h.tp_rank for h in self.handshakes}) or 1
+        self.events.add(events, ranks)
+
+    def take_events(self) -> list[Any]:
+        if self.events is None:
+            return []
+        out = self.events.take()
+        self.counters["events"] += len(out)
+        return out
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Keep the blocks while planned saves run; announce stored chunks to a P/D consumer."""

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from connectors.vllm.config import ConnectorConfig
+from connectors.vllm.events import KVStoreKVEvents, chunk_event
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
 from connectors.vllm.naming import keys_for, namespace, namespace_model, stage_identity
 from kvstore import kernels
@@ -124,8 +125,11 @@ class WorkerSide:
 
     def __init__(self, cfg: ConnectorConfig, *, model_id: str, block_size: int, kv_heads: int,
                  head_dim: int, tp_rank: int, tp_size: int, load: bool, save: bool,
-                 identity: str = "", pp_rank: int = 0, pp_size: int = 1, use_mla: bool = False) -> None:
+                 identity: str = "", pp_rank: int = 0, pp_size: int = 1, use_mla: bool = False,
+                 events: bool = False) -> None:
         self.cfg = cfg
+        self.events_enabled = events  # pool events for vLLM's KV-event publisher (connectors.vllm.events)
+        self._events: list[Any] = []
         self.model_id = model_id
         self.identity = identity  # naming.model_identity: revision, quantization, dtypes, KV config
         self.pp_rank, self.pp_size = pp_rank, pp_size
@@ -408,6 +412,8 @@ class WorkerSide:
         for i, spec in enumerate(job.specs):
             failed = self._failed_blocks(job.plans[i]) if i < len(job.plans) and not job.abandoned.is_set() \
                 else set(spec.block_ids)
+            if i < len(job.plans) and not job.abandoned.is_set():
+                self._loaded_event(job.plans[i])
             self._load_errors |= failed
             self.counters["load_requests"] += 1
             if failed:
@@ -422,6 +428,7 @@ class WorkerSide:
             for group in self._layer_groups((plan.c1 - plan.c0) * self.obj_bytes):
                 self._load_layers(plan, group)
             failed = self._failed_blocks(plan)
+            self._loaded_event(plan)
         except Exception:  # noqa: BLE001 - the request must still be reported, with its blocks failed
             log.exception("kvstore async load of request %s failed; it will be recomputed", spec.req_id)
         with self._lock:
@@ -510,6 +517,7 @@ class WorkerSide:
                             spec.num_chunks, e)
             else:
                 self.breaker.success()
+                self._event(spec.block_hashes, spec.tokens, spec.first_chunk, spec.first_chunk + spec.num_chunks)
                 self.counters["saved_chunks"] += spec.num_chunks
                 self.counters["saved_bytes"] += ob * self.num_layers * spec.num_chunks
         except Exception:  # noqa: BLE001 - a save is best effort; the request must still complete
@@ -527,6 +535,30 @@ class WorkerSide:
                 self._save_inflight[st.spec.req_id] -= 1
                 if self._save_inflight[st.spec.req_id] <= 0:
                     del self._save_inflight[st.spec.req_id]
+
+    # -- KV events -------------------------------------------------------------------
+
+    def _loaded_event(self, plan: _LoadPlan) -> None:
+        self._event(plan.spec.block_hashes, plan.spec.tokens, plan.c0, min(plan.bad_from, plan.c1))
+
+    def _event(self, hashes: list[Any], tokens: list[int], first: int, end: int) -> None:
+        """Record that chunks ``[first, end)`` are in the pool (stored or loaded verified).
+        With MLA the ranks share one copy: rank 0 alone reports it."""
+        if not self.events_enabled or (self.use_mla and self.tp_rank != 0):
+            return
+        event = chunk_event(hashes, tokens, self.block_size, self.cfg.chunk_tokens, first, end)
+        if event is not None:
+            with self._lock:
+                self._events.append(event)
+
+    def take_events(self) -> KVStoreKVEvents | None:
+        """The pool events recorded since the last call (vLLM returns them to the scheduler)."""
+        with self._lock:
+            events, self._events = self._events, []
+        if not events:
+            return None
+        self.counters["events"] += len(events)
+        return KVStoreKVEvents(events)
 
     # -- completion reporting --------------------------------------------------------
 
