@@ -9,7 +9,8 @@ policy profits from another's cache), restarting only the proxy. Measured per po
 the prefill servers' prefix-cache hit rate (cached / prompt tokens from their
 ``usage``, ``--enable-prompt-tokens-details``) and the time to the first token of each
 request through the proxy (``max_tokens=1``: prefill leg, then the decode leg's first
-token). Beside it, the pool's event lag: put acknowledged -> its ``STORED`` event
+token). ``prefix_events`` is ``prefix`` routing by the prefill servers' own KV events
+(``--engine-events``) rather than the proxy's history. Beside it, the pool's event lag: put acknowledged -> its ``STORED`` event
 received by a ``watch_events`` subscriber.
 
     python benchmarks/routing.py --quick --json bench-results/routing.json
@@ -18,6 +19,7 @@ received by a ``watch_events`` subscriber.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -44,7 +46,9 @@ from kvstore.testing.prometheus import sample_sum  # noqa: E402
 
 SPEC = TinyModelSpec(layers=4, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=512,
                      max_positions=4096, seed=7)
-POLICIES = ("round_robin", "prefix", "prefix_load")
+POLICIES = ("round_robin", "prefix", "prefix_load", "prefix_events")
+"""``prefix_events``: ``--policy prefix`` routing by the prefill servers' own KV events
+(``--engine-events``) instead of the proxy's history."""
 
 
 def _workload(seed: int, convs: int, turns: int, system: int, turn_tokens: int) -> list[list[list[int]]]:
@@ -61,12 +65,17 @@ def _workload(seed: int, convs: int, turns: int, system: int, turn_tokens: int) 
     return out
 
 
-def _run_policy(policy: str, model: Path, prefill: list[str], decode: str, workdir: Path, seed: int,
-                convs: int, turns: int, system: int, turn_tokens: int, parallel: int) -> dict[str, Any]:
+def _run_policy(name: str, model: Path, prefill: list[str], decode: str, workdir: Path, seed: int,
+                convs: int, turns: int, system: int, turn_tokens: int, parallel: int,
+                feeds: list[str]) -> dict[str, Any]:
     port = free_port()
+    policy = "prefix" if name == "prefix_events" else name
+    events = [a for u, f in zip(prefill, feeds, strict=True) for a in ("--engine-events", f"{u}={f}")] \
+        if name == "prefix_events" else []
     proxy = start([sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
                    *(a for u in prefill for a in ("--prefill", u)), "--decode", decode, "--policy", policy,
-                   "--port", str(port)], workdir / f"proxy-{policy}.log")
+                   *events, "--events-topic", "kv", "--kv-block-size", "32",
+                   "--port", str(port)], workdir / f"proxy-{name}.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/health", [proxy], timeout=60)
         url = f"http://127.0.0.1:{port}/v1/completions"
@@ -92,7 +101,7 @@ def _run_policy(policy: str, model: Path, prefill: list[str], decode: str, workd
         stop(proxy)
     cached = sample_sum(text, "kvstore_proxy_prefill_cached_tokens_total")
     prompt_tokens = sample_sum(text, "kvstore_proxy_prefill_prompt_tokens_total")
-    return {"policy": policy, "requests": len(ttft), "hit_rate": cached / max(prompt_tokens, 1),
+    return {"policy": name, "requests": len(ttft), "hit_rate": cached / max(prompt_tokens, 1),
             "ttft_p50_ms": statistics.median(ttft) * 1e3,
             "ttft_p90_ms": sorted(ttft)[int(0.9 * (len(ttft) - 1))] * 1e3,
             "predicted_hit_blocks": sample_sum(text, "kvstore_proxy_predicted_hit_blocks_total"),
@@ -149,10 +158,13 @@ def main() -> None:
         with Cluster(work / "cluster", dram="1GiB").start(nodes=1) as cl:
             try:
                 ports = [free_port() for _ in range(3)]
+                feeds = [f"ipc://{work / f'p{i}.sock'}" for i in range(2)]
                 for i, p in enumerate(ports[:2]):
+                    ev = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": feeds[i], "topic": "kv"}
                     procs.append(vllm_server(model, p, work / f"prefill{i}.log",
                                              kv_transfer_config(cl.master_address, "kv_producer"),
-                                             "--enable-prompt-tokens-details", max_model_len=4096))
+                                             "--enable-prompt-tokens-details", "--kv-events-config", json.dumps(ev),
+                                             max_model_len=4096))
                 procs.append(vllm_server(model, ports[2], work / "decode.log",
                                          kv_transfer_config(cl.master_address, "kv_consumer"), max_model_len=4096))
                 for p in ports:
@@ -160,19 +172,21 @@ def main() -> None:
                 urls = [f"http://127.0.0.1:{p}" for p in ports]
                 for i, policy in enumerate(POLICIES):
                     row = _run_policy(policy, model, urls[:2], urls[2], work, 100 + i, convs, turns, system,
-                                      turn_tokens, parallel)
+                                      turn_tokens, parallel, feeds)
                     results["rows"].append(row)
                     print(f"  {policy}: hit rate {row['hit_rate']:.2f}, TTFT p50 {row['ttft_p50_ms']:.0f} ms",
                           flush=True)
                 results["event_lag_p50_ms"] = _event_lag(cl.master_address, 50)
             finally:
-                for p in procs:
-                    stop(p)
+                for proc in procs:
+                    stop(proc)
     by = {r["policy"]: r for r in results["rows"]}
     results["ratios"] = {
         "hit_rate_prefix_vs_round_robin": round(by["prefix"]["hit_rate"] / max(by["round_robin"]["hit_rate"], 1e-9), 2),
         "hit_rate_prefix_load_vs_round_robin": round(
             by["prefix_load"]["hit_rate"] / max(by["round_robin"]["hit_rate"], 1e-9), 2),
+        "hit_rate_prefix_events_vs_round_robin": round(
+            by["prefix_events"]["hit_rate"] / max(by["round_robin"]["hit_rate"], 1e-9), 2),
         "ttft_p50_round_robin_over_prefix": round(by["round_robin"]["ttft_p50_ms"] / by["prefix"]["ttft_p50_ms"], 2),
         "ttft_p50_round_robin_over_prefix_load": round(
             by["round_robin"]["ttft_p50_ms"] / by["prefix_load"]["ttft_p50_ms"], 2),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,29 @@ def prompt_blocks(body: dict[str, Any], block_tokens: int = 16, block_chars: int
         whole = len(prompt) - len(prompt) % block_tokens
         return [struct.pack(f"<{block_tokens}q", *prompt[i:i + block_tokens]) for i in range(0, whole, block_tokens)]
     return []
+
+
+def prompt_token_ids(body: dict[str, Any], tokenizer: Any = None) -> list[int] | None:
+    """The token ids an engine will see for a completions or chat request (the first prompt
+    of a batch): a token-id prompt as given; a text prompt or chat messages through
+    ``tokenizer`` (a transformers tokenizer: ``encode`` with special tokens, as vLLM's
+    completions endpoint does; the chat template with the generation prompt). ``None``
+    when that cannot be known (no tokenizer, or nothing to route by)."""
+    prompt: Any = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    if tokenizer is None:
+        return None
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids.get("input_ids", ids) if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return [int(t) for t in ids]
+    return None
 
 
 def _text(content: Any) -> str:
@@ -115,15 +138,24 @@ class PrefixRouter:
             n += 1
         return n
 
-    def choose(self, keys: Sequence[int]) -> Choice:
+    def choose(self, keys: Sequence[int], known: Mapping[str, int] | None = None,
+               blocks: int | None = None) -> Choice:
         """Pick an instance for a prompt with prefix ``keys`` and remember that it went there
-        (the caller pairs it with :meth:`done`)."""
+        (the caller pairs it with :meth:`done`). ``known``: per instance, the prompt's
+        leading blocks its cache is known to hold (from its KV events,
+        :class:`~kvstore.engine_events.EngineIndex`), out of ``blocks``; it replaces the
+        router's own history for the instances it names."""
         turn = next(self._turn)
         order = self.instances[turn % len(self.instances):] + self.instances[:turn % len(self.instances)]
+        known = known or {}
+
+        def held_by(i: str) -> int:
+            return known[i] if i in known else self.matched(i, keys)
+
         if self.policy == "round_robin":
-            pick, matched, reason = order[0], self.matched(order[0], keys), "round_robin"
+            pick, matched, reason = order[0], held_by(order[0]), "round_robin"
         else:
-            held = {i: self.matched(i, keys) for i in order}
+            held = {i: held_by(i) for i in order}
             pool = order
             if self.policy == "prefix_load":
                 least = min(self.in_flight.values())
@@ -133,7 +165,7 @@ class PrefixRouter:
             reason = "prefix" if matched and matched == max(held.values()) else "load"
         self._remember(pick, keys)
         self.in_flight[pick] += 1
-        return Choice(pick, matched, len(keys), reason)
+        return Choice(pick, matched, len(keys) if blocks is None else blocks, reason)
 
     def done(self, instance: str) -> None:
         """A request sent to ``instance`` finished (answered or failed)."""

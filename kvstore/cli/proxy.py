@@ -20,6 +20,7 @@ decisions, predicted hits and the prefill servers' reported cached tokens are on
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -91,6 +92,10 @@ class ProxyMetrics:
                                ["leg", "server"], registry=self.registry)
         self.failed = Counter("kvstore_proxy_upstream_failures", "Upstream requests that failed, per leg",
                               ["leg"], registry=self.registry)
+        self.sources = Counter("kvstore_proxy_routing_source",
+                               "Where routing decisions learned what the servers hold, per leg: the servers' "
+                               "own KV events (--engine-events), or the proxy's history of what it sent",
+                               ["leg", "source"], registry=self.registry)
 
     def usage(self, answer: dict[str, Any] | None) -> None:
         usage = (answer or {}).get("usage")
@@ -103,23 +108,62 @@ class ProxyMetrics:
             self.cached.inc(details["cached_tokens"])
 
 
+@dataclass
+class EngineEventsConfig:
+    """Route by the servers' own KV events (``--engine-events``) instead of the proxy's history."""
+
+    endpoints: dict[str, str]
+    """Server URL -> the ZMQ endpoint its ``--kv-events-config`` publishes on."""
+    topic: str = ""
+    block_size: int = 16
+    """The engines' ``--block-size``."""
+    hash_algo: str = "sha256"
+    """The engines' ``--prefix-caching-hash-algo``."""
+    tokenizer: str | None = None
+    """Tokenizer (path or name) for text prompts and chat messages; token-id prompts need none."""
+
+
 def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client_params: bool = False, *,
              policy: str = "prefix_load", block_tokens: int = 16, block_chars: int = 64,
-             max_imbalance: int = 4, index_capacity: int = 1 << 18) -> Any:
+             max_imbalance: int = 4, index_capacity: int = 1 << 18,
+             engine_events: EngineEventsConfig | None = None) -> Any:
     """The aiohttp application (built lazily so the CLI loads without aiohttp)."""
     import aiohttp
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from kvstore.routing import PrefixRouter, prefix_keys, prompt_blocks
+    from kvstore.engine_events import EngineIndex, EventSubscriber
+    from kvstore.routing import PrefixRouter, prefix_keys, prompt_blocks, prompt_token_ids
 
     routers = {leg: PrefixRouter(servers, policy, capacity=index_capacity, max_imbalance=max_imbalance)
                for leg, servers in (("prefill", prefill), ("decode", decode))}
     metrics = ProxyMetrics()
     client_timeout = aiohttp.ClientTimeout(total=timeout)
+    ee = engine_events
+    index = EngineIndex(ee.endpoints) if ee is not None else None
+    tokenizer = None
+    if ee is not None and ee.tokenizer:
+        from transformers import AutoTokenizer
 
-    def route(leg: str, keys: list[int]) -> str:
-        c = routers[leg].choose(keys)
+        tokenizer = AutoTokenizer.from_pretrained(ee.tokenizer)
+
+    def engine_view(body: dict[str, Any]) -> tuple[dict[str, int], int] | None:
+        """Per server with events: the prompt's leading blocks its cache holds, and the
+        prompt's block count; None when the prompt's token ids cannot be known."""
+        if ee is None or index is None or policy == "round_robin":
+            return None
+        tokens = prompt_token_ids(body, tokenizer)
+        if tokens is None:
+            return None
+        from connectors.vllm.events import block_hashes
+
+        hashes = block_hashes(tokens, ee.block_size, hash_algo=ee.hash_algo, cache_salt=body.get("cache_salt"))
+        return index.match(hashes).instances, len(hashes)
+
+    def route(leg: str, keys: list[int], view: tuple[dict[str, int], int] | None) -> str:
+        known = {s: n for s, n in (view[0] if view else {}).items() if s in routers[leg].in_flight}
+        c = routers[leg].choose(keys, known, view[1] if known and view else None)
+        metrics.sources.labels(leg, "events" if known else "history").inc()
         metrics.routed.labels(leg, c.instance, c.reason).inc()
         metrics.blocks.labels(leg).inc(c.blocks)
         metrics.predicted.labels(leg).inc(c.matched)
@@ -132,9 +176,13 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
 
     async def on_startup(app: web.Application) -> None:
         app["session"] = aiohttp.ClientSession(timeout=client_timeout)
+        if ee is not None and index is not None:
+            app["events"] = EventSubscriber(index, ee.endpoints, ee.topic)
 
     async def on_cleanup(app: web.Application) -> None:
         await app["session"].close()
+        if "events" in app:
+            app["events"].close()
 
     async def forward(request: web.Request) -> web.StreamResponse:
         session: aiohttp.ClientSession = request.app["session"]
@@ -149,8 +197,9 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
         # the same prompt under another model or cache salt shares no cache
         salt = f"{body.get('model', '')}\x00{body.get('cache_salt', '')}".encode()
         keys = prefix_keys(prompt_blocks(body, block_tokens, block_chars), salt)
+        view = engine_view(body)
         answer: dict[str, Any] | None = None
-        p_server = route("prefill", keys)
+        p_server = route("prefill", keys, view)
         p_url = p_server.rstrip("/") + path
         try:
             async with session.post(p_url, json=prefill_body(body)) as r:
@@ -166,7 +215,7 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
             log.warning("prefill %s failed (%s); decode recomputes", p_url, e)
         finally:
             finished("prefill", p_server)
-        d_server = route("decode", keys)
+        d_server = route("decode", keys, view)
         d_url = d_server.rstrip("/") + path
         try:
             async with session.post(d_url, json=decode_body(body, answer)) as r:
@@ -232,9 +281,23 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
                    "loaded one are passed over.")
 @click.option("--index-capacity", type=click.IntRange(min=1), default=1 << 18, show_default=True,
               help="Prompt blocks remembered per server (least recently used dropped beyond).")
+@click.option("--engine-events", "engine_events", multiple=True, metavar="URL=ENDPOINT",
+              help="Route by what a server's cache really holds: its vLLM KV-event stream "
+                   "(--kv-events-config endpoint, e.g. http://127.0.0.1:8100=ipc:///tmp/p0.sock or "
+                   "=tcp://127.0.0.1:5557 for an engine bound to tcp://*:5557); repeat per server. "
+                   "Needs pyzmq and vLLM (for its block hashes).")
+@click.option("--events-topic", default="", show_default=True, help="--engine-events: the engines' topic.")
+@click.option("--kv-block-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="--engine-events: the engines' --block-size.")
+@click.option("--hash-algo", default="sha256", show_default=True,
+              help="--engine-events: the engines' --prefix-caching-hash-algo.")
+@click.option("--tokenizer", default=None,
+              help="--engine-events: tokenizer (local path) to turn text prompts and chat messages into the "
+                   "engines' token ids [default: only token-id prompts use the events].")
 def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: int, timeout: float,
           trust_client_params: bool, policy: str, block_tokens: int, block_chars: int, max_imbalance: int,
-          index_capacity: int) -> None:
+          index_capacity: int, engine_events: tuple[str, ...], events_topic: str, kv_block_size: int,
+          hash_algo: str, tokenizer: str | None) -> None:
     """OpenAI-compatible P/D proxy: prefill (max_tokens=1) then decode, streaming the answer.
 
     With several servers per role, --policy routes each request to the one most likely
@@ -247,9 +310,22 @@ def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: in
     for url in (*prefill, *decode):
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--prefill/--decode must be http(s) URLs, got {url!r}")
+    events = None
+    if engine_events:
+        endpoints: dict[str, str] = {}
+        for spec in engine_events:
+            url, sep, endpoint = spec.partition("=")
+            if not sep or not endpoint:
+                raise ConfigError(f"--engine-events takes URL=ENDPOINT, got {spec!r}")
+            if url not in (*prefill, *decode):
+                raise ConfigError(f"--engine-events: {url!r} is not one of the --prefill/--decode servers")
+            if not endpoint.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"--engine-events: endpoint must be tcp:// or ipc://, got {endpoint!r}")
+            endpoints[url] = endpoint
+        events = EngineEventsConfig(endpoints, events_topic, kv_block_size, hash_algo, tokenizer)
     logging.getLogger("kvstore.proxy").setLevel(logging.INFO)
     click.echo(f"kvstore proxy on http://{host}:{port}: prefill {list(prefill)} -> decode {list(decode)} "
                f"(policy {policy})")
     web.run_app(make_app(list(prefill), list(decode), timeout, trust_client_params, policy=policy,
                          block_tokens=block_tokens, block_chars=block_chars, max_imbalance=max_imbalance,
-                         index_capacity=index_capacity), host=host, port=port, print=None)
+                         index_capacity=index_capacity, engine_events=events), host=host, port=port, print=None)

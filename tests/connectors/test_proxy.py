@@ -1,4 +1,5 @@
-"""The OpenAI path: ``kvstore proxy`` in front of two producer and one consumer vLLM servers."""
+"""The OpenAI path: ``kvstore proxy`` in front of two producer and one consumer vLLM servers,
+routing the prefill leg by the producers' own KV events."""
 
 from __future__ import annotations
 
@@ -53,14 +54,19 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
     with Cluster(tmp_path / "cluster", dram="128MiB").start(nodes=1) as cl:
         try:
             pps, dp, xp = (free_port(), free_port()), free_port(), free_port()
-            for i, pp in enumerate(pps):  # two prefill servers: the proxy routes by prefix
+            feeds = [f"ipc://{tmp_path / f'p{i}.sock'}" for i in range(len(pps))]
+            for i, pp in enumerate(pps):  # two prefill servers: the proxy routes by what their caches hold
+                events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": feeds[i], "topic": "kv"}
                 procs.append(vllm_server(tiny_model, pp, tmp_path / f"prefill{i}.log",
                                          kv_transfer_config(cl.master_address, "kv_producer", chunk_tokens=CHUNK),
-                                         "--enable-prompt-tokens-details"))
+                                         "--enable-prompt-tokens-details", "--kv-events-config", json.dumps(events)))
             procs.append(vllm_server(tiny_model, dp, tmp_path / "decode.log",
                                      kv_transfer_config(cl.master_address, "kv_consumer", chunk_tokens=CHUNK)))
             procs.append(start([sys.executable, "-c", "from kvstore.cli import main; main()", "proxy",
                                 *(a for pp in pps for a in ("--prefill", f"http://127.0.0.1:{pp}")),
+                                *(a for pp, feed in zip(pps, feeds, strict=True)
+                                  for a in ("--engine-events", f"http://127.0.0.1:{pp}={feed}")),
+                                "--events-topic", "kv", "--kv-block-size", "32",
                                 "--decode", f"http://127.0.0.1:{dp}", "--policy", "prefix", "--port", str(xp)],
                                tmp_path / "proxy.log"))
             for port in (*pps, dp):
@@ -80,8 +86,8 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
             assert toks == want[1]
             assert raw.rstrip().endswith("data: [DONE]")
             assert cl_hits(cl) > 0  # the consumer read the producer's chunks from the pool
-            # The next turn of the first conversation goes to the prefill server that has its
-            # prefix, which answers from its own prefix cache; the answer is still exact.
+            # The next turn of the first conversation goes to the prefill server whose KV events
+            # say its cache has the prefix; it answers from that cache, and the answer is exact.
             got2 = json.loads(post(url, {**base, "prompt": turn2}))
             assert got2["choices"][0]["token_ids"] == want2
             with urllib.request.urlopen(f"http://127.0.0.1:{xp}/metrics", timeout=10) as r:
@@ -89,7 +95,11 @@ def test_openai_pd_through_kvstore_proxy(tiny_model: Path, tmp_path: Path) -> No
 
             assert sample_sum(metrics, "kvstore_proxy_requests_total", leg="prefill") == 3
             assert sample_sum(metrics, "kvstore_proxy_requests_total", leg="prefill", reason="prefix") == 1
-            assert sample_sum(metrics, "kvstore_proxy_predicted_hit_blocks_total", leg="prefill") == len(ps[0]) // 16
+            # the prefill leg decided by the servers' events (in vLLM blocks of 32 tokens), the
+            # decode leg (no events given) by the proxy's history
+            assert sample_sum(metrics, "kvstore_proxy_routing_source_total", leg="prefill", source="events") == 3
+            assert sample_sum(metrics, "kvstore_proxy_routing_source_total", leg="decode", source="history") == 3
+            assert sample_sum(metrics, "kvstore_proxy_predicted_hit_blocks_total", leg="prefill") == len(ps[0]) // 32
             assert sample_sum(metrics, "kvstore_proxy_prefill_cached_tokens_total") >= 128  # whole 32-token blocks of ps[0]
         finally:
             for p in reversed(procs):

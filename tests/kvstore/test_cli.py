@@ -31,3 +31,12 @@ def test_help_lists_every_option():
     r = run("local-demo", "--help")
     for opt in ("--dram", "--disk", "--data-dir", "--prompt-tokens", "--config"):
         assert opt in r.stdout
+
+
+def test_proxy_engine_events_bad_input_is_a_clear_error():
+    base = ("proxy", "--prefill", "http://127.0.0.1:8100", "--decode", "http://127.0.0.1:8200")
+    for spec, want in (("http://127.0.0.1:8100", "URL=ENDPOINT"),
+                       ("http://127.0.0.1:9999=ipc:///tmp/x.sock", "not one of the --prefill/--decode"),
+                       ("http://127.0.0.1:8100=udp://x", "tcp:// or ipc://")):
+        r = run(*base, "--engine-events", spec)
+        assert r.returncode != 0 and want in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvstore.errors import InvalidArgument
-from kvstore.routing import PrefixRouter, prefix_keys, prompt_blocks
+from kvstore.routing import PrefixRouter, prefix_keys, prompt_blocks, prompt_token_ids
 from kvstore.testing.prometheus import sample_sum
 
 A, B, C = "http://a", "http://b", "http://c"
@@ -90,6 +90,37 @@ def test_index_forgets_least_recently_used_beyond_capacity() -> None:
     assert r.matched(A, old) == 4
     r.choose(keys_of({"prompt": list(range(100, 108))}))  # 2 more: the 2 oldest go
     assert r.matched(A, old) == 0  # its first block was dropped, so no prefix of it remains
+
+
+def test_known_holdings_replace_the_history() -> None:
+    """What the servers' events say they hold beats what the router sent where."""
+    r = PrefixRouter(["a", "b"], "prefix")
+    keys = prefix_keys([b"x" * 16, b"y" * 16])
+    r.done(r.choose(keys).instance)  # history: "a" got this prompt
+    c = r.choose(keys, known={"a": 0, "b": 5}, blocks=6)  # but only "b"'s cache holds it (a evicted it)
+    assert (c.instance, c.matched, c.blocks, c.reason) == ("b", 5, 6, "prefix")
+    r.done("b")
+    c = r.choose(keys, known={"b": 0})  # "a" not named: its history still counts
+    assert (c.instance, c.matched, c.reason) == ("a", 2, "prefix")
+
+
+class _Tok:
+    def encode(self, text: str) -> list[int]:
+        return [1] + [ord(ch) for ch in text]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool,
+                            tokenize: bool) -> list[int]:
+        assert add_generation_prompt and tokenize
+        return [2] + [ord(m["content"][0]) for m in messages]
+
+
+def test_prompt_token_ids_as_the_engine_sees_them() -> None:
+    assert prompt_token_ids({"prompt": [5, 6, 7]}) == [5, 6, 7]
+    assert prompt_token_ids({"prompt": [[5, 6], [7]]}) == [5, 6]
+    assert prompt_token_ids({"prompt": "ab"}) is None  # text needs a tokenizer
+    assert prompt_token_ids({"prompt": "ab"}, _Tok()) == [1, 97, 98]
+    assert prompt_token_ids({"messages": [{"role": "user", "content": "hi"}]}, _Tok()) == [2, 104]
+    assert prompt_token_ids({}, _Tok()) is None
 
 
 def test_bad_router_arguments() -> None:
