@@ -201,3 +201,46 @@ def add_tenant(directory: Path, tenant: str, quota_bytes: int | None = None, *, 
     doc["credentials"].append(entry)
     _save(directory, doc)
     return path
+
+
+# -- write grants ------------------------------------------------------------------------
+
+GRANT_KEY_BYTES = 32
+GRANT_SLACK_MS = 60_000
+"""How far past its expiry a node still takes a grant: room for clock skew between the
+master's host and the node's (the reservation itself lapses on the master's clock)."""
+_GRANT = b"kvstore-put-grant\x00"
+_MAC_BYTES = 16
+
+
+def new_grant_key() -> bytes:
+    """A master's secret for signing write grants (a new one per master process)."""
+    return secrets.token_bytes(GRANT_KEY_BYTES)
+
+
+def _grant_mac(secret: bytes, node_id: str, key: bytes, size: int, checksum: int, expires_ms: int) -> bytes:
+    import hmac
+
+    msg = b"".join((_GRANT, node_id.encode(), b"\x00", len(key).to_bytes(2, "big"), key,
+                    size.to_bytes(8, "big"), checksum.to_bytes(8, "big"), expires_ms.to_bytes(8, "big")))
+    return hmac.digest(secret, msg, "sha256")[:_MAC_BYTES]
+
+
+def write_grant(secret: bytes, node_id: str, key: bytes, size: int, checksum: int, expires_ms: int) -> bytes:
+    """The capability to store ``key`` (``size`` bytes hashing to ``checksum``) on node
+    ``node_id`` until ``expires_ms`` (Unix ms): the expiry and an HMAC-SHA256 over all of
+    it under the master's secret, which it shares with the nodes it registered."""
+    return expires_ms.to_bytes(8, "big") + _grant_mac(secret, node_id, key, size, checksum, expires_ms)
+
+
+def grant_ok(secret: bytes, node_id: str, key: bytes, size: int, checksum: int, grant: object,
+             now_ms: int) -> bool:
+    """Whether ``grant`` is a live :func:`write_grant` for exactly this write on this node."""
+    import hmac
+
+    if not isinstance(grant, bytes) or len(grant) != 8 + _MAC_BYTES:
+        return False
+    expires_ms = int.from_bytes(grant[:8], "big")
+    if now_ms > expires_ms + GRANT_SLACK_MS:
+        return False
+    return hmac.compare_digest(grant[8:], _grant_mac(secret, node_id, key, size, checksum, expires_ms))

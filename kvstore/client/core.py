@@ -209,11 +209,14 @@ class ClientCore:
         nodes: dict[str, mpb.NodeInfo] = {}
         busy = []
         refused = None
+        grants: dict[tuple[int, str], bytes] = {}  # (item, node) -> its write grant (secured masters)
         for i, p in enumerate(resp.placements):
             if p.status == mpb.OK:
-                for n in p.nodes:
+                for j, n in enumerate(p.nodes):
                     todo[n.node_id].append(i)
                     nodes[n.node_id] = n
+                    if j < len(p.grants):
+                        grants[i, n.node_id] = p.grants[j]
             elif p.status == mpb.ALREADY_EXISTS:
                 self.counters["puts.existing"] += 1
             elif p.status == mpb.BUSY:
@@ -231,7 +234,7 @@ class ClientCore:
         try:
             for node_id, idxs in todo.items():
                 failed |= yield from self._write_node_flow(nodes[node_id], idxs, keys, views, sums, blocks, placed,
-                                                           deadline)
+                                                           deadline, [grants.get((i, node_id)) for i in idxs])
         except BaseException:
             yield from self._revoke_flow(resp.put_id, keys, todo, deadline)
             raise
@@ -268,7 +271,7 @@ class ClientCore:
 
     def _write_node_flow(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes], views: list[memoryview],
                          sums: list[int], blocks: list[np.ndarray], placed: dict[int, Known],
-                         deadline: float) -> Flow[set[int]]:
+                         deadline: float, grants: list[bytes | None]) -> Flow[set[int]]:
         """Store ``idxs`` on one node; the indices that failed (where the others landed
         goes into ``placed``).
 
@@ -278,7 +281,9 @@ class ClientCore:
         """
         conn = yield Connect(node)
         if conn.mapped is None:
-            slots = yield Store(conn, [StoreRequest(keys[i], sums[i], views[i]) for i in idxs], deadline)
+            slots = yield Store(conn, [StoreRequest(keys[i], sums[i], views[i], g) for i, g in zip(idxs, grants,
+                                                                                                strict=True)],
+                                deadline)
             ok = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
         else:
             arena = conn.mapped.arena
@@ -295,7 +300,10 @@ class ClientCore:
                 except KVStoreError as e:  # the node reclaims them after its hold TTL
                     log.warning("abort on node %s failed (reclaimed later): %s", node.node_id, e)
                 raise
-            statuses = (yield NodeCall(conn, Op.COMMIT, [[s.handle, keys[i], sums[i]] for i, s in held], deadline)
+            grant_of = dict(zip(idxs, grants, strict=True))
+            statuses = (yield NodeCall(conn, Op.COMMIT, [[s.handle, keys[i], sums[i]] if grant_of[i] is None
+                                                         else [s.handle, keys[i], sums[i], grant_of[i]]
+                                                         for i, s in held], deadline)
                         ) if held else []
             ok = [(i, s) for (i, s), st in zip(held, statuses, strict=True) if st == SlotStatus.OK]
             self.counters["puts.direct"] += len(ok)

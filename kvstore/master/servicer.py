@@ -23,7 +23,14 @@ from typing import Any
 
 import grpc
 
-from kvstore.auth import CREDENTIALS, Credentials, Principal, TenantLimits
+from kvstore.auth import (
+    CREDENTIALS,
+    Credentials,
+    Principal,
+    TenantLimits,
+    new_grant_key,
+    write_grant,
+)
 from kvstore.config import MasterConfig
 from kvstore.errors import ConfigError, KVStoreError, NoSpace
 from kvstore.master import codec
@@ -115,6 +122,8 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         self.state = state
         self.config = config
         self.store = store
+        self.grant_key = new_grant_key()
+        """Signs write grants (kvstore.auth.write_grant); sent to nodes with the credentials."""
         self.metrics = metrics or MasterMetrics()
         self.clock = clock or Clock()
         # who may call: one shared token (master.token_file, every role) or a credentials
@@ -310,7 +319,7 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         if known_version == version:
             return {"auth_version": version}
         return {"auth_version": version, "client_digests": self.credentials.client_digests(),
-                "client_scopes": self.credentials.client_scopes()}
+                "client_scopes": self.credentials.client_scopes(), "grant_key": self.grant_key}
 
     def lead(self, state: MasterState, warmup: float, pins: dict[bytes, int] | None = None) -> None:
         """Serve ``state`` (this master just won the election); clients wait ``warmup``
@@ -411,7 +420,13 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
                           f"{self.config.max_replicas}")
         self._check_quota(req)
         r = self.state.put_start(self.clock(), items_in(req.items), req.replicas, req.client_host)
-        return put_start_out(r)
+        resp = put_start_out(r)
+        if self.credentials is not None:  # secured nodes store only what the master placed there
+            for item, p in zip(req.items, resp.placements, strict=True):
+                if p.status == pb.OK:
+                    p.grants.extend(write_grant(self.grant_key, n.node_id, item.key, item.size, item.checksum,
+                                                r.expires_ms) for n in p.nodes)
+        return resp
 
     def _PutEnd(self, req: pb.PutEndRequest) -> pb.PutEndResponse:
         self._keys(req.keys, "PutEnd")

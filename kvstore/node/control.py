@@ -221,7 +221,7 @@ class ControlClient:
         """STORE: one round trip; the request frame is followed by each value's bytes, sent
         straight from the caller's buffers. Per request: the node's result (OK: committed
         at ``offset`` with ``generation``; NO_SPACE, CORRUPT, INVALID)."""
-        payload = self._exchange(Op.STORE, [[r.key, len(r.value), r.checksum] for r in requests], timeout,
+        payload = self._exchange(Op.STORE, [store_item(r) for r in requests], timeout,
                                  tail=[r.value for r in requests])
         return [Allocated(*r) for r in payload]
 
@@ -309,11 +309,21 @@ def check_reply(op: Op, rop: int, flags: int, payload: Any, n: int, address: str
 
 
 class StoreRequest(NamedTuple):
-    """One value to STORE: its key, its checksum, its bytes."""
+    """One value to STORE: its key, its checksum, its bytes (and the master's write grant,
+    which a secured node requires)."""
 
     key: bytes
     checksum: int
     value: memoryview
+    grant: bytes | None = None
+
+
+def store_item(r: StoreRequest) -> list[Any]:
+    """STORE's item for ``r``: ``[key, size, checksum]`` plus the grant when there is one."""
+    item: list[Any] = [r.key, len(r.value), r.checksum]
+    if r.grant is not None:
+        item.append(r.grant)
+    return item
 
 
 class FetchRequest(NamedTuple):

@@ -28,6 +28,7 @@ from kvstore.node.control import (
     check_auth,
     check_reply,
     fetch_items,
+    store_item,
 )
 from kvstore.node.protocol import Allocated, Fetched, Op, pack_frame, parse_header
 from transport.wire import AsyncStream
@@ -70,7 +71,7 @@ class AsyncControlClient:
 
     async def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
         """See :meth:`ControlClient.store`."""
-        payload = await self._exchange(Op.STORE, [[r.key, len(r.value), r.checksum] for r in requests], timeout,
+        payload = await self._exchange(Op.STORE, [store_item(r) for r in requests], timeout,
                                        tail=[r.value for r in requests])
         return [Allocated(*r) for r in payload]
 

@@ -34,7 +34,7 @@ from kvstore.master.discovery import LeaderWatch, MasterLink
 from kvstore.memory.arena import generation_table_bytes
 from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
-from kvstore.node.service import RPC_SECONDS, NodeService
+from kvstore.node.service import RPC_SECONDS, GrantCheck, NodeService
 from kvstore.store import LocalStore
 from kvstore.tls import ClientTLS, server_context
 from kvstore.v1 import master_pb2 as mpb
@@ -107,7 +107,7 @@ class StoreNode:
         self.holds = Holds(node.hold_ttl, per_owner=node.max_holds)
         maps = {shared.scheme: self._gens_region.remote().to_bytes()} \
             if shared is not None and self._gens_region is not None else {}
-        self.service = NodeService(self.store, self.holds, maps)
+        self.service = NodeService(self.store, self.holds, maps, require_grants=bool(token))
         self._control = ControlServer(node.host, node.control_port, self.service.handle,
                                       authorize=self.scope_of if token else None,
                                       max_connections=node.max_connections, idle_timeout=node.idle_timeout,
@@ -142,7 +142,7 @@ class StoreNode:
         from kvstore.node.metrics import NodeCollector
 
         registry = CollectorRegistry()
-        registry.register(NodeCollector(self.node_id, self.store, self.holds))
+        registry.register(NodeCollector(self.node_id, self.store, self.holds, lambda: self.service.refused_writes))
         registry.register(RPC_SECONDS)
         self._metrics_server, thread = start_http_server(port, addr=self.cfg.host, registry=registry)
         self.metrics_port = self._metrics_server.server_port
@@ -189,7 +189,10 @@ class StoreNode:
         """``tcp://`` reaches arena offsets, not keys: unscoped credentials only (admins)."""
         return self.scope_of(token) == b""
 
-    def _take_digests(self, version: str, digests: list[str], scopes: list[bytes]) -> None:
+    def _take_digests(self, version: str, digests: list[str], scopes: list[bytes], grant_key: bytes = b"") -> None:
+        if grant_key and (self.service.grants is None or self.service.grants.secret != grant_key):
+            self.service.grants = GrantCheck(grant_key, self.node_id)
+            log.info("node %s: storing values only with write grants of this master", self.node_id)
         if version and digests:
             self._digests = dict(zip(digests, scopes or [b""] * len(digests), strict=True))
             if version != self._auth_version:
@@ -231,7 +234,9 @@ class StoreNode:
         for key in drop:
             self.store.remove(key)
         self.epoch = resp.epoch
-        self._take_digests(resp.auth_version, list(resp.client_digests), list(resp.client_scopes))
+        self._take_digests(resp.auth_version, list(resp.client_digests), list(resp.client_scopes), resp.grant_key)
+        # grants are required where the master signs them (it does when it authenticates)
+        self.service.require_grants = bool(self.token) and bool(resp.grant_key)
         if resp.heartbeat_interval_ms > 0:
             self.heartbeat_interval = resp.heartbeat_interval_ms / 1000
         log.info("node %s registered: epoch %d, %d held (%d page(s)), %d dropped", self.node_id, self.epoch,
@@ -250,7 +255,7 @@ class StoreNode:
         except (grpc.RpcError, KVStoreError):
             self.store.return_lost(lost)  # report them next time
             raise
-        self._take_digests(resp.auth_version, list(resp.client_digests), list(resp.client_scopes))
+        self._take_digests(resp.auth_version, list(resp.client_digests), list(resp.client_scopes), resp.grant_key)
         if resp.reregister:
             self._register()
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,10 +15,12 @@ from kvstore.store import LocalStore
 class NodeCollector(Collector):
     """Exports ``kvstore_node_*`` metrics; nothing is counted twice."""
 
-    def __init__(self, node_id: str, store: LocalStore, holds: Holds) -> None:
+    def __init__(self, node_id: str, store: LocalStore, holds: Holds, refused_writes: Callable[[], int] | None = None
+                 ) -> None:
         self.node_id = node_id
         self.store = store
         self.holds = holds
+        self.refused_writes = refused_writes
 
     def collect(self) -> Iterator[Any]:
         stats = self.store.stats()
@@ -55,3 +57,9 @@ class NodeCollector(Collector):
                                      labels=["node"])
         reaped.add_metric([self.node_id], self.holds.reaped)
         yield reaped
+        if self.refused_writes is not None:
+            refused = CounterMetricFamily("kvstore_node_refused_writes",
+                                          "STORE/COMMIT items refused for a missing, stale or foreign write grant",
+                                          labels=["node"])
+            refused.add_metric([self.node_id], self.refused_writes())
+            yield refused

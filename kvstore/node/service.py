@@ -9,11 +9,13 @@ which the server answers with an error and a closed connection.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import Histogram
 
+from kvstore.auth import grant_ok
 from kvstore.checksum import BLOCK, check_ranges, combine, covering, hasher
 from kvstore.errors import Corruption, InvalidArgument, NoSpace
 from kvstore.keys import MAX_KEY_BYTES
@@ -74,12 +76,29 @@ def _sums(lease: Lease) -> bytes:
     return b"" if lease.sums is None else lease.sums.astype("<u8").tobytes()
 
 
+class GrantCheck(NamedTuple):
+    """Checks write grants signed by the master this node registered with (kvstore.auth)."""
+
+    secret: bytes
+    node_id: str
+
+    def ok(self, key: bytes, size: int, checksum: int, grant: Any) -> bool:
+        return grant_ok(self.secret, self.node_id, key, size, checksum, grant, int(time.time() * 1000))
+
+
 class NodeService:
     """``handle(op, items) -> results``. Thread-safe (the store and holds are)."""
 
-    def __init__(self, store: LocalStore, holds: Holds, maps: dict[str, bytes] | None = None) -> None:
+    def __init__(self, store: LocalStore, holds: Holds, maps: dict[str, bytes] | None = None, *,
+                 require_grants: bool = False) -> None:
         self.store = store
         self.holds = holds
+        self.require_grants = require_grants
+        """A secured node stores a value only with a write grant (STORE, COMMIT): refused
+        until the master's secret arrived in ``grants`` (see :meth:`may_write`)."""
+        self.grants: GrantCheck | None = None
+        self.refused_writes = 0
+        """STORE/COMMIT items refused for a missing, stale or foreign write grant."""
         # scheme -> RemoteRegion bytes of the generation table, for mappable transports
         self.maps = maps or {}
         self._streaming: dict[Op, Callable[[list[Any], Incoming], list[Any]]]
@@ -119,6 +138,15 @@ class NodeService:
                 return self._held[op](items, session)
             return self._ops[op](items)
 
+    def may_write(self, key: bytes, size: int, checksum: int, grant: Any) -> bool:
+        """Whether this write carries what this node requires: nothing on an open node; on a
+        secured one (``require_grants``), a live grant from the master for exactly this
+        key, size and checksum on this node (none is accepted before the node registered)."""
+        if not self.require_grants:
+            return True
+        grants = self.grants
+        return grants is not None and grants.ok(key, size, checksum, grant)
+
     def store_stream(self, items: list[Any], incoming: Incoming) -> list[Any]:
         """STORE: receive each value straight into arena space, hashing blocks as they land,
         and commit it if it verifies. A malformed item fails the whole request (the
@@ -126,12 +154,18 @@ class NodeService:
         parsed = []
         for item in items:
             key, size, want = (_key(item[0]), _uint(item[1]), _uint(item[2])) \
-                if isinstance(item, list) and len(item) == 3 else (None, None, None)
+                if isinstance(item, list) and len(item) in (3, 4) else (None, None, None)
             if key is None or not size or want is None or size > self.store.arena.capacity:
-                raise ValueError(f"STORE item must be [key, 0 < size <= arena, checksum], got {item!r:.80}")
-            parsed.append((key, size, want))
+                raise ValueError(f"STORE item must be [key, 0 < size <= arena, checksum(, grant)], "
+                                 f"got {item!r:.80}")
+            parsed.append((key, size, want, item[3] if len(item) == 4 else None))
         out: list[Any] = []
-        for key, size, want in parsed:
+        for key, size, want, grant in parsed:
+            if not self.may_write(key, size, want, grant):
+                incoming.drain(size)
+                self.refused_writes += 1
+                out.append(Allocated(SlotStatus.DENIED))
+                continue
             try:
                 alloc = self.store.reserve(size)
             except (NoSpace, InvalidArgument):
@@ -187,7 +221,7 @@ class NodeService:
     def commit(self, items: list[Any], session: bytes = b"") -> list[Any]:
         out: list[Any] = []
         for item in items:
-            if not (isinstance(item, list) and len(item) == 3):
+            if not (isinstance(item, list) and len(item) in (3, 4)):
                 out.append(SlotStatus.INVALID)
                 continue
             handle, key, checksum = _uint(item[0]), _key(item[1]), _uint(item[2])
@@ -196,6 +230,12 @@ class NodeService:
                 if hold is not None:
                     hold.obj.release()
                 out.append(SlotStatus.EXPIRED)
+                continue
+            size = getattr(hold.obj, "size", 0)
+            if not self.may_write(key, size, checksum, item[3] if len(item) == 4 else None):
+                hold.obj.release()
+                self.refused_writes += 1
+                out.append(SlotStatus.DENIED)
                 continue
             try:
                 self.store.commit(key, hold.obj, checksum)  # type: ignore[arg-type]

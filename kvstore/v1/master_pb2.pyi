@@ -120,7 +120,7 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., held: _Optional[_Iterable[_Union[HeldKey, _Mapping]]] = ..., more_held: _Optional[bool] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("epoch", "heartbeat_interval_ms", "node_ttl_ms", "drop", "client_digests", "auth_version", "client_scopes")
+    __slots__ = ("epoch", "heartbeat_interval_ms", "node_ttl_ms", "drop", "client_digests", "auth_version", "client_scopes", "grant_key")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     NODE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class RegisterNodeResponse(_message.Message):
     CLIENT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     AUTH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    GRANT_KEY_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     heartbeat_interval_ms: int
     node_ttl_ms: int
@@ -135,7 +136,8 @@ class RegisterNodeResponse(_message.Message):
     client_digests: _containers.RepeatedScalarFieldContainer[str]
     auth_version: str
     client_scopes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., node_ttl_ms: _Optional[int] = ..., drop: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ..., client_scopes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    grant_key: bytes
+    def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., node_ttl_ms: _Optional[int] = ..., drop: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ..., client_scopes: _Optional[_Iterable[bytes]] = ..., grant_key: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch", "tiers", "lost", "auth_version")
@@ -152,18 +154,20 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierCapacity, _Mapping]]] = ..., lost: _Optional[_Iterable[bytes]] = ..., auth_version: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister", "remove", "client_digests", "auth_version", "client_scopes")
+    __slots__ = ("reregister", "remove", "client_digests", "auth_version", "client_scopes", "grant_key")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     AUTH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    GRANT_KEY_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     remove: _containers.RepeatedScalarFieldContainer[bytes]
     client_digests: _containers.RepeatedScalarFieldContainer[str]
     auth_version: str
     client_scopes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, reregister: _Optional[bool] = ..., remove: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ..., client_scopes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    grant_key: bytes
+    def __init__(self, reregister: _Optional[bool] = ..., remove: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ..., client_scopes: _Optional[_Iterable[bytes]] = ..., grant_key: _Optional[bytes] = ...) -> None: ...
 
 class PutItem(_message.Message):
     __slots__ = ("key", "size", "checksum")
@@ -186,12 +190,14 @@ class PutStartRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[PutItem, _Mapping]]] = ..., replicas: _Optional[int] = ..., client_host: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("status", "nodes")
+    __slots__ = ("status", "nodes", "grants")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
     status: ItemStatus
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
-    def __init__(self, status: _Optional[_Union[ItemStatus, str]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+    grants: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, status: _Optional[_Union[ItemStatus, str]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., grants: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PutStartResponse(_message.Message):
     __slots__ = ("put_id", "expires_ms", "placements")

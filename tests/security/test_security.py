@@ -211,6 +211,54 @@ def test_handles_belong_to_the_session_that_got_them(pool: Secured) -> None:
         b.close()
 
 
+def test_writes_need_the_masters_grant(pool: Secured) -> None:
+    """A client with a valid token cannot store on the node what the master did not place
+    there (which would bypass quotas and the master's choice of keys): STORE and COMMIT
+    without a grant, with a forged one, or with a grant for another key or size are
+    refused, and nothing is stored; the client's own puts carry grants and work."""
+    from kvstore.node.control import ControlClient, StoreRequest
+    from kvstore.node.protocol import Allocated, Op, SlotStatus
+    from kvstore.v1 import master_pb2 as mpb
+
+    value = os.urandom(300_000)
+    key = STORED + b"granted"
+    with pool.client(timeout=10) as c:
+        addr = c.stats().nodes[0].control_address
+        fast = c._fast_channel(5)  # a real grant, as PutStart hands it to this client
+        assert fast is not None
+        placed = fast.call("PutStart", mpb.PutStartRequest(items=[mpb.PutItem(
+            key=key, size=len(value), checksum=checksum(value, key))], replicas=1), 5).placements[0]
+        assert placed.status == mpb.OK and len(placed.grants) == 1
+        real = placed.grants[0]
+    node = ControlClient(addr, token=pool.token("client:default"))
+    try:
+        other = STORED + b"not-granted"
+        forged = real[:8] + bytes(16)
+        attempts = {
+            "none": StoreRequest(other, checksum(value, other), memoryview(value)),
+            "forged": StoreRequest(other, checksum(value, other), memoryview(value), forged),
+            "another key": StoreRequest(other, checksum(value, other), memoryview(value), real),
+            "another size": StoreRequest(key, checksum(value[:-1], key), memoryview(value[:-1]), real),
+        }
+        for name, req in attempts.items():
+            assert Allocated(*node.store([req], 5)[0]).status == SlotStatus.DENIED, name
+        got = Allocated(*node.call(Op.ALLOCATE, [[other, len(value)]], 5)[0])
+        assert got.status == SlotStatus.OK
+        assert node.call(Op.COMMIT, [[got.handle, other, checksum(value, other)]], 5) == [SlotStatus.DENIED]
+        # the connection stays usable, and the grant the master issued works
+        assert Allocated(*node.store([StoreRequest(key, checksum(value, key), memoryview(value), real)],
+                                     5)[0]).status == SlotStatus.OK
+    finally:
+        node.close()
+    with pool.client(timeout=10) as c:
+        assert c.get(b"not-granted") is None  # nothing landed under the key the attempts named
+        assert c.put(b"granted-by-put", value)  # same host: ALLOCATE + COMMIT with the grant
+        assert bytes(c.get(b"granted-by-put") or b"") == value
+    with pool.client(timeout=10, same_host=False) as tcp:
+        assert tcp.put(b"granted-by-store", value)  # other host: STORE with the grant
+        assert bytes(tcp.get(b"granted-by-store") or b"") == value
+
+
 def test_added_tenant_is_accepted_by_master_and_node_while_running(pool: Secured) -> None:
     from kvstore.auth import add_tenant
 
