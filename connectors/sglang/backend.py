@@ -76,6 +76,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         self.mem_pool_host: Any = None
         self.page_bytes = 0
         self._prefix = {"v1": b"", "flat": b""}
+        self._pools: dict[str, tuple[Any, bytes]] = {}  # v2: name -> (host pool, key prefix)
         self._lock = threading.Lock()
         self._metrics: dict[str, list[float]] = {"prefetch_pgs": [], "backup_pgs": [], "prefetch_bandwidth": [],
                                                   "backup_bandwidth": []}
@@ -106,14 +107,44 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
 
     # -- zero-copy page I/O (interface_v1) --------------------------------------------
 
-    def _pieces(self, keys: list[str], host_indices: torch.Tensor) -> list[Scattered]:
-        ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
+    @staticmethod
+    def _pieces(pool: Any, keys: list[Any], host_indices: torch.Tensor) -> list[Scattered]:
+        ptrs, sizes = pool.get_page_buffer_meta(host_indices)
         n = len(keys)
         if n == 0 or len(ptrs) % n or len(ptrs) != len(sizes):
             raise ValueError(f"host pool gave {len(ptrs)} page pieces for {n} pages")
         per = len(ptrs) // n
-        return [Scattered(ptrs[i * per:(i + 1) * per], sizes[i * per:(i + 1) * per], owner=self.mem_pool_host)
+        return [Scattered(ptrs[i * per:(i + 1) * per], sizes[i * per:(i + 1) * per], owner=pool)
                 for i in range(n)]
+
+    def _read(self, pool: Any, keys: list[bytes], host_indices: torch.Tensor) -> list[bool]:
+        """Pages ``keys`` into ``pool``'s slots ``host_indices``; per page, arrived verified?"""
+        t0 = time.perf_counter()
+        try:
+            dests = self._pieces(pool, keys, host_indices)
+            got = self.client.get_into_batch(keys, dests, timeout=self.cfg.timeout)
+        except Exception as e:  # noqa: BLE001 - a failed read is a miss; SGLang recomputes
+            self._failed("read", len(keys), e)
+            return [False] * len(keys)
+        ok = [g is not None and g == len(d) for g, d in zip(got, dests, strict=True)]
+        self._count("get", "prefetch", len(keys), sum(ok), t0, sum(len(d) for d, o in zip(dests, ok, strict=True) if o))
+        return ok
+
+    def _write(self, pool: Any, keys: list[bytes], host_indices: torch.Tensor) -> list[bool]:
+        """Pages ``keys`` from ``pool``'s slots ``host_indices``; per page, in the pool now?
+        (A page that was there already counts as stored.)"""
+        if not self.is_writer:
+            return [True] * len(keys)
+        t0 = time.perf_counter()
+        try:
+            items = [(k, _gather(p)) for k, p in zip(keys, self._pieces(pool, keys, host_indices), strict=True)]
+            stored = self.client.put_batch(items, timeout=self.cfg.timeout)
+        except Exception as e:  # noqa: BLE001 - a failed write is reported per page, never raised
+            self._failed("write", len(keys), e)
+            return [False] * len(keys)
+        self._count("set", "backup", len(keys), sum(stored), t0,
+                    sum(len(v) for (_, v), st in zip(items, stored, strict=True) if st))
+        return [True] * len(keys)  # put_batch raised unless every page was stored or present
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
@@ -121,36 +152,102 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         ``host_indices[i * page_size]``); per page, whether it arrived verified."""
         if not keys:
             return []
-        t0 = time.perf_counter()
-        try:
-            got = self.client.get_into_batch(self._keys(keys, "v1"), self._pieces(keys, host_indices),
-                                             timeout=self.cfg.timeout)
-        except Exception as e:  # noqa: BLE001 - a failed read is a miss; SGLang recomputes
-            self._failed("read", len(keys), e)
-            return [False] * len(keys)
-        ok = [g is not None and g == self.page_bytes for g in got]
-        self._count("get", "prefetch", len(keys), sum(ok), t0)
-        return ok
+        return self._read(self.mem_pool_host, self._keys(keys, "v1"), host_indices)
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
-        """Store pages ``keys`` from the host pool slots ``host_indices``; per page, stored?
-        A rank that is not the storage writer (MLA) stores nothing and reports success."""
+        """Store pages ``keys`` from the host pool slots ``host_indices``; per page, in the
+        pool? A rank that is not the storage writer (MLA) stores nothing and reports success."""
         if not keys:
             return []
-        if not self.is_writer:
-            return [True] * len(keys)
-        t0 = time.perf_counter()
-        try:
-            items = [(k, _gather(p)) for k, p in zip(self._keys(keys, "v1"), self._pieces(keys, host_indices),
-                                                       strict=True)]
-            stored = self.client.put_batch(items, timeout=self.cfg.timeout)
-        except Exception as e:  # noqa: BLE001 - a failed write is reported per page, never raised
-            self._failed("write", len(keys), e)
-            return [False] * len(keys)
-        ok = [bool(s) for s in stored]
-        self._count("set", "backup", len(keys), sum(ok), t0)
-        return ok
+        return self._write(self.mem_pool_host, self._keys(keys, "v1"), host_indices)
+
+    # -- hybrid models: several host pools (v2) ----------------------------------------
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        """An extra host pool (Mamba/SWA state, DSA indexer, ...): its pages get keys under a
+        namespace of their own (the pool's name and geometry); the ``kv`` pool shares the
+        v1 pages."""
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        name = str(host_pool_name)
+        ns = page_namespace(self.storage_config, host_pool, f"v2:{name}", self.cfg.namespace)
+        self._pools[name] = (host_pool, f"sgl/{ns}/".encode())
+        log.info("kvstore HiCache backend: host pool %r (%s), namespace sgl/%s/", name, type(host_pool).__name__, ns)
+
+    def _pool(self, name: Any) -> tuple[Any, bytes]:
+        key = str(name)
+        if key in self._pools:
+            return self._pools[key]
+        if key == "kv" and self.mem_pool_host is not None:
+            return self.mem_pool_host, self._prefix["v1"]
+        raise ValueError(f"host pool {key!r} was not registered (register_mem_host_pool_v2)")
+
+    def _pool_keys(self, name: Any, keys: list[str]) -> tuple[Any, list[bytes]]:
+        pool, prefix = self._pool(name)
+        return pool, [prefix + k.encode() for k in keys]
+
+    def batch_exists_v2(self, keys: list[str], pool_transfers: list[Any] | None = None,
+                        extra_info: HiCacheStorageExtraInfo | None = None) -> Any:
+        """The usable prefix over the KV pages and every extra pool's hit policy:
+        ``ALL_PAGES`` (each page of the prefix must be there), ``TRAILING_PAGES`` (only the
+        ``len(transfer.keys)`` pages that end the prefix: a prefix length works when that
+        window is complete, so the result lists every restorable length), and
+        ``BLOCK_GROUPS`` (reported for no pool and never gating the KV hit: its geometry
+        is not implemented here). Failures count as misses."""
+        from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolTransferResult
+
+        kv_pages = self.batch_exists(keys, extra_info)
+        hits: dict[Any, int] = {"kv": kv_pages} if kv_pages else {}
+        restorable = list(range(1, kv_pages + 1))
+        for t in pool_transfers or []:
+            if not restorable:
+                break
+            if t.hit_policy == PoolHitPolicy.BLOCK_GROUPS:
+                continue
+            try:
+                _, pkeys = self._pool_keys(t.name, keys[:kv_pages])
+                present = self.client.exists_batch(pkeys, timeout=self.cfg.timeout)
+            except Exception as e:  # noqa: BLE001 - unknown = not there
+                self._failed("lookup", kv_pages, e)
+                present = [False] * kv_pages
+            if t.hit_policy == PoolHitPolicy.TRAILING_PAGES:
+                window = max(1, len(t.keys or ()))
+                usable = [n for n in range(1, kv_pages + 1) if all(present[max(0, n - window):n])]
+                boundary = usable[-1] if usable else 0
+            else:  # ALL_PAGES
+                boundary = present.index(False) if False in present else kv_pages
+                usable = list(range(1, boundary + 1))
+            if boundary:
+                hits[t.name] = boundary
+            restorable = [n for n in restorable if n in set(usable)]
+        return PoolTransferResult(restorable[-1] if restorable else 0, hits, restorable)
+
+    def _io_v2(self, transfers: list[Any], write: bool) -> dict[Any, list[bool]]:
+        out: dict[Any, list[bool]] = {}
+        for t in transfers:
+            keys = list(t.keys or [])
+            if not keys:
+                out[t.name] = []
+                continue
+            try:
+                pool, pkeys = self._pool_keys(t.name, keys)
+            except ValueError as e:
+                self._failed("write" if write else "read", len(keys), e)
+                out[t.name] = [False] * len(keys)
+                continue
+            out[t.name] = self._write(pool, pkeys, t.host_indices) if write else \
+                self._read(pool, pkeys, t.host_indices)
+        return out
+
+    def batch_get_v2(self, transfers: list[Any],
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> dict[Any, list[bool]]:
+        """Each transfer's pages (its pool's keys) into its host pool's slots; per pool, per page."""
+        return self._io_v2(transfers, write=False)
+
+    def batch_set_v2(self, transfers: list[Any],
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> dict[Any, list[bool]]:
+        """Each transfer's pages from its host pool's slots; per pool, per page in the pool?"""
+        return self._io_v2(transfers, write=True)
 
     # -- prefix existence -------------------------------------------------------------
 
@@ -208,7 +305,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             self._failed("write", len(keys), e)
             return False
         self._count("set", "backup", len(keys), sum(bool(s) for s in stored), t0)
-        return all(stored)
+        return True  # put_batch raised unless every page was stored or already present
 
     # -- metrics, shutdown ------------------------------------------------------------
 
@@ -223,13 +320,15 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
     def close(self) -> None:
         self.client.close()
 
-    def _count(self, op: str, kind: str, pages: int, good: int, t0: float) -> None:
+    def _count(self, op: str, kind: str, pages: int, good: int, t0: float, nbytes: int | None = None) -> None:
+        """``good`` of ``pages`` pages moved (``nbytes`` bytes; default: KV pages' worth)."""
         dt = max(time.perf_counter() - t0, 1e-9)
         with self._lock:
             self.counters[f"{op}_pages"] += pages
             self.counters["get_hits" if op == "get" else "set_stored"] += good
             self._metrics[f"{kind}_pgs"].append(good)
-            self._metrics[f"{kind}_bandwidth"].append(good * self.page_bytes / dt / 1e9)
+            moved = good * self.page_bytes if nbytes is None else nbytes
+            self._metrics[f"{kind}_bandwidth"].append(moved / dt / 1e9)
 
     def _failed(self, what: str, pages: int, e: BaseException) -> None:
         with self._lock:

@@ -34,6 +34,20 @@ def mla_host(layout: str = "page_first") -> Any:
                                 target_layer_num=LAYERS, override_kv_cache_dim=dev.kv_cache_dim)
 
 
+def mamba_host(slots: int = 16, layers: int = 2) -> Any:
+    """SGLang's Mamba state host pool (one page = one request's state: temporal + conv)."""
+    from sglang.srt.mem_cache.device_pool_info import MambaStateBufferInfo
+    from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
+
+    info = MambaStateBufferInfo(temporal=torch.zeros(layers, slots, 4, 8, dtype=torch.float32),
+                                conv=(torch.zeros(layers, slots, 3, 8, dtype=torch.bfloat16),))
+    host = MambaPoolHost(info, 2.0, 0, device_capacity=slots, pin_memory=False, device="cpu", layout="page_first")
+    g = torch.Generator().manual_seed(slots)
+    for buf in (host.temporal_buffer, *host.conv_buffer):
+        buf.copy_(torch.randn(buf.shape, generator=g).to(buf.dtype))
+    return host
+
+
 def storage_config(extra: dict[str, Any], *, model: str = "tiny-llama", tp_rank: int = 0, tp_size: int = 1,
                    mla: bool = False, layout: str = "page_first") -> HiCacheStorageConfig:
     return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,

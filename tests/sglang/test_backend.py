@@ -70,6 +70,55 @@ def test_pages_round_trip_through_the_host_pool_zero_copy(cluster: Cluster, layo
     be.close()
 
 
+def test_hybrid_pools_v2_round_trip_and_hit_policies(cluster: Cluster) -> None:
+    """A hybrid model's extra host pools (SGLang's real MambaPoolHost, a second KV-shaped
+    pool as an indexer) through the v2 calls: pages round trip per pool, and
+    batch_exists_v2 honours TRAILING_PAGES (every restorable prefix length) and ALL_PAGES."""
+    from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTransfer
+
+    host = pools.mha_host()
+    pools.fill(host, 5)
+    be = pools.backend(cluster.master_address, host)
+    mamba, indexer = pools.mamba_host(), pools.mha_host(layers=1)
+    pools.fill(indexer, 6)
+    be.register_mem_host_pool_v2(mamba, PoolName.MAMBA)
+    be.register_mem_host_pool_v2(indexer, PoolName.INDEXER)
+    ks = pools.keys(6, "hybrid")
+    kv = pools.pages(host, 6)
+    assert be.batch_set_v2([PoolTransfer(PoolName.KV, host_indices=kv, keys=ks)]) == {PoolName.KV: [True] * 6}
+    states = mamba.alloc(2)
+    idx = pools.pages(indexer, 3)
+    got = be.batch_set_v2([PoolTransfer(PoolName.MAMBA, host_indices=states, keys=[ks[1], ks[4]]),
+                           PoolTransfer(PoolName.INDEXER, host_indices=idx, keys=ks[:3])])
+    assert got == {PoolName.MAMBA: [True, True], PoolName.INDEXER: [True] * 3}
+    assert be.batch_set_v1(ks[:2], kv[:2 * pools.PAGE]) == [True, True]  # already there: still stored
+    # the state after pages 2 and 5 exists: those prefixes are restorable, the longest wins
+    trailing = PoolTransfer(PoolName.MAMBA, keys=[ks[-1]], hit_policy=PoolHitPolicy.TRAILING_PAGES)
+    r = be.batch_exists_v2(ks, [trailing])
+    assert (r.kv_hit_pages, r.restorable_prefix_pages, r.extra_pool_hit_pages) == \
+        (5, [2, 5], {PoolName.KV: 6, PoolName.MAMBA: 5})
+    every = PoolTransfer(PoolName.INDEXER, keys=ks, hit_policy=PoolHitPolicy.ALL_PAGES)
+    r = be.batch_exists_v2(ks, [trailing, every])
+    assert (r.kv_hit_pages, r.restorable_prefix_pages) == (2, [2])
+    assert be.batch_exists_v2(pools.keys(3, "none"), [trailing]).kv_hit_pages == 0
+    # pools never share keys: the states are not KV pages
+    assert be.batch_exists([ks[1]]) == 1 and be.batch_exists(pools.keys(1, "hybrid-state")) == 0
+    # read back into fresh slots, byte for byte
+    states2, idx2 = mamba.alloc(2), pools.pages(indexer, 3)
+    got = be.batch_get_v2([PoolTransfer(PoolName.MAMBA, host_indices=states2, keys=[ks[1], ks[4]]),
+                           PoolTransfer(PoolName.INDEXER, host_indices=idx2, keys=ks[:3]),
+                           PoolTransfer(PoolName.SWA, host_indices=states2, keys=[ks[0]])])
+    assert got == {PoolName.MAMBA: [True, True], PoolName.INDEXER: [True] * 3, PoolName.SWA: [False]}
+    for a, b in ((states, states2),):
+        pa, sa = mamba.get_page_buffer_meta(a)
+        pb_, sb = mamba.get_page_buffer_meta(b)
+        assert [pools.host_bytes(int(p), int(n)).tobytes() for p, n in zip(pa, sa, strict=True)] == \
+            [pools.host_bytes(int(p), int(n)).tobytes() for p, n in zip(pb_, sb, strict=True)]
+    for i in range(3):
+        assert pools.page_bytes(indexer, idx2, i) == pools.page_bytes(indexer, idx, i)
+    be.close()
+
+
 def test_batch_exists_counts_the_leading_pages_and_stops_at_a_hole(cluster: Cluster) -> None:
     host = pools.mha_host()
     pools.fill(host, 2)
