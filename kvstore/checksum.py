@@ -83,6 +83,22 @@ def block_sums(data: Buffer, key: bytes = b"") -> np.ndarray:
                      for off in range(0, max(n, 1), BLOCK)], dtype=np.uint64)
 
 
+def block_sums_of(value: memoryview | Scattered, key: bytes = b"") -> np.ndarray:
+    """:func:`block_sums` of a contiguous value or of the bytes of a :class:`Scattered`
+    laid end to end (without gathering them: pieces that start on block boundaries are
+    hashed in place, natively; others are streamed block by block)."""
+    if not isinstance(value, Scattered):
+        return block_sums(value, key)
+    pieces = value.views()
+    starts = value.starts.tolist()
+    if all(st % BLOCK == 0 for st in starts[:-1]):  # every piece starts a block: hash each on its own
+        return np.concatenate([block_sums(p, key) for p in pieces]) if pieces else block_sums(b"", key)
+    h = BlockHasher(key)
+    for p in pieces:
+        h.update(p)
+    return h.sums()
+
+
 def combine(sums: np.ndarray, key: bytes = b"") -> int:
     """The checksum of a value from its block sums."""
     if len(sums) == 1:

@@ -91,6 +91,13 @@ class Scattered:
             ctypes.memmove(addr, base[pos:].ctypes.data, n)
             pos += n
 
+    def views(self) -> list[memoryview]:
+        """The pieces as byte views over their memory (no copy; valid while ``owner`` lives)."""
+        out = []
+        for addr, n in zip(self.addrs.tolist(), self.lens.tolist(), strict=True):
+            out.append(memoryview((ctypes.c_uint8 * n).from_address(addr)).cast("B"))
+        return out
+
     def read(self) -> bytes:
         """The bytes the pieces hold now (tests, debugging)."""
         return b"".join(ctypes.string_at(a, n) for a, n in zip(self.addrs.tolist(), self.lens.tolist(), strict=True))
@@ -98,3 +105,7 @@ class Scattered:
 
 Dest: TypeAlias = "memoryview | Scattered"
 """Where a read lands: a contiguous writable view or a :class:`Scattered`."""
+
+Source: TypeAlias = "memoryview | Scattered"
+"""What a put stores: a contiguous view or a :class:`Scattered` (its pieces in order,
+sent or copied piece by piece: no gather into one buffer)."""

@@ -33,7 +33,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorage,
@@ -43,7 +42,6 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from connectors.sglang.config import SGLangStoreConfig
 from kvstore.client import Client
-from kvstore.kernels.arrays import host_bytes
 from kvstore.scatter import Scattered
 
 log = logging.getLogger(__name__)
@@ -137,7 +135,9 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return [True] * len(keys)
         t0 = time.perf_counter()
         try:
-            items = [(k, _gather(p)) for k, p in zip(keys, self._pieces(pool, keys, host_indices), strict=True)]
+            # each page straight from its slabs (no gather): copied piece by piece into the
+            # node's arena on the same host, sent piece by piece to other hosts
+            items = list(zip(keys, self._pieces(pool, keys, host_indices), strict=True))
             stored = self.client.put_batch(items, timeout=self.cfg.timeout)
         except Exception as e:  # noqa: BLE001 - a failed write is reported per page, never raised
             self._failed("write", len(keys), e)
@@ -340,11 +340,6 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
 def _interface_v1(cfg: HiCacheStorageConfig) -> bool:
     v = (cfg.extra_config or {}).get("interface_v1")
     return bool(v) and str(v).lower() not in ("0", "false", "no")
-
-
-def _gather(pieces: Scattered) -> np.ndarray:
-    """One page's pieces as one contiguous array (the value to store)."""
-    return np.concatenate([host_bytes(int(a), int(n)) for a, n in zip(pieces.addrs, pieces.lens, strict=True)])
 
 
 def _bytes_of(t: Any) -> memoryview:

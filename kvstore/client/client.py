@@ -191,7 +191,9 @@ class Client(ClientCore):
 
     def put_batch(self, items: Sequence[tuple[bytes | str, Any]], *,
                   timeout: float | None = None) -> list[bool]:
-        """Store every ``(key, value)``; all are validated before anything is sent."""
+        """Store every ``(key, value)``; all are validated before anything is sent. A value
+        is any C-contiguous buffer, or a :class:`~kvstore.scatter.Scattered` whose pieces
+        are stored as one value laid end to end (not gathered first)."""
         keys, views = self._put_args(items)
         return self._retrying(lambda d: self._put_flow(keys, views, d), timeout)
 

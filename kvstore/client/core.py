@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from kvstore._types import byte_view
-from kvstore.checksum import block_sums, check_ranges, combine, copy_into
+from kvstore.checksum import block_sums_of, check_ranges, combine, copy_into
 from kvstore.client.locations import Known, LocationCache
 from kvstore.client.samehost import MappedNode
 from kvstore.errors import (
@@ -39,7 +39,7 @@ from kvstore.keys import check_key
 from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
-from kvstore.scatter import Dest, Scattered
+from kvstore.scatter import Dest, Scattered, Source
 from kvstore.tls import ClientTLS
 from kvstore.v1 import master_pb2 as mpb
 
@@ -165,9 +165,9 @@ class ClientCore:
     # -- arguments (checked before anything is sent) ----------------------------------
 
     @staticmethod
-    def _put_args(items: Sequence[tuple[bytes | str, Any]]) -> tuple[list[bytes], list[memoryview]]:
+    def _put_args(items: Sequence[tuple[bytes | str, Any]]) -> tuple[list[bytes], list[Source]]:
         keys = [check_key(k) for k, _ in items]
-        views = [byte_view(v) for _, v in items]
+        views: list[Source] = [v if isinstance(v, Scattered) else byte_view(v) for _, v in items]
         for k, v in zip(keys, views, strict=True):
             if len(v) == 0:
                 raise InvalidArgument(f"value for key {k[:16]!r} is empty")
@@ -196,9 +196,9 @@ class ClientCore:
 
     # -- writes ------------------------------------------------------------------------
 
-    def _put_flow(self, keys: list[bytes], views: list[memoryview], deadline: float) -> Flow[list[bool]]:
+    def _put_flow(self, keys: list[bytes], views: list[Source], deadline: float) -> Flow[list[bool]]:
         keys = yield from self._scoped(keys, deadline)
-        blocks = [block_sums(v, k) for k, v in zip(keys, views, strict=True)]
+        blocks = [block_sums_of(v, k) for k, v in zip(keys, views, strict=True)]
         sums = [combine(b, k) for k, b in zip(keys, blocks, strict=True)]
         req = mpb.PutStartRequest(
             items=[mpb.PutItem(key=k, size=len(v), checksum=c) for k, v, c in zip(keys, views, sums, strict=True)],
@@ -269,7 +269,7 @@ class ClientCore:
         except KVStoreError as e:  # the reservation expires on its own
             log.warning("put revoke failed (the master expires it): %s", e)
 
-    def _write_node_flow(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes], views: list[memoryview],
+    def _write_node_flow(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes], views: list[Source],
                          sums: list[int], blocks: list[np.ndarray], placed: dict[int, Known],
                          deadline: float, grants: list[bytes | None]) -> Flow[set[int]]:
         """Store ``idxs`` on one node; the indices that failed (where the others landed
@@ -293,7 +293,10 @@ class ClientCore:
             try:
                 for i, s in held:
                     conn.mapped.touch(s.offset, len(views[i]), write=True)
-                    copy_into(arena[s.offset:s.offset + len(views[i])], views[i])
+                    at = s.offset
+                    for piece in _pieces(views[i]):  # a Scattered value piece by piece, no gather
+                        copy_into(arena[at:at + len(piece)], piece)
+                        at += len(piece)
             except BaseException:
                 try:
                     yield NodeCall(conn, Op.ABORT, [s.handle for _, s in held], max(deadline, time.monotonic() + 2))
@@ -589,3 +592,7 @@ class ClientCore:
                 raise status_error(mpb.ItemStatus.Name(st), f"key {k[:16]!r} is {hint[st]}") or KVStoreError()
             out.append(st == mpb.OK)
         return out
+
+
+def _pieces(value: Source) -> list[memoryview]:
+    return value.views() if isinstance(value, Scattered) else [value]

@@ -72,7 +72,7 @@ class AsyncControlClient:
     async def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
         """See :meth:`ControlClient.store`."""
         payload = await self._exchange(Op.STORE, [store_item(r) for r in requests], timeout,
-                                       tail=[r.value for r in requests])
+                                       tail=[p for r in requests for p in r.pieces()])
         return [Allocated(*r) for r in payload]
 
     async def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,

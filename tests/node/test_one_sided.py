@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from kvstore.checksum import BLOCK, block_sums, checksum
+from kvstore.checksum import BLOCK, block_sums, block_sums_of, checksum
 from kvstore.client import Client
 from kvstore.client.locations import Known
 from kvstore.client.samehost import MappedNode
@@ -207,6 +207,23 @@ def test_ranged_reads_into_scattered_pieces(cluster, same_host):
         assert np.concatenate(whole).tobytes() == v
         with pytest.raises(InvalidArgument):  # pieces smaller than the ranges
             r.get_into(b"chunk", dst[:layer], ranges=[(0, layer + 1)])
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "tcp"])
+@pytest.mark.parametrize("cuts", [[BLOCK, 3 * BLOCK], [1000, BLOCK + 7, 2 * BLOCK + 5]], ids=["on-blocks", "off-blocks"])
+def test_puts_from_scattered_pieces(cluster, same_host, cuts):
+    """A value given as pieces of memory (an engine's K and V slabs) is stored without
+    being gathered, and reads back as the pieces laid end to end, checksum included."""
+    v = value(8, 4 * BLOCK + 123)
+    bounds = [0, *cuts, len(v)]
+    arrs = [np.frombuffer(v[a:b], dtype=np.uint8).copy() for a, b in zip(bounds, bounds[1:])]
+    src = Scattered([a.ctypes.data for a in arrs], [len(a) for a in arrs], owner=arrs)
+    with Client(cluster.master_address, same_host=same_host) as w, Client(cluster.master_address) as r:
+        assert w.put_batch([(b"pieces", src), (b"flat", v)]) == [True, True]
+        assert bytes(r.get(b"pieces") or b"") == v
+        assert w.put(b"pieces", src) is False  # stored already
+        assert bytes(w.get(b"pieces") or b"") == v
+    assert block_sums_of(src, b"k").tolist() == block_sums(v, b"k").tolist()
 
 
 def test_a_connection_raced_by_another_thread_is_not_closed_under_it():
