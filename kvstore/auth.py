@@ -119,6 +119,21 @@ class Credentials:
         SHA-256 (a lookup's timing says nothing useful about the token itself)."""
         return self.entries.get(digest(token)) if token else None
 
+    def of_certificate(self, role: str, tenant: str) -> Principal | None:
+        """The principal a verified client certificate naming ``role``/``tenant`` stands for:
+        an admin, or a client of a tenant these credentials hold (a tenant taken out of
+        ``credentials.json`` loses its certificates' access too); else None."""
+        if role == "admin":
+            return Principal("admin", "default")
+        if role == "client" and tenant in self.tenants:
+            return Principal("client", tenant)
+        return None
+
+    @functools.cached_property
+    def tenants(self) -> frozenset[str]:
+        """Tenants with at least one client credential."""
+        return frozenset(p.tenant for p in self.entries.values() if p.role == "client")
+
     def client_digests(self) -> list[str]:
         """Digests of every token a node must accept on its listeners (clients and admins)."""
         return sorted(d for d, p in self.entries.items() if p.role in ("client", "admin"))

@@ -11,18 +11,28 @@ Mutual TLS: a master or node given ``tls_client_ca`` asks every peer for a certi
 that CA signed and refuses the handshake without one. Clients then present
 ``tls_cert``/``tls_key`` (the client certificate); nodes present their own serving
 certificate to the master (so it must allow client authentication too: the one
-``make`` writes does). The certificate only admits the connection; role and tenant still
-come from the token (kvstore.auth).
+``make`` writes does).
+
+Certificate identities: a client certificate may also name a role and tenant, as a URI
+subject alternative name ``kvstore:client:TENANT`` or ``kvstore:admin`` (:func:`issue`;
+``kvstore auth init --tls`` and ``kvstore auth add-tenant --tls`` write one per tenant).
+Under mutual TLS a master that authenticates (``--auth-dir``) and the nodes take a peer
+presenting such a certificate (signed by the CA they trust) as that principal when it
+sends no token; a certificate without one only admits the connection, and the token
+decides (kvstore.auth). There is no revocation list: a CA-signed identity holds until
+the certificate expires (re-key the CA to drop one early).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kvstore.errors import ConfigError
 
@@ -173,3 +183,87 @@ def make(directory: Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
     return files
+
+
+# -- certificate identities -----------------------------------------------------------------
+
+IDENTITY_SCHEME = "kvstore:"
+
+
+class CertIdentity(NamedTuple):
+    """The role (``client``, ``admin``) and tenant a client certificate names."""
+
+    role: str
+    tenant: str
+
+
+def identity_uri(role: str, tenant: str = "") -> str:
+    """The URI SAN naming ``role`` (and a client's ``tenant``) in a certificate."""
+    if role not in ("client", "admin"):
+        raise ConfigError(f"certificate identities name a client or an admin, not {role!r}")
+    return f"{IDENTITY_SCHEME}client:{tenant}" if role == "client" else f"{IDENTITY_SCHEME}admin"
+
+
+@functools.lru_cache(maxsize=256)
+def identity_of(der: bytes) -> CertIdentity | None:
+    """The identity a (DER) certificate names in its URI SANs, or None. Call it only for
+    a certificate the TLS handshake verified against the trusted CA."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+            .get_values_for_type(x509.UniformResourceIdentifier)
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    found = {u for u in uris if u.startswith(IDENTITY_SCHEME)}
+    if len(found) != 1:  # none, or an ambiguous certificate: no identity
+        return None
+    role, _, tenant = found.pop()[len(IDENTITY_SCHEME):].partition(":")
+    if role == "admin" and not tenant:
+        return CertIdentity("admin", "default")
+    if role == "client" and tenant:
+        return CertIdentity("client", tenant)
+    return None
+
+
+def identity_of_pem(pem: bytes) -> CertIdentity | None:
+    """:func:`identity_of` for a PEM certificate (what gRPC's auth context carries)."""
+    return identity_of(ssl.PEM_cert_to_DER_cert(pem.decode("ascii", "replace")))
+
+
+def issue(tls_dir: Path, out: Path, role: str, tenant: str = "", days: int = 825) -> tuple[Path, Path]:
+    """A client certificate naming ``role``/``tenant`` (:func:`identity_uri`), signed by the
+    CA in ``tls_dir`` (``ca.pem``, ``ca.key`` from :func:`make`): ``out.pem`` and
+    ``out.key`` (0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    try:
+        ca = x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
+        ca_key = serialization.load_pem_private_key((tls_dir / "ca.key").read_bytes(), None)
+    except OSError as e:
+        raise ConfigError(f"{tls_dir}: no CA to sign with ({e.strerror}); run `kvstore auth init --tls`") from e
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{tls_dir}/ca.key: expected the EC key `kvstore auth init --tls` writes")
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    uri = identity_uri(role, tenant)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, uri)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem_path, key_path = out.with_suffix(".pem"), out.with_suffix(".key")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pem_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return pem_path, key_path

@@ -527,9 +527,10 @@ class ClientCore:
 
     def _scoped(self, keys: list[bytes], deadline: float) -> Flow[list[bytes]]:
         """The keys as the pool names them: a tenant's credential confines it to keys that
-        start with its scope (``@TENANT/``, from ``Hello``, asked once), prepended here."""
+        start with its scope (``@TENANT/``, from ``Hello``, asked once), prepended here. So
+        does a client certificate that names a tenant (mutual TLS, kvstore.tls)."""
         if self._key_prefix is None:
-            if self.token is None:
+            if self.token is None and (self.tls is None or self.tls.cert is None):
                 self._key_prefix = b""
             else:
                 try:

@@ -13,6 +13,7 @@ from kvstore.framing import FLAG_ERROR, HEADER, REPLY_BIT
 from kvstore.master.errors import CallError
 from kvstore.master.fast import AUTH, METHODS, REQUESTS, frame, parse
 from kvstore.master.servicer import MasterServicer
+from kvstore.tls import identity_of
 
 
 async def serve_fast(servicer: MasterServicer, host: str, port: int,
@@ -38,6 +39,9 @@ async def serve_fast(servicer: MasterServicer, host: str, port: int,
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         auth: bytes | None = None
+        tls = writer.get_extra_info("ssl_object")
+        der = tls.getpeercert(binary_form=True) if tls is not None else None
+        peer = identity_of(der) if der else None  # verified by the handshake (mutual TLS)
         try:
             while True:
                 op, _flags, length = parse(await reader.readexactly(HEADER.size), limit)
@@ -50,7 +54,7 @@ async def serve_fast(servicer: MasterServicer, host: str, port: int,
                     raise ValueError(f"unknown op {op}")
                 name = METHODS[op - 1]
                 try:
-                    resp = await servicer.call_async(name, REQUESTS[name].FromString(body), auth)
+                    resp = await servicer.call_async(name, REQUESTS[name].FromString(body), auth, peer)
                     writer.write(frame(op | REPLY_BIT, resp.SerializeToString()))
                 except CallError as e:
                     writer.write(frame(op | REPLY_BIT, msgpack.packb([e.code.name, e.message]), FLAG_ERROR))

@@ -51,6 +51,7 @@ from kvstore.master.metrics import MasterMetrics
 from kvstore.master.persist import MasterStore
 from kvstore.master.state import MasterState
 from kvstore.master.types import Status
+from kvstore.tls import CertIdentity, identity_of_pem
 from kvstore.v1 import master_pb2 as pb
 from kvstore.v1 import master_pb2_grpc as pb_grpc
 
@@ -107,6 +108,16 @@ class Clock:
         return self._wall0 + (time.monotonic_ns() - self._mono0) // 1_000_000
 
 
+def peer_identity(context: grpc.aio.ServicerContext) -> CertIdentity | None:
+    """The identity the caller's TLS client certificate names, if it presented one that the
+    handshake verified (mutual TLS) and that names one (kvstore.tls.identity_of)."""
+    try:
+        pem = context.auth_context().get("x509_pem_cert")
+    except (AttributeError, ValueError):
+        return None
+    return identity_of_pem(bytes(pem[0])) if pem else None
+
+
 def authorization(context: grpc.aio.ServicerContext) -> bytes | None:
     """The call's ``authorization`` metadata (``Bearer <token>``), if any."""
     return next((v.encode() if isinstance(v, str) else bytes(v)
@@ -154,14 +165,15 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     # -- plumbing ---------------------------------------------------------------
 
-    def call(self, name: str, request: Any, authorization: bytes | None) -> Any:
+    def call(self, name: str, request: Any, authorization: bytes | None, peer: CertIdentity | None = None) -> Any:
         """Run one call as either channel receives it: the response, or :class:`CallError`
-        with the gRPC status to answer."""
+        with the gRPC status to answer. ``peer``: the identity the caller's verified TLS
+        client certificate names (kvstore.tls), used when it sends no token."""
         t0 = time.perf_counter()
         try:
             self._caller = None
             if self.credentials is not None:
-                self._caller = self._authorize(name, authorization)
+                self._caller = self._authorize(name, authorization, peer)
                 self._check_scope(name, request, self._caller)
             if self.leading is not None and not self.leading():
                 raise _Reject(grpc.StatusCode.UNAVAILABLE, self.standby_message)
@@ -182,11 +194,12 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
         finally:
             self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - t0)
 
-    async def call_async(self, name: str, request: Any, authorization: bytes | None) -> Any:
+    async def call_async(self, name: str, request: Any, authorization: bytes | None,
+                         peer: CertIdentity | None = None) -> Any:
         """:meth:`call`, and then, for a pin or unpin under leader election, its record in
         etcd: the call is answered only once a failover would keep it (UNAVAILABLE, to be
         retried, when etcd cannot be written; the pin holds on this leader meanwhile)."""
-        resp = self.call(name, request, authorization)
+        resp = self.call(name, request, authorization, peer)
         changes, self._pin_changes = self._pin_changes, []
         if changes and self.record_pins is not None:
             try:
@@ -200,26 +213,36 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
     def _wrap(self, name: str) -> Callable[[Any, Any], Awaitable[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await self.call_async(name, request, authorization(context))
+                return await self.call_async(name, request, authorization(context), peer_identity(context))
             except CallError as e:
                 await context.abort(e.code, e.message)
 
         return handler
 
-    def _authorize(self, name: str, authorization: bytes | None) -> Principal:
-        """The caller's token must stand for a role allowed to call ``name``."""
+    def _authorize(self, name: str, authorization: bytes | None, peer: CertIdentity | None = None) -> Principal:
+        """The caller's token (or, without one, its certificate's identity) must stand for a
+        role allowed to call ``name``."""
         assert self.credentials is not None
         where = "master.token_file" if self.credentials.source == "master.token_file" \
             else "the role's token file (master.auth_dir)"  # for the error messages below
-        if authorization is None:
+        if authorization is None and peer is not None:
+            who = self.credentials.of_certificate(peer.role, peer.tenant)
+            if who is None:
+                raise _Reject(grpc.StatusCode.PERMISSION_DENIED,
+                              f"the client certificate names tenant {peer.tenant!r}, which this master's "
+                              "credentials do not hold (add it with `kvstore auth add-tenant`)")
+        elif authorization is None:
             raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
                           f"this master requires a token; send metadata 'authorization: Bearer <token>' "
-                          f"with the token from {where}")
-        token = authorization.removeprefix(b"Bearer ").strip()
-        who = self.credentials.check(token)
-        if who is None:
-            raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
-                          f"bad token: send 'authorization: Bearer <token>' with the token from {where}")
+                          f"with the token from {where} (or, under mutual TLS, a client certificate "
+                          "naming a tenant: `kvstore auth add-tenant --tls`)")
+        else:
+            token = authorization.removeprefix(b"Bearer ").strip()
+            found = self.credentials.check(token)
+            if found is None:
+                raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
+                              f"bad token: send 'authorization: Bearer <token>' with the token from {where}")
+            who = found
         if who.role != "admin" and name != "Hello" and (who.role == "node") != (name in NODE_CALLS):
             raise _Reject(grpc.StatusCode.PERMISSION_DENIED,
                           f"{name} is not allowed for a {who.role} credential "

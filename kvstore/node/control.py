@@ -69,8 +69,9 @@ PREAUTH_TIMEOUT = 10.0
 """Seconds a connection to a node that requires a token may stay without authenticating."""
 
 Handler = Callable[[Op, list[Any], Incoming, bytes, bytes], "list[Any] | Streamed"]
-Authorize = Callable[[bytes | None], "bytes | None"]
-"""token -> the key scope of its credential (b"": any key), or None: refused."""
+Authorize = Callable[[bytes | None, "bytes | None"], "bytes | None"]
+"""(token, the peer's verified TLS client certificate in DER or None) -> the key scope of
+the credential (b"": any key), or None: refused."""
 
 
 def _auth_item(items: list[Any], session: bytes) -> tuple[bytes | None, bytes]:
@@ -92,8 +93,8 @@ class ControlServer:
     thread per connection (at most ``max_connections``; one idle past ``idle_timeout``
     seconds between requests is closed).
 
-    ``authorize(token) -> scope | None``: when given, a connection must open with an AUTH
-    whose token it accepts; nothing else is served before that, and the connection's
+    ``authorize(token, peer_cert) -> scope | None``: when given, a connection must open with
+    an AUTH whose token (or, without one, whose TLS client certificate) it accepts; nothing else is served before that, and the connection's
     requests may then only name keys starting with the credential's scope. Every
     connection's session is the one its AUTH named (a fresh one without AUTH): handles
     belong to it.
@@ -145,7 +146,8 @@ class ControlServer:
                         raise ValueError(f"payload must be a list of at most {MAX_ITEMS} items")
                     if op == Op.AUTH:
                         token, session = _auth_item(items, session)
-                        granted = self._authorize(token) if self._authorize is not None else b""
+                        der = conn.getpeercert(binary_form=True) if isinstance(conn, ssl.SSLSocket) else None
+                        granted = self._authorize(token, der) if self._authorize is not None else b""
                         if granted is None:
                             self.refused += 1
                             conn.sendall(pack_frame(op | REPLY_BIT, msgpack.packb([SlotStatus.DENIED])))

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from kvstore.auth import digest
+from kvstore.auth import scope_of as tenant_scope
 from kvstore.config import NodeConfig, StoreConfig
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.hostid import host_id, is_loopback
@@ -36,7 +37,7 @@ from kvstore.node.control import ControlServer
 from kvstore.node.holds import Holds
 from kvstore.node.service import RPC_SECONDS, GrantCheck, NodeService
 from kvstore.store import LocalStore
-from kvstore.tls import ClientTLS, server_context
+from kvstore.tls import ClientTLS, identity_of, server_context
 from kvstore.v1 import master_pb2 as mpb
 from transport.base import Transport, TransportOptions
 from transport.regions import Region
@@ -180,14 +181,24 @@ class StoreNode:
 
     # -- master protocol --------------------------------------------------------
 
-    def scope_of(self, token: bytes | None) -> bytes | None:
+    def scope_of(self, token: bytes | None, peer_cert: bytes | None = None) -> bytes | None:
         """The key scope of a peer presenting ``token`` on the control channel (b"": any
-        key), or None if this node does not accept it."""
-        return self._digests.get(digest(token)) if token else None
+        key), or None if this node does not accept it. Without a token, the identity its
+        verified TLS client certificate names (mutual TLS): an admin, or a client of a
+        tenant the master's credentials hold (kvstore.tls)."""
+        if token:
+            return self._digests.get(digest(token))
+        who = identity_of(peer_cert) if peer_cert else None
+        if who is None:
+            return None
+        if who.role == "admin":
+            return b""
+        scope = tenant_scope(who.tenant)
+        return scope if scope in self._digests.values() else None
 
     def authorize_raw(self, token: bytes | None) -> bool:
         """``tcp://`` reaches arena offsets, not keys: unscoped credentials only (admins)."""
-        return self.scope_of(token) == b""
+        return bool(token) and self.scope_of(token) == b""
 
     def _take_digests(self, version: str, digests: list[str], scopes: list[bytes], grant_key: bytes = b"") -> None:
         if grant_key and (self.service.grants is None or self.service.grants.secret != grant_key):

@@ -6,6 +6,7 @@ these tests move the chunk away under the cache (remove, eviction, extent
 reuse, node restart) and race readers against eviction.
 """
 
+import itertools
 import signal
 import threading
 import time
@@ -216,7 +217,7 @@ def test_puts_from_scattered_pieces(cluster, same_host, cuts):
     being gathered, and reads back as the pieces laid end to end, checksum included."""
     v = value(8, 4 * BLOCK + 123)
     bounds = [0, *cuts, len(v)]
-    arrs = [np.frombuffer(v[a:b], dtype=np.uint8).copy() for a, b in zip(bounds, bounds[1:])]
+    arrs = [np.frombuffer(v[a:b], dtype=np.uint8).copy() for a, b in itertools.pairwise(bounds)]
     src = Scattered([a.ctypes.data for a in arrs], [len(a) for a in arrs], owner=arrs)
     with Client(cluster.master_address, same_host=same_host) as w, Client(cluster.master_address) as r:
         assert w.put_batch([(b"pieces", src), (b"flat", v)]) == [True, True]

@@ -160,6 +160,80 @@ def test_mutual_tls(tmp_path: Path) -> None:
         p.stop()
 
 
+def test_certificate_identities(tmp_path: Path) -> None:
+    """Under mutual TLS, a client certificate naming a tenant (`kvstore auth add-tenant --tls`)
+    stands in for the tenant's token on the master (gRPC and framed channel) and on the
+    node's control channel: the tenant's keys, and only them; an admin certificate is an
+    admin; a certificate naming a tenant the master does not hold is refused."""
+    import subprocess
+    import sys
+
+    from kvstore.errors import PermissionDenied
+    from kvstore.node.control import FetchRequest
+    from kvstore.tls import issue
+
+    auth = tmp_path / "auth"
+    entry = [sys.executable, "-c", "from kvstore.cli import main; main()"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["auth", "init", str(auth), "--tenant", "alpha", "--tls"], ["auth", "add-tenant", str(auth), "beta",
+                                                                          "--tls"]):
+        r = subprocess.run([*entry, *args], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+    tls = auth / "tls"
+    ghost, ghost_key = issue(tls, tmp_path / "ghost", "client", "ghost")  # CA-signed, unknown tenant
+    ca, srv, srv_key = str(tls / "ca.pem"), str(tls / "server.pem"), str(tls / "server.key")
+    port = free_port()
+    master = Proc("master", [*CLI, "master", "--port", str(port), "--metrics-port", "-1", "--auth-dir", str(auth),
+                             "--tls-cert", srv, "--tls-key", srv_key, "--tls-client-ca", ca],
+                  tmp_path / "master.log").start(env)
+    address = f"127.0.0.1:{port}"
+    node = Proc("node", [*CLI, "node", "--master", address, "--node-id", "n1", "--dram", "64MiB",
+                         "--transport", "shm://", "--metrics-port", "-1", "--token-file", str(auth / "node.token"),
+                         "--tls-cert", srv, "--tls-key", srv_key, "--tls-ca", ca, "--tls-client-ca", ca],
+                tmp_path / "node.log").start(env)
+
+    def as_(who: str, **kw: object) -> Client:
+        return Client(address, tls_ca=ca, tls_cert=str(tls / f"{who}.pem"), tls_key=str(tls / f"{who}.key"),
+                      timeout=5, **kw)  # type: ignore[arg-type]
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with as_("admin") as adm:  # an admin by certificate, no token
+                    if adm.stats().nodes:
+                        break
+            except KVStoreError:
+                assert master.alive() and node.alive(), (tmp_path / "node.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, (tmp_path / "master.log").read_text()[-2000:]
+            time.sleep(0.2)
+        with as_("tenants/alpha") as a, as_("tenants/alpha", same_host=False) as a_net, as_("tenants/beta") as b:
+            assert a.put(b"doc", VALUE) and a_net.put(b"net", VALUE[::-1])
+            assert bytes(a_net.get(b"doc") or b"") == VALUE  # the node's control channel, by certificate
+            assert bytes(a.get(b"net") or b"") == VALUE[::-1]
+            assert a._fast is not None  # the framed channel took the certificate too
+            assert b.get(b"doc") is None and b.longest_prefix([b"doc"]) == 0  # beta never sees alpha's keys
+            assert b.put(b"doc", VALUE[:100])
+            assert bytes(a.get(b"doc") or b"") == VALUE and bytes(b.get(b"doc") or b"") == VALUE[:100]
+            with as_("admin") as adm:
+                assert bytes(adm.get(b"@alpha/doc") or b"") == VALUE  # the stored key: the tenant's scope
+                ctl_addr = adm.stats().nodes[0].control_address
+        # beta's certificate on the node's control channel: alpha's key is outside its scope
+        beta = ControlClient(ctl_addr, tls=client_context(ca, tls / "tenants" / "beta.pem",
+                                                          tls / "tenants" / "beta.key"))
+        try:
+            with pytest.raises(KVStoreError):
+                beta.fetch([FetchRequest(b"@alpha/doc", 0, None)], 3)
+        finally:
+            beta.close()
+        with Client(address, tls_ca=ca, tls_cert=str(ghost), tls_key=str(ghost_key), timeout=3, retries=0) as g, \
+                pytest.raises(PermissionDenied, match="ghost"):
+            g.put(b"x", b"y")
+    finally:
+        node.stop()
+        master.stop()
+
+
 def test_client_certificate_arguments_are_checked() -> None:
     with pytest.raises(InvalidArgument, match="go together"):
         Client("127.0.0.1:1", tls_ca="ca.pem", tls_cert="client.pem")
