@@ -259,7 +259,8 @@ class NodeConfig:
         default=0, metadata={"doc": "Prometheus /metrics HTTP port on node.host; 0 picks one, -1 disables."}
     )
     max_connections: int = field(
-        default=1024, metadata={"doc": "Most open connections on the node's control channel; more are refused."}
+        default=1024, metadata={"doc": "Most open connections on the node's control channel, and on each of its transports "
+                                  "(tcp://, shm://); at the cap the one idle longest makes room, none idle: refused."}
     )
     idle_timeout: float = field(
         default=300.0,

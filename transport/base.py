@@ -111,6 +111,9 @@ class TransportOptions:
     """``ssl.SSLContext`` to serve with (``tcp://``); None: plain TCP."""
     tls_client: Any = None
     """``ssl.SSLContext`` to connect with (``tcp://``; verifies the peer's certificate and name)."""
+    max_connections: int = 4096
+    """Serving side (``tcp://``, ``shm://``): connections served at once, a thread each; at
+    the cap a new peer takes the place of the connection idle longest (none idle: refused)."""
 
 
 class Peer:

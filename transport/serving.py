@@ -90,18 +90,25 @@ def release_ranges(t: Transport, got: list[tuple[Region, WireDesc]]) -> None:
 
 
 def serve_connection(conn: socket.socket, handlers: dict[int, Handler], who: str,
-                     authorize: Callable[[bytes | None], bool] | None = None) -> None:
+                     authorize: Callable[[bytes | None], bool] | None = None,
+                     idle: Callable[[socket.socket, bool], None] | None = None) -> None:
     """Serve frames on ``conn`` until EOF, an error, or a handler asks to close. With
     ``authorize``, the first frame must be an AUTH whose token (its aux bytes) passes it;
-    anything else, or a refused token, is answered DENIED and the connection closed."""
+    anything else, or a refused token, is answered DENIED and the connection closed.
+    ``idle(conn, waiting)`` marks the connection idle while it waits for a frame (a
+    :class:`ConnectionServer` at its cap may then evict it for a new peer)."""
     hdr = bytearray(HEADER.size)
     authed = authorize is None
     try:
         while True:
+            if idle is not None:  # unauthenticated ones too: a flood of them is what gets evicted
+                idle(conn, True)
             try:
                 got = conn.recv_into(hdr, HEADER.size)
             except OSError:
                 return
+            if idle is not None:
+                idle(conn, False)
             if got == 0:
                 return
             if got < HEADER.size:
@@ -268,16 +275,17 @@ class FrameServer(ConnectionServer):
 
     def __init__(self, listener: socket.socket, handlers: dict[int, Handler], who: str,
                  authorize: Callable[[bytes | None], bool] | None = None,
-                 admit: Callable[[socket.socket], str | None] | None = None, tls: Any = None) -> None:
+                 admit: Callable[[socket.socket], str | None] | None = None, tls: Any = None,
+                 max_connections: int = 4096) -> None:
         def serve(conn: socket.socket) -> None:
             refusal = admit(conn) if admit is not None else None
             if refusal is not None:
                 log.warning("%s: refused a peer: %s", who, refusal)
                 send_reply(conn, E_DENIED, 0, refusal)
                 return
-            serve_connection(conn, handlers, who, authorize)
+            serve_connection(conn, handlers, who, authorize, self.idle)
 
-        super().__init__(listener, serve, who, tls=tls)
+        super().__init__(listener, serve, who, tls=tls, max_connections=max_connections)
 
 
 def control_handlers(t: Transport) -> dict[int, Handler]:

@@ -86,8 +86,8 @@ class StoreNode:
         # with a token, tcp:// peers must present one this node accepts (shm:// checks uids)
         tls = server_context(node.tls_cert, node.tls_key, node.tls_client_ca) if node.tls_cert is not None and node.tls_key is not None \
             else None
-        opts = TransportOptions(authorize=self.authorize_raw if token else None, tls_server=tls) \
-            if token or tls is not None else None
+        opts = TransportOptions(authorize=self.authorize_raw if token else None, tls_server=tls,
+                                max_connections=node.max_connections)
         self.transports: list[Transport] = [create(_transport_uri(u, node.host), opts) for u in node.transports]
         # The arena lives in the memory the first same-host transport serves best
         # (a shared segment peers map): same-host clients then copy straight from it.

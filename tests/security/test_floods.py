@@ -115,6 +115,55 @@ def test_2000_idle_connections(node: Node) -> None:
         time.sleep(0.2)
 
 
+def test_transport_endpoints_under_idle_floods(node: Node) -> None:
+    """2,000 idle connections to the node's tcp:// and shm:// endpoints (the transfer engine):
+    threads and memory stay bounded by node.max_connections, and a real peer still gets
+    served (the connection idle longest makes room for it)."""
+    from transport.base import TransportOptions
+    from transport.regions import Desc, RemoteRegion
+    from transport.registry import create
+
+    with node.client() as c:
+        eps = {e.scheme: e for e in c.stats().nodes[0].endpoints}
+    tcp_meta, shm_meta = bytes(eps["tcp"].metadata), bytes(eps["shm"].metadata)
+    port = struct.unpack_from("<4sH", tcp_meta)[1]
+    tcp_addr = (tcp_meta[struct.calcsize("<4sH"):].decode(), port)
+    shm_name = shm_meta[struct.calcsize("<4sI"):]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
+    threads, rss = node.status("Threads"), node.status("VmRSS")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(2000):
+            try:
+                socks.append(socket.create_connection(tcp_addr, timeout=5))
+                u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                socks.append(u)
+                u.connect(shm_name)
+            except OSError:
+                continue
+        time.sleep(0.5)
+        assert node.status("Threads") <= threads + 2 * CAP + 4  # a thread per admitted connection, per endpoint
+        assert node.status("VmRSS") - rss < 64 << 10  # kB
+        for scheme, meta, region in (("tcp://127.0.0.1:0", tcp_meta, eps["tcp"].region),
+                                     ("shm://", shm_meta, eps["shm"].region)):
+            t = create(scheme, TransportOptions(listen=scheme.startswith("tcp")))
+            try:
+                peer = t.connect(meta, timeout=10)
+                local = t.allocate(4096, name="probe")
+                t.read(peer, [Desc(local, 0, RemoteRegion.from_bytes(bytes(region)), 0, 4096)], timeout=10).wait()
+            finally:
+                t.close()
+        node.legit_get()
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 10
+    while node.status("Threads") > threads + 2:
+        assert time.monotonic() < deadline, "connection threads did not go away"
+        time.sleep(0.2)
+
+
 def test_slow_drip_frames_do_not_keep_their_slots(node: Node) -> None:
     frame = pack_frame(Op.ACQUIRE, msgpack.packb([b"legit"]))
     socks = [_connect(node.control) for _ in range(CAP)]

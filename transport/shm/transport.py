@@ -55,7 +55,8 @@ class ShmTransport(Transport):
             lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             lsock.bind(self._sock_name)
             lsock.listen(64)
-            self._server = FrameServer(lsock, handlers(self), f"shm-server-{os.getpid()}", admit=self._admit)
+            self._server = FrameServer(lsock, handlers(self), f"shm-server-{os.getpid()}", admit=self._admit,
+                                       max_connections=self.options.max_connections)
         self._pool = ThreadPoolExecutor(self.options.streams, thread_name_prefix="shm-copy")
         self._peers: list[ShmPeer] = []
 

@@ -61,7 +61,8 @@ class TcpTransport(Transport):
         lsock.listen(128)
         self.address = lsock.getsockname()[:2]
         self._server = FrameServer(lsock, handlers(self), f"tcp-server-{self.address[1]}",
-                                   authorize=self.options.authorize, tls=self.options.tls_server)
+                                   authorize=self.options.authorize, tls=self.options.tls_server,
+                                   max_connections=self.options.max_connections)
         self._peers: list[TcpPeer] = []
 
     def _metadata(self) -> bytes:
