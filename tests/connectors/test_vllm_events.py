@@ -6,7 +6,6 @@ events for those blocks."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +101,6 @@ class Subscriber:
         self.ctx.term()
 
 
-@pytest.fixture(scope="module")
-def events_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("events"), dram="256MiB")
-    try:
-        c.start(nodes=1)
-        yield c
-    finally:
-        c.stop()
-
-
 def _eventually(cond: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -127,12 +116,12 @@ def _hashes(events: list[BlockStored]) -> list[Any]:
     return [h for e in events for h in e.block_hashes]
 
 
-def test_engine_publishes_pool_events_on_its_zmq_stream(tiny_model: Path, events_cluster: Cluster,
+def test_engine_publishes_pool_events_on_its_zmq_stream(tiny_model: Path, cluster: Cluster,
                                                         tmp_path: Path) -> None:
     # vLLM binds wildcard and ipc:// endpoints and connects to the rest: an ipc socket keeps
     # the usual arrangement (the engine binds, routers connect) without a wildcard TCP port.
     endpoint = f"ipc://{tmp_path / 'kv-events.sock'}"
-    kv = kv_transfer_config(events_cluster.master_address, "kv_both", chunk_tokens=CHUNK)
+    kv = kv_transfer_config(cluster.master_address, "kv_both", chunk_tokens=CHUNK)
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint, "topic": "kv"}
     prompt = prompts(41, (300,))[0]  # 4 whole chunks of 64 tokens = 8 blocks of 32
     index = EngineIndex()

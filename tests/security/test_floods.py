@@ -68,6 +68,15 @@ class Node:
         body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5).read().decode()
         return float(re.search(r"^kvstore_node_holds\{[^}]*\} (\S+)", body, re.M).group(1))  # type: ignore[union-attr]
 
+    def drop(self, socks: list[socket.socket], threads: int) -> None:
+        """Close ``socks``; their connection threads must go away (back to ``threads``)."""
+        for s in socks:
+            s.close()
+        deadline = time.monotonic() + 10
+        while self.status("Threads") > threads + 2:
+            assert time.monotonic() < deadline, "connection threads did not go away"
+            time.sleep(0.2)
+
     def legit_get(self) -> None:
         with self.client(timeout=15) as c:
             assert bytes(c.get(b"legit") or b"") == VALUE
@@ -107,12 +116,7 @@ def test_2000_idle_connections(node: Node) -> None:
         assert node.status("VmRSS") - rss < 64 << 10  # kB
         node.legit_get()  # the idle ones are dropped after IDLE seconds; the client retries meanwhile
     finally:
-        for s in socks:
-            s.close()
-    deadline = time.monotonic() + 10
-    while node.status("Threads") > threads + 2:
-        assert time.monotonic() < deadline, "connection threads did not go away"
-        time.sleep(0.2)
+        node.drop(socks, threads)
 
 
 def test_transport_endpoints_under_idle_floods(node: Node) -> None:
@@ -156,12 +160,7 @@ def test_transport_endpoints_under_idle_floods(node: Node) -> None:
                 t.close()
         node.legit_get()
     finally:
-        for s in socks:
-            s.close()
-    deadline = time.monotonic() + 10
-    while node.status("Threads") > threads + 2:
-        assert time.monotonic() < deadline, "connection threads did not go away"
-        time.sleep(0.2)
+        node.drop(socks, threads)
 
 
 def test_slow_drip_frames_do_not_keep_their_slots(node: Node) -> None:
