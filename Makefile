@@ -79,6 +79,7 @@ bench: install install-sglang
 	$(BIN)/python benchmarks/pd_handoff.py --quick --json bench-results/pd_handoff.json
 	$(BIN)/python benchmarks/chaos.py --quick --json bench-results/chaos.json
 	$(BIN)/python benchmarks/routing.py --quick --json bench-results/routing.json
+	$(BIN)/python benchmarks/floods.py --quick --json bench-results/floods.json
 	$(SGL_VENV)/bin/python benchmarks/sglang_backend.py --quick --json bench-results/sglang_backend.json
 
 # The long chaos run: SEEDS seeds of SECONDS each (kill -9, pause, corruption; two masters
