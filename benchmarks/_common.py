@@ -40,6 +40,14 @@ def print_table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> None
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths, strict=True)))
 
 
+def print_ratios(ratios: dict[str, Any]) -> None:
+    """The ``ratios`` of a benchmark's JSON, one per line, names aligned."""
+    print("\nratios")
+    width = max((len(k) for k in ratios), default=0)
+    for k, v in ratios.items():
+        print(f"  {k:<{width}}  {v:,.2f}" if isinstance(v, (int, float)) else f"  {k:<{width}}  {v}")
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"

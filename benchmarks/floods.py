@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import print_table, write_json  # noqa: E402
+from _common import print_ratios, print_table, write_json  # noqa: E402
 
 from kvstore.client import Client  # noqa: E402
 from kvstore.errors import KVStoreError  # noqa: E402
@@ -175,9 +175,7 @@ def main() -> None:
               "ratios": {f"p99_{r['phase']}_over_idle": round(r["get_p99_ms"] / idle, 2) for r in rows[1:]}}
     print_table("A 4 MiB get (TCP) on an idle and a flooded node", rows,
                 ["phase", "get_p50_ms", "get_p99_ms", "node_threads", "node_rss_mib"])
-    print("\nratios")
-    for k, v in result["ratios"].items():
-        print(f"  {k:<34} {v}")
+    print_ratios(result["ratios"])
     write_json(a.json, result)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import plot_lines, png_for, print_table, write_json  # noqa: E402
+from _common import plot_lines, png_for, print_ratios, print_table, write_json  # noqa: E402
 
 from connectors.testing import TinyModelSpec, build_tiny_llama  # noqa: E402
 from connectors.testing.engine import kv_transfer_config  # noqa: E402
@@ -195,9 +195,7 @@ def main() -> None:
     print_table("Routing policies (2 prefill + 1 decode vLLM CPU servers, multi-turn)", results["rows"],
                 ["policy", "requests", "hit_rate", "ttft_p50_ms", "ttft_p90_ms", "predicted_hit_blocks",
                  "prompt_blocks"])
-    print("\nratios")
-    for k, v in results["ratios"].items():
-        print(f"  {k:<40} {v}")
+    print_ratios(results["ratios"])
     plot_lines(png_for(a.json), "TTFT p50 by routing policy", "policy", "ms", list(POLICIES),
                {"ttft_p50": [by[p]["ttft_p50_ms"] for p in POLICIES]})
     write_json(a.json, results)

@@ -51,7 +51,7 @@ import numpy as np
 
 # The repo root first: benchmarks/transport.py must not shadow the transport package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import plot_lines, png_for, print_table, summarize, write_json  # noqa: E402
+from _common import plot_lines, png_for, print_ratios, print_table, summarize, write_json  # noqa: E402
 
 from kvstore.testing.cluster import CLI, free_port  # noqa: E402
 
@@ -339,9 +339,7 @@ def main() -> None:
         ratios["longest_prefix_keys_per_s"] = rate
         _plot(runs, paths, png_for(args.json))
         results["ratios"] = ratios
-        print("\nratios")
-        for k, v in ratios.items():
-            print(f"  {k:<34} {v:,.2f}")
+        print_ratios(ratios)
         write_json(args.json, results)
     finally:
         for p in procs:

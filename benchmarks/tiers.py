@@ -26,7 +26,7 @@ import numpy as np
 
 # The repo root first: benchmarks/transport.py must not shadow the transport package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import plot_lines, png_for, print_table, summarize, write_json  # noqa: E402
+from _common import plot_lines, png_for, print_ratios, print_table, summarize, write_json  # noqa: E402
 
 from kvstore import LocalStore  # noqa: E402
 from kvstore.memory import aligned_buffer  # noqa: E402
@@ -205,9 +205,7 @@ def main() -> None:
         "disk read": [results["disk"][n]["read_aligned"]["gbps"] for n in names],
         "disk write limit": [results["limits"][n]["disk_write_gbps"] for n in names],
         "disk put": [results["disk"][n]["put"]["gbps"] for n in names]})
-    print("\nratios")
-    for k, v in results["ratios"].items():
-        print(f"  {k:<36} {v:.2f}")
+    print_ratios(results["ratios"])
     write_json(args.json, results)
 
 
