@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -234,8 +235,6 @@ def new_grant_key() -> bytes:
 
 
 def _grant_mac(secret: bytes, node_id: str, key: bytes, size: int, checksum: int, expires_ms: int) -> bytes:
-    import hmac
-
     msg = b"".join((_GRANT, node_id.encode(), b"\x00", len(key).to_bytes(2, "big"), key,
                     size.to_bytes(8, "big"), checksum.to_bytes(8, "big"), expires_ms.to_bytes(8, "big")))
     return hmac.digest(secret, msg, "sha256")[:_MAC_BYTES]
@@ -251,8 +250,6 @@ def write_grant(secret: bytes, node_id: str, key: bytes, size: int, checksum: in
 def grant_ok(secret: bytes, node_id: str, key: bytes, size: int, checksum: int, grant: object,
              now_ms: int) -> bool:
     """Whether ``grant`` is a live :func:`write_grant` for exactly this write on this node."""
-    import hmac
-
     if not isinstance(grant, bytes) or len(grant) != 8 + _MAC_BYTES:
         return False
     expires_ms = int.from_bytes(grant[:8], "big")

@@ -92,7 +92,7 @@ def block_sums_of(value: memoryview | Scattered, key: bytes = b"") -> np.ndarray
     pieces = value.views()
     starts = value.starts.tolist()
     if all(st % BLOCK == 0 for st in starts[:-1]):  # every piece starts a block: hash each on its own
-        return np.concatenate([block_sums(p, key) for p in pieces]) if pieces else block_sums(b"", key)
+        return np.concatenate([block_sums(p, key) for p in pieces])
     h = BlockHasher(key)
     for p in pieces:
         h.update(p)

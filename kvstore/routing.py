@@ -38,12 +38,10 @@ POLICIES = ("round_robin", "prefix", "prefix_load")
 def prompt_blocks(body: dict[str, Any], block_tokens: int = 16, block_chars: int = 64) -> list[bytes]:
     """The blocks of a completions or chat request's prompt (the first prompt of a batch);
     an empty list when there is no prompt to route by."""
-    prompt: Any = body.get("prompt")
+    prompt = _first_prompt(body)
     if prompt is None and isinstance(body.get("messages"), list):
         prompt = "".join(f"{m.get('role', '')}\x00{_text(m.get('content'))}\x00"
                          for m in body["messages"] if isinstance(m, dict))
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        prompt = prompt[0]  # a batch: route by its first prompt
     if isinstance(prompt, str):
         data = prompt.encode()
         step = block_chars
@@ -60,9 +58,7 @@ def prompt_token_ids(body: dict[str, Any], tokenizer: Any = None) -> list[int] |
     ``tokenizer`` (a transformers tokenizer: ``encode`` with special tokens, as vLLM's
     completions endpoint does; the chat template with the generation prompt). ``None``
     when that cannot be known (no tokenizer, or nothing to route by)."""
-    prompt: Any = body.get("prompt")
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        prompt = prompt[0]
+    prompt = _first_prompt(body)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
     if tokenizer is None:
@@ -75,6 +71,14 @@ def prompt_token_ids(body: dict[str, Any], tokenizer: Any = None) -> list[int] |
         ids = ids.get("input_ids", ids) if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return [int(t) for t in ids]
     return None
+
+
+def _first_prompt(body: dict[str, Any]) -> Any:
+    """A completions request's ``prompt``; of a batch (a list of prompts), the first."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return prompt[0]
+    return prompt
 
 
 def _text(content: Any) -> str:

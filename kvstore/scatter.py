@@ -109,3 +109,8 @@ Dest: TypeAlias = "memoryview | Scattered"
 Source: TypeAlias = "memoryview | Scattered"
 """What a put stores: a contiguous view or a :class:`Scattered` (its pieces in order,
 sent or copied piece by piece: no gather into one buffer)."""
+
+
+def pieces(value: Source) -> list[memoryview]:
+    """The bytes of a put's value, in order: a :class:`Scattered` value's pieces, or the view."""
+    return value.views() if isinstance(value, Scattered) else [value]

@@ -219,7 +219,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
                 usable = list(range(1, boundary + 1))
             if boundary:
                 hits[t.name] = boundary
-            restorable = [n for n in restorable if n in set(usable)]
+            usable_set = set(usable)
+            restorable = [n for n in restorable if n in usable_set]
         return PoolTransferResult(restorable[-1] if restorable else 0, hits, restorable)
 
     def _io_v2(self, transfers: list[Any], write: bool) -> dict[Any, list[bool]]:

@@ -99,6 +99,10 @@ class EventGate:
         return out
 
 
+_seeded_for: list[str | None] = [None]
+"""The hash algorithm vLLM's seed hash was last set for by :func:`block_hashes`."""
+
+
 def block_hashes(tokens: Sequence[int], block_size: int, *, hash_algo: str = "sha256",
                  cache_salt: str | None = None) -> list[Any]:
     """vLLM's block hashes of the full blocks of ``tokens``, as its KV events carry them:
@@ -106,12 +110,14 @@ def block_hashes(tokens: Sequence[int], block_size: int, *, hash_algo: str = "sh
     :class:`~kvstore.engine_events.EngineIndex`. ``hash_algo`` and ``block_size`` must be
     the engines' (``--prefix-caching-hash-algo``, ``--block-size``); prompts with LoRA or
     multimodal inputs hash extra keys this does not add. Sets vLLM's process-wide seed hash
-    for ``hash_algo`` (use it in a router, not inside an engine)."""
+    for ``hash_algo`` on first use (use it in a router, not inside an engine)."""
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core import kv_cache_utils as kcu
 
     fn = get_hash_fn_by_name(hash_algo)
-    kcu.init_none_hash(fn)
+    if _seeded_for[0] != hash_algo:  # once per algorithm, not per prompt
+        kcu.init_none_hash(fn)
+        _seeded_for[0] = hash_algo
     out, parent = [], None
     for i in range(len(tokens) // block_size):
         extra = (("cache_salt", cache_salt),) if i == 0 and cache_salt else None

@@ -142,10 +142,13 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
     ee = engine_events
     index = EngineIndex(ee.endpoints) if ee is not None else None
     tokenizer = None
-    if ee is not None and ee.tokenizer:
-        from transformers import AutoTokenizer
+    if ee is not None:
+        from connectors.vllm.events import block_hashes
 
-        tokenizer = AutoTokenizer.from_pretrained(ee.tokenizer)
+        if ee.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(ee.tokenizer)
 
     def engine_view(body: dict[str, Any]) -> tuple[dict[str, int], int] | None:
         """Per server with events: the prompt's leading blocks its cache holds, and the
@@ -155,8 +158,6 @@ def make_app(prefill: list[str], decode: list[str], timeout: float, trust_client
         tokens = prompt_token_ids(body, tokenizer)
         if tokens is None:
             return None
-        from connectors.vllm.events import block_hashes
-
         hashes = block_hashes(tokens, ee.block_size, hash_algo=ee.hash_algo, cache_salt=body.get("cache_salt"))
         return index.match(hashes).instances, len(hashes)
 

@@ -39,7 +39,7 @@ from kvstore.keys import check_key
 from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
-from kvstore.scatter import Dest, Scattered, Source
+from kvstore.scatter import Dest, Scattered, Source, pieces
 from kvstore.tls import ClientTLS
 from kvstore.v1 import master_pb2 as mpb
 
@@ -294,7 +294,7 @@ class ClientCore:
                 for i, s in held:
                     conn.mapped.touch(s.offset, len(views[i]), write=True)
                     at = s.offset
-                    for piece in _pieces(views[i]):  # a Scattered value piece by piece, no gather
+                    for piece in pieces(views[i]):  # a Scattered value piece by piece, no gather
                         copy_into(arena[at:at + len(piece)], piece)
                         at += len(piece)
             except BaseException:
@@ -593,7 +593,3 @@ class ClientCore:
                 raise status_error(mpb.ItemStatus.Name(st), f"key {k[:16]!r} is {hint[st]}") or KVStoreError()
             out.append(st == mpb.OK)
         return out
-
-
-def _pieces(value: Source) -> list[memoryview]:
-    return value.views() if isinstance(value, Scattered) else [value]

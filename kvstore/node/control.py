@@ -33,7 +33,7 @@ from kvstore.node.protocol import (
     pack_frame,
     parse_header,
 )
-from kvstore.scatter import Scattered
+from kvstore.scatter import Scattered, pieces
 from transport.serving import ConnectionServer
 from transport.wire import connect_tcp, recv_bytes, recv_exact, recv_within
 
@@ -225,7 +225,7 @@ class ControlClient:
         straight from the caller's buffers. Per request: the node's result (OK: committed
         at ``offset`` with ``generation``; NO_SPACE, CORRUPT, INVALID)."""
         payload = self._exchange(Op.STORE, [store_item(r) for r in requests], timeout,
-                                 tail=[p for r in requests for p in r.pieces()])
+                                 tail=[p for r in requests for p in pieces(r.value)])
         return [Allocated(*r) for r in payload]
 
     def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,
@@ -320,9 +320,6 @@ class StoreRequest(NamedTuple):
     value: memoryview | Scattered
     grant: bytes | None = None
 
-    def pieces(self) -> list[memoryview]:
-        """The bytes to send, in order (a Scattered value's pieces: no gather)."""
-        return self.value.views() if isinstance(self.value, Scattered) else [self.value]
 
 
 def store_item(r: StoreRequest) -> list[Any]:

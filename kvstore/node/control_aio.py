@@ -31,6 +31,7 @@ from kvstore.node.control import (
     store_item,
 )
 from kvstore.node.protocol import Allocated, Fetched, Op, pack_frame, parse_header
+from kvstore.scatter import pieces
 from transport.wire import AsyncStream
 
 
@@ -72,7 +73,7 @@ class AsyncControlClient:
     async def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
         """See :meth:`ControlClient.store`."""
         payload = await self._exchange(Op.STORE, [store_item(r) for r in requests], timeout,
-                                       tail=[p for r in requests for p in r.pieces()])
+                                       tail=[p for r in requests for p in pieces(r.value)])
         return [Allocated(*r) for r in payload]
 
     async def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,
