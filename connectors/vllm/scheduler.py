@@ -265,6 +265,7 @@ class SchedulerSide:
             return []
         out = self.events.take()
         self.counters["events"] += len(out)
+        self.counters["events_dropped"] = self.events.dropped
         return out
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
