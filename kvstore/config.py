@@ -269,6 +269,13 @@ class NodeConfig:
     max_holds: int = field(
         default=65536, metadata={"doc": "Most handles (puts/reads in flight) one client session may hold."}
     )
+    busy_backoff: float = field(
+        default=0.01,
+        metadata={"unit": "duration",
+                  "doc": "A request that finds its session at node.max_holds is answered BUSY after this "
+                         "delay, so one session flooding the node with holds cannot take its CPU from "
+                         "others; 0 answers at once."},
+    )
     insecure: bool = field(
         default=False,
         metadata={"doc": "Serve a non-loopback node.host without a token (protected mode refuses that "
@@ -304,6 +311,8 @@ class NodeConfig:
                 raise ConfigError(f"node.{name} must be an integer >= 1, got {v!r}")
         if self.idle_timeout <= 0:
             raise ConfigError("node.idle_timeout must be > 0")
+        if self.busy_backoff < 0:
+            raise ConfigError("node.busy_backoff must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("node.tls_cert and node.tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

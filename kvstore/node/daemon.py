@@ -108,7 +108,8 @@ class StoreNode:
         self.holds = Holds(node.hold_ttl, per_owner=node.max_holds)
         maps = {shared.scheme: self._gens_region.remote().to_bytes()} \
             if shared is not None and self._gens_region is not None else {}
-        self.service = NodeService(self.store, self.holds, maps, require_grants=bool(token))
+        self.service = NodeService(self.store, self.holds, maps, require_grants=bool(token),
+                                   busy_backoff=node.busy_backoff)
         self._control = ControlServer(node.host, node.control_port, self.service.handle,
                                       authorize=self.scope_of if token else None,
                                       max_connections=node.max_connections, idle_timeout=node.idle_timeout,

@@ -76,6 +76,10 @@ def _sums(lease: Lease) -> bytes:
     return b"" if lease.sums is None else lease.sums.astype("<u8").tobytes()
 
 
+def _busy(result: Any) -> bool:
+    return (result[0] if isinstance(result, tuple) else result) == SlotStatus.BUSY
+
+
 class GrantCheck(NamedTuple):
     """Checks write grants signed by the master this node registered with (kvstore.auth)."""
 
@@ -90,9 +94,13 @@ class NodeService:
     """``handle(op, items) -> results``. Thread-safe (the store and holds are)."""
 
     def __init__(self, store: LocalStore, holds: Holds, maps: dict[str, bytes] | None = None, *,
-                 require_grants: bool = False) -> None:
+                 require_grants: bool = False, busy_backoff: float = 0.0) -> None:
         self.store = store
         self.holds = holds
+        self.busy_backoff = busy_backoff
+        """Seconds a request that hit its session's hold cap waits before its BUSY answer
+        (on the connection's own thread, holding no lock): a flood of holds from one
+        session then costs the node little CPU."""
         self.require_grants = require_grants
         """A secured node stores a value only with a write grant (STORE, COMMIT): refused
         until the master's secret arrived in ``grants`` (see :meth:`may_write`)."""
@@ -135,7 +143,10 @@ class NodeService:
                     raise ValueError(f"{op.name} needs the bytes that follow its request")
                 return self._streaming[op](items, incoming)
             if op in self._held:
-                return self._held[op](items, session)
+                results = self._held[op](items, session)
+                if self.busy_backoff and any(_busy(r) for r in results):
+                    time.sleep(self.busy_backoff)
+                return results
             return self._ops[op](items)
 
     def may_write(self, key: bytes, size: int, checksum: int, grant: Any) -> bool:

@@ -188,10 +188,15 @@ def test_slow_drip_frames_do_not_keep_their_slots(node: Node) -> None:
 def test_acquire_flood_is_capped_per_session(node: Node) -> None:
     c = ControlClient(node.control)
     try:
-        got = []
+        got, took = [], []
         for _ in range(10):
+            t = time.monotonic()
             got += [Acquired(*r).status for r in c.call(Op.ACQUIRE, [b"legit"] * 100, 5)]
+            took.append(time.monotonic() - t)
         assert got.count(SlotStatus.OK) == HOLDS and got.count(SlotStatus.BUSY) == 1000 - HOLDS
+        # every answer with a BUSY in it waited node.busy_backoff (10 ms by default): a session
+        # flooding holds gets at most ~100 answers a second
+        assert all(dt >= 0.01 for dt in took[HOLDS // 100:]), took
         assert node.holds() <= HOLDS
         node.legit_get()  # another session is not affected
     finally:
