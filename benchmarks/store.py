@@ -18,7 +18,8 @@ plus two physical limits of the same sizes: single-thread memcpy (sources
 rotating over as many buffers as the get loop reads, so neither side is served
 from a warm cache) and one loopback TCP stream between two processes (a plain
 socket ``sendall`` answered into a reused buffer, 256 KiB per ``recv_into``: what
-any TCP store's get or put can at most reach on this machine), and
+any TCP store's get or put can at most reach on this machine; at 32 MiB also the
+same stream through Python's ``ssl``, the limit of the TLS row), and
 batched ``LongestPrefix`` keys/s. ``get`` returns a new buffer (like Redis's
 ``GET``), so it pays for faulting in fresh pages; ``get_into`` reads into a
 buffer the caller reuses (what an engine does) and is the one compared with
@@ -130,23 +131,30 @@ def _prefix_rate(master: str, seconds: float) -> float:
     return rate
 
 
-def _loopback_server(port: int, ready: Any) -> None:
-    """Serve ``size`` bytes (8-byte request) from a pre-touched buffer until the peer hangs up."""
+def _loopback_server(port: int, ready: Any, tls: dict[str, str] | None = None) -> None:
+    """Serve ``size`` bytes (8-byte request) from a pre-touched buffer until the peer hangs up
+    (over TLS with ``tls``'s server certificate, as ``kvstore.tls.server_context`` serves)."""
     srv = socket.create_server(("127.0.0.1", port))
     ready.set()
     conn, _ = srv.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        from kvstore.tls import server_context
+
+        conn = server_context(tls["cert"], tls["key"]).wrap_socket(conn, server_side=True)
     src = np.random.default_rng(0).integers(0, 256, max(SIZES.values()), dtype=np.uint8)
     with conn:
         while (req := conn.recv(8)) and len(req) == 8:
             conn.sendall(memoryview(src)[: int.from_bytes(req, "little")])
 
 
-def _loopback(size: int, calls: int) -> float:
-    """GB/s of one loopback TCP stream from another process into one reused buffer (median call)."""
+def _loopback(size: int, calls: int, tls: dict[str, str] | None = None) -> float:
+    """GB/s of one loopback TCP stream from another process into one reused buffer (median
+    call); with ``tls`` (paths of ``kvstore.tls.make``), of one TLS stream through Python's
+    ``ssl``, what kvstore's TLS path is built on."""
     port = free_port()
     ready = mp.get_context("spawn").Event()
-    server = mp.get_context("spawn").Process(target=_loopback_server, args=(port, ready), daemon=True)
+    server = mp.get_context("spawn").Process(target=_loopback_server, args=(port, ready, tls), daemon=True)
     server.start()
     try:
         if not ready.wait(30):
@@ -156,6 +164,10 @@ def _loopback(size: int, calls: int) -> float:
         times = []
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                from kvstore.tls import client_context
+
+                s = client_context(tls["ca"]).wrap_socket(s, server_hostname="127.0.0.1")
             for _ in range(calls + 1):  # the first call warms the connection up
                 t = time.perf_counter()
                 s.sendall(size.to_bytes(8, "little"))
@@ -289,7 +301,7 @@ def main() -> None:
             rows = []
             for name, size in SIZES.items():
                 n, rounds = ops[name]
-                memcpy, loopback = [], []
+                memcpy, loopback, loopback_tls = [], [], []
                 for clients in (1, 4):
                     outs_of: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
                     # Passes interleave the systems (in a rotated order), so that a noisy
@@ -298,6 +310,9 @@ def main() -> None:
                         if clients == 1:
                             memcpy.append(_memcpy(size, n, max(rounds, 3)))
                             loopback.append(_loopback(size, max(n * rounds, 8)))
+                            if name == "32MiB":
+                                loopback_tls.append(_loopback(size, max(n * rounds, 8),
+                                                              {k: str(v) for k, v in tls_files.items()}))
                         for path in paths[rep % len(paths):] + paths[:rep % len(paths)]:
                             tasks = [{"size": size, "n": n, "rounds": rounds, "path": path, "seed": i,
                                       "prefix": f"{path}-{name}-{clients}-{rep}-{i}", "master": master,
@@ -307,6 +322,8 @@ def main() -> None:
                             outs_of[path] += pool.map(_worker, tasks)
                     results["limits"][name] = {"memcpy_gbps": statistics.median(memcpy),
                                                "loopback_tcp_gbps": statistics.median(loopback)}
+                    if loopback_tls:
+                        results["limits"][name]["loopback_tls_gbps"] = statistics.median(loopback_tls)
                     for path in paths:
                         outs = outs_of[path]
                         gets = [x for o in outs for x in o["gets"]]
@@ -369,6 +386,10 @@ def _ratios(runs: dict[str, Any], limits: dict[str, Any], paths: list[str]) -> d
     if "kvstore-tls" in paths:
         out["tls_tcp_vs_plain_tcp_32MiB"] = gbps("kvstore-tls", "32MiB") / gbps("kvstore-tcp", "32MiB")
         out["tls_tcp_vs_plain_tcp_4MiB"] = gbps("kvstore-tls", "4MiB") / gbps("kvstore-tcp", "4MiB")
+        if "loopback_tls_gbps" in limits["32MiB"]:  # how much of the TLS cost is Python's ssl itself
+            out["loopback_tls_vs_loopback_tcp_32MiB"] = (limits["32MiB"]["loopback_tls_gbps"]
+                                                         / limits["32MiB"]["loopback_tcp_gbps"])
+            out["tls_tcp_vs_loopback_tls_32MiB"] = gbps("kvstore-tls", "32MiB") / limits["32MiB"]["loopback_tls_gbps"]
     if "redis" in paths:
         out["get_p50_redis_over_kvstore_1MiB"] = p50("redis", "1MiB", "get") / p50("kvstore", "1MiB", "get_into")
         out["get_vs_redis_4MiB_4clients"] = (runs["kvstore/4MiB/4"]["get_aggregate_gbps"]
