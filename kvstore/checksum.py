@@ -200,6 +200,9 @@ class BlockHasher:
 
     def update(self, data: memoryview) -> None:
         pos = 0
+        if self._fill == 0 and len(data) >= BLOCK:  # whole blocks at a block boundary: in one native pass
+            pos = len(data) // BLOCK * BLOCK
+            self._sums.extend(block_sums(data[:pos], self._key).tolist())
         while pos < len(data):
             take = min(BLOCK - self._fill, len(data) - pos)
             self._h.update(data[pos:pos + take])

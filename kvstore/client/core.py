@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from kvstore._types import byte_view
-from kvstore.checksum import block_sums_of, check_ranges, combine, copy_into
+from kvstore.checksum import block_sums, check_ranges, combine, copy_into, copy_summed, hasher
 from kvstore.client.locations import Known, LocationCache
 from kvstore.client.samehost import MappedNode
 from kvstore.errors import (
@@ -81,7 +81,7 @@ class Fetch(NamedTuple):
 
 
 class Store(NamedTuple):
-    """STORE on a node -> ``[Allocated]``."""
+    """STORE on a node -> ``[Stored]``."""
 
     conn: Any
     requests: list[StoreRequest]
@@ -198,10 +198,12 @@ class ClientCore:
 
     def _put_flow(self, keys: list[bytes], views: list[Source], deadline: float) -> Flow[list[bool]]:
         keys = yield from self._scoped(keys, deadline)
-        blocks = [block_sums_of(v, k) for k, v in zip(keys, views, strict=True)]
-        sums = [combine(b, k) for k, b in zip(keys, blocks, strict=True)]
+        # The checksums go with PutEnd: each value is hashed as it is copied or sent,
+        # not in a pass of its own before PutStart (docs/design/hot-path.md, "Writes").
+        blocks: list[np.ndarray | None] = [None] * len(keys)
+        sums = [0] * len(keys)
         req = mpb.PutStartRequest(
-            items=[mpb.PutItem(key=k, size=len(v), checksum=c) for k, v, c in zip(keys, views, sums, strict=True)],
+            items=[mpb.PutItem(key=k, size=len(v), checksum_at_end=True) for k, v in zip(keys, views, strict=True)],
             replicas=self.replicas, client_host=self.host_id)
         resp = yield Master("PutStart", req, deadline)
         result = [False] * len(keys)
@@ -247,7 +249,8 @@ class ClientCore:
             yield Master("PutRevoke", mpb.PutRevokeRequest(put_id=resp.put_id, keys=[keys[i] for i in sorted(failed)]),
                          deadline)
         if done:
-            end = yield Master("PutEnd", mpb.PutEndRequest(put_id=resp.put_id, keys=[keys[i] for i in done]), deadline)
+            end = yield Master("PutEnd", mpb.PutEndRequest(put_id=resp.put_id, keys=[keys[i] for i in done],
+                                                           checksums=[sums[i] for i in done]), deadline)
             for i, st in zip(done, end.statuses, strict=True):
                 if st != mpb.OK:
                     raise TryAgain(f"put of {keys[i][:16]!r} lapsed ({mpb.ItemStatus.Name(st)}); retry")
@@ -270,21 +273,32 @@ class ClientCore:
             log.warning("put revoke failed (the master expires it): %s", e)
 
     def _write_node_flow(self, node: mpb.NodeInfo, idxs: list[int], keys: list[bytes], views: list[Source],
-                         sums: list[int], blocks: list[np.ndarray], placed: dict[int, Known],
+                         sums: list[int], blocks: list[np.ndarray | None], placed: dict[int, Known],
                          deadline: float, grants: list[bytes | None]) -> Flow[set[int]]:
         """Store ``idxs`` on one node; the indices that failed (where the others landed
-        goes into ``placed``).
+        goes into ``placed``). Fills in ``sums``/``blocks`` of the values stored, from the
+        bytes as they were copied or sent (a replica whose bytes hash otherwise fails).
 
-        Same host: ALLOCATE, one copy straight into the mapped arena, COMMIT (the node
-        verifies before the value becomes readable). Otherwise one STORE whose request
-        carries the bytes (the node receives them into its arena, verifies, commits).
+        Same host: ALLOCATE, one copy straight into the mapped arena hashing as it
+        copies, COMMIT with the checksum (the node verifies before the value becomes
+        readable). Otherwise one STORE whose request carries the bytes, hashed block by
+        block right after each is sent; the node receives them into its arena, hashes
+        them as they land, commits, and answers the checksum of what landed, which must
+        be the writer's.
         """
         conn = yield Connect(node)
         if conn.mapped is None:
-            slots = yield Store(conn, [StoreRequest(keys[i], sums[i], views[i], g) for i, g in zip(idxs, grants,
-                                                                                                strict=True)],
-                                deadline)
-            ok = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
+            summers = [hasher(keys[i]) for i in idxs]
+            slots = yield Store(conn, [StoreRequest(keys[i], None, views[i], g, h)
+                                       for i, g, h in zip(idxs, grants, summers, strict=True)], deadline)
+            ok = []
+            for i, s, h in zip(idxs, slots, summers, strict=True):
+                if s.status != SlotStatus.OK:
+                    continue
+                b = h.sums()
+                if not self._hashed(i, keys[i], b, s.checksum, sums, blocks, node.node_id):
+                    continue
+                ok.append((i, s))
         else:
             arena = conn.mapped.arena
             slots = [Allocated(*s) for s in (yield NodeCall(conn, Op.ALLOCATE,
@@ -292,11 +306,19 @@ class ClientCore:
             held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
             try:
                 for i, s in held:
-                    conn.mapped.touch(s.offset, len(views[i]), write=True)
-                    at = s.offset
-                    for piece in pieces(views[i]):  # a Scattered value piece by piece, no gather
-                        copy_into(arena[at:at + len(piece)], piece)
-                        at += len(piece)
+                    n = len(views[i])
+                    conn.mapped.touch(s.offset, n, write=True)
+                    v = views[i]
+                    if isinstance(v, Scattered):  # piece by piece, no gather; hashed where it landed
+                        at = s.offset
+                        for piece in pieces(v):
+                            copy_into(arena[at:at + len(piece)], piece)
+                            at += len(piece)
+                        b = block_sums(arena[s.offset:s.offset + n], keys[i])
+                    else:
+                        b = copy_summed(v, arena[s.offset:s.offset + n], keys[i])
+                    if not self._hashed(i, keys[i], b, None, sums, blocks, node.node_id):
+                        raise Corruption(f"put of {keys[i][:16]!r}: the value changed while it was written")
             except BaseException:
                 try:
                     yield NodeCall(conn, Op.ABORT, [s.handle for _, s in held], max(deadline, time.monotonic() + 2))
@@ -314,8 +336,24 @@ class ClientCore:
             if s.status not in (SlotStatus.OK, SlotStatus.NO_SPACE):
                 log.warning("node %s refused %r: %s", node.node_id, keys[i][:16], SlotStatus(s.status).name)
         for i, s in ok:
-            placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation, blocks[i])
+            hashed = blocks[i]
+            assert hashed is not None
+            placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation, hashed)
         return set(idxs) - {i for i, _ in ok}
+
+    @staticmethod
+    def _hashed(i: int, key: bytes, b: np.ndarray, landed: int | None, sums: list[int],
+                blocks: list[np.ndarray | None], node_id: str) -> bool:
+        """Record value ``i``'s block sums ``b`` as the writer hashed them; False (logged)
+        when the node's checksum of what landed (``landed``), or another replica's
+        hashing of the same value, disagrees."""
+        c = combine(b, key)
+        if (landed is not None and landed != c) or (blocks[i] is not None and sums[i] != c):
+            log.warning("put of %r to node %s: the bytes hashed differently on the way (%#x, node %#x)",
+                        key[:16], node_id, c, landed or 0)
+            return False
+        sums[i], blocks[i] = c, b
+        return True
 
     # -- reads -------------------------------------------------------------------------
 

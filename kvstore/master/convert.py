@@ -32,7 +32,7 @@ def held_in(held: Iterable[pb.HeldKey]) -> list[HeldKey]:
 
 
 def items_in(items: Iterable[pb.PutItem]) -> list[PutItem]:
-    return [PutItem(i.key, i.size, i.checksum) for i in items]
+    return [PutItem(i.key, i.size, i.checksum, i.checksum_at_end) for i in items]
 
 
 def node_info(n: Node) -> pb.NodeInfo:

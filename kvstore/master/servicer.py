@@ -454,8 +454,11 @@ class MasterServicer(pb_grpc.MasterServicer):  # type: ignore[misc]
 
     def _PutEnd(self, req: pb.PutEndRequest) -> pb.PutEndResponse:
         self._keys(req.keys, "PutEnd")
+        if req.checksums and len(req.checksums) != len(req.keys):
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"PutEnd: {len(req.checksums)} checksums for {len(req.keys)} keys")
         return pb.PutEndResponse(statuses=statuses_out(
-            self.state.put_end(self.clock(), req.put_id, req.keys)))
+            self.state.put_end(self.clock(), req.put_id, req.keys, list(req.checksums) or None)))
 
     def _PutRevoke(self, req: pb.PutRevokeRequest) -> pb.PutRevokeResponse:
         self._keys(req.keys, "PutRevoke")

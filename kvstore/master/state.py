@@ -61,7 +61,7 @@ class _Object:
 @dataclass(slots=True, eq=False)
 class _Pending:
     size: int
-    checksum: int
+    checksum: int | None  # None: the writer sends it with PutEnd
     targets: tuple[tuple[str, int], ...]  # (node_id, epoch at PutStart)
 
 
@@ -422,7 +422,7 @@ class MasterState:
             for node in chosen:
                 node.assigned_bytes += it.size
                 node.outbox.pop(key, None)  # a queued delete must not hit the new bytes
-            res.items[key] = _Pending(it.size, it.checksum,
+            res.items[key] = _Pending(it.size, None if it.checksum_at_end else it.checksum,
                                       tuple((n.node_id, n.epoch) for n in chosen))
             self._pending[key] = put_id
             self._bump(self._scope_pending, key, 1)
@@ -432,18 +432,30 @@ class MasterState:
         self.counters["put_starts"] += 1
         return PutStartResult(put_id, res.expires_ms, out)
 
-    def put_end(self, now_ms: int, put_id: int, keys: Sequence[bytes]) -> list[Status]:
+    def put_end(self, now_ms: int, put_id: int, keys: Sequence[bytes],
+                checksums: Sequence[int] | None = None) -> list[Status]:
         """Make reserved keys visible: OK, or EXPIRED (lapsed, revoked, unknown, or
         every target node died or re-registered since PutStart). Replicas on nodes
-        that changed since PutStart are left out of the object."""
+        that changed since PutStart are left out of the object.
+
+        ``checksums`` (one per key) completes keys reserved with ``checksum_at_end``;
+        INVALID, and the key stays reserved, for such a key without one, or for a
+        checksum that differs from the one its PutStart gave."""
         self._advance(now_ms)
         res = self._reservations.get(put_id)
         out: list[Status] = []
-        for key in keys:
-            item = res.items.pop(key, None) if res is not None else None
+        for j, key in enumerate(keys):
+            item = res.items.get(key) if res is not None else None
             if item is None:
                 out.append(Status.EXPIRED)
                 continue
+            given = checksums[j] if checksums else None
+            if (item.checksum is None and given is None) or \
+                    (item.checksum is not None and given is not None and given != item.checksum):
+                out.append(Status.INVALID)
+                continue
+            assert res is not None
+            del res.items[key]
             del self._pending[key]
             self._bump(self._scope_pending, key, -1)
             live = [nid for nid, ep in item.targets
@@ -454,7 +466,7 @@ class MasterState:
             if not live:
                 out.append(Status.EXPIRED)
                 continue
-            obj = _Object(item.size, item.checksum, live)
+            obj = _Object(item.size, item.checksum if item.checksum is not None else int(given or 0), live)
             self._removed.pop(key, None)  # written again: a returning node may hold this version
             self._objects[key] = obj
             self._lru[key] = None

@@ -54,11 +54,13 @@ class HeldKey:
 
 @dataclass(frozen=True, slots=True)
 class PutItem:
-    """One key to reserve: its size and XXH3 checksum (seeded by the key)."""
+    """One key to reserve: its size and XXH3 checksum (seeded by the key), or, with
+    ``checksum_at_end``, no checksum yet: it comes with PutEnd."""
 
     key: bytes
     size: int
     checksum: int
+    checksum_at_end: bool = False
 
 
 @dataclass(eq=False, slots=True)

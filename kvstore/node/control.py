@@ -13,23 +13,23 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 import xxhash
 
-from kvstore.checksum import BLOCK, combine, key_seed, nblocks, segments
+from kvstore.checksum import BLOCK, BlockHasher, combine, key_seed, nblocks, segments
 from kvstore.errors import InvalidArgument, PermissionDenied, Timeout, TransportError
 from kvstore.framing import FLAG_ERROR, HEADER, REPLY_BIT
 from kvstore.node.protocol import (
     MAX_ITEMS,
     MAX_PREAUTH_FRAME,
-    Allocated,
     Fetched,
     Op,
     SlotStatus,
+    Stored,
     pack_frame,
     parse_header,
 )
@@ -220,15 +220,14 @@ class ControlClient:
         got: list[tuple[Fetched, bool]] = self._exchange(Op.FETCH, fetch_items(requests), timeout, receive=receive)
         return got
 
-    def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
+    def store(self, requests: list[StoreRequest], timeout: float) -> list[Stored]:
         """STORE: one round trip; the request frame is followed by each value's bytes, sent
         straight from the caller's buffers. Per request: the node's result (OK: committed
         at ``offset`` with ``generation``; NO_SPACE, CORRUPT, INVALID)."""
-        payload = self._exchange(Op.STORE, [store_item(r) for r in requests], timeout,
-                                 tail=[p for r in requests for p in pieces(r.value)])
-        return [Allocated(*r) for r in payload]
+        payload = self._exchange(Op.STORE, [store_item(r) for r in requests], timeout, tail=store_tail(requests))
+        return [Stored(*r) for r in payload]
 
-    def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,
+    def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: Iterable[memoryview] | None = None,
                   receive: Callable[[socket.socket, list[Any], float], Any] | None = None) -> Any:
         """One request (plus ``tail`` bytes) and its reply (plus what ``receive`` reads)."""
         if timeout <= 0:
@@ -312,18 +311,38 @@ def check_reply(op: Op, rop: int, flags: int, payload: Any, n: int, address: str
 
 
 class StoreRequest(NamedTuple):
-    """One value to STORE: its key, its checksum, its bytes (and the master's write grant,
-    which a secured node requires)."""
+    """One value to STORE: its key, its checksum (None: the node commits the checksum of
+    what landed and answers it in ``Stored.checksum``), its bytes (and the master's
+    write grant, which a secured node requires). With ``summer``, the sender hashes the
+    value into it, each piece right after it went out (see :func:`store_tail`)."""
 
     key: bytes
-    checksum: int
+    checksum: int | None
     value: memoryview | Scattered
     grant: bytes | None = None
+    summer: BlockHasher | None = None
+
+
+SEND_PIECE = 1 << 20
+"""Bytes a STORE sends before it hashes them (a multiple of the checksum block)."""
+
+
+def store_tail(requests: list[StoreRequest]) -> Iterator[memoryview]:
+    """The bytes that follow a STORE frame, at most :data:`SEND_PIECE` at a time; a
+    request's ``summer`` is fed each piece once the sender took it back (sent: the
+    bytes are still in cache, and the node is busy receiving them meanwhile)."""
+    for r in requests:
+        for p in pieces(r.value):
+            for off in range(0, len(p), SEND_PIECE):
+                view = p[off:off + SEND_PIECE]
+                yield view
+                if r.summer is not None:
+                    r.summer.update(view)
 
 
 
 def store_item(r: StoreRequest) -> list[Any]:
-    """STORE's item for ``r``: ``[key, size, checksum]`` plus the grant when there is one."""
+    """STORE's item for ``r``: ``[key, size, checksum or nil]`` plus the grant when there is one."""
     item: list[Any] = [r.key, len(r.value), r.checksum]
     if r.grant is not None:
         item.append(r.grant)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -29,9 +29,9 @@ from kvstore.node.control import (
     check_reply,
     fetch_items,
     store_item,
+    store_tail,
 )
-from kvstore.node.protocol import Allocated, Fetched, Op, pack_frame, parse_header
-from kvstore.scatter import pieces
+from kvstore.node.protocol import Fetched, Op, Stored, pack_frame, parse_header
 from transport.wire import AsyncStream
 
 
@@ -70,13 +70,13 @@ class AsyncControlClient:
                                                                receive=receive)
         return got
 
-    async def store(self, requests: list[StoreRequest], timeout: float) -> list[Allocated]:
+    async def store(self, requests: list[StoreRequest], timeout: float) -> list[Stored]:
         """See :meth:`ControlClient.store`."""
         payload = await self._exchange(Op.STORE, [store_item(r) for r in requests], timeout,
-                                       tail=[p for r in requests for p in pieces(r.value)])
-        return [Allocated(*r) for r in payload]
+                                       tail=store_tail(requests))
+        return [Stored(*r) for r in payload]
 
-    async def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: list[memoryview] | None = None,
+    async def _exchange(self, op: Op, items: list[Any], timeout: float, *, tail: Iterable[memoryview] | None = None,
                         receive: Callable[[AsyncStream, list[Any]], Awaitable[Any]] | None = None) -> Any:
         if timeout <= 0:
             raise Timeout(f"deadline expired before {op.name} to node {self.address}")

@@ -52,7 +52,7 @@ class Op(enum.IntEnum):
     MAPS = 6  # items: scheme                     -> Maps
     REMOVE = 7  # items: key                      -> status (OK or NOT_FOUND)
     FETCH = 8  # items: [key, checksum(, ranges)] -> Fetched, then the bytes of each OK item
-    STORE = 9  # items: [key, size, checksum], then the bytes of each item -> Allocated (committed)
+    STORE = 9  # items: [key, size, checksum or nil], then the bytes of each item -> Stored (committed)
     AUTH = 10  # items: [token or None, session id (16 random bytes)] -> status; first on a connection
 
 
@@ -79,6 +79,17 @@ class Allocated(NamedTuple):
     handle: int = 0
     offset: int = 0
     generation: int = 0
+
+
+class Stored(NamedTuple):
+    """STORE result: where the value went (as :class:`Allocated`; no handle), and the
+    checksum of the bytes that landed."""
+
+    status: int
+    handle: int = 0
+    offset: int = 0
+    generation: int = 0
+    checksum: int = 0
 
 
 class Acquired(NamedTuple):

@@ -21,7 +21,7 @@ from kvstore.errors import Corruption, InvalidArgument, NoSpace
 from kvstore.keys import MAX_KEY_BYTES
 from kvstore.node.control import Incoming, Streamed
 from kvstore.node.holds import Holds, TooManyHolds
-from kvstore.node.protocol import Acquired, Allocated, Fetched, Maps, Op, SlotStatus
+from kvstore.node.protocol import Acquired, Allocated, Fetched, Maps, Op, SlotStatus, Stored
 from kvstore.store import LocalStore
 from kvstore.tiers.dram import Lease
 
@@ -77,7 +77,7 @@ def _sums(lease: Lease) -> bytes:
 
 
 def _busy(result: Any) -> bool:
-    return (result[0] if isinstance(result, tuple) else result) == SlotStatus.BUSY
+    return bool((result[0] if isinstance(result, tuple) else result) == SlotStatus.BUSY)
 
 
 class GrantCheck(NamedTuple):
@@ -156,32 +156,36 @@ class NodeService:
         if not self.require_grants:
             return True
         grants = self.grants
-        return grants is not None and grants.ok(key, size, checksum, grant)
+        # a grant over checksum 0 is the master's for a put whose checksum comes at PutEnd
+        return grants is not None and (grants.ok(key, size, checksum, grant)
+                                       or (checksum != 0 and grants.ok(key, size, 0, grant)))
 
     def store_stream(self, items: list[Any], incoming: Incoming) -> list[Any]:
         """STORE: receive each value straight into arena space, hashing blocks as they land,
-        and commit it if it verifies. A malformed item fails the whole request (the
-        bytes that follow can no longer be framed): ValueError, and the server hangs up."""
+        and commit it if it verifies (a nil checksum: commit it with the checksum of what
+        landed, which the reply carries for the writer to compare with its own). A
+        malformed item fails the whole request (the bytes that follow can no longer be
+        framed): ValueError, and the server hangs up."""
         parsed = []
         for item in items:
-            key, size, want = (_key(item[0]), _uint(item[1]), _uint(item[2])) \
+            key, size, want = (_key(item[0]), _uint(item[1]), _uint(item[2]) if item[2] is not None else -1) \
                 if isinstance(item, list) and len(item) in (3, 4) else (None, None, None)
             if key is None or not size or want is None or size > self.store.arena.capacity:
-                raise ValueError(f"STORE item must be [key, 0 < size <= arena, checksum(, grant)], "
+                raise ValueError(f"STORE item must be [key, 0 < size <= arena, checksum or nil(, grant)], "
                                  f"got {item!r:.80}")
             parsed.append((key, size, want, item[3] if len(item) == 4 else None))
         out: list[Any] = []
         for key, size, want, grant in parsed:
-            if not self.may_write(key, size, want, grant):
+            if not self.may_write(key, size, max(want, 0), grant):
                 incoming.drain(size)
                 self.refused_writes += 1
-                out.append(Allocated(SlotStatus.DENIED))
+                out.append(Stored(SlotStatus.DENIED))
                 continue
             try:
                 alloc = self.store.reserve(size)
             except (NoSpace, InvalidArgument):
                 incoming.drain(size)
-                out.append(Allocated(SlotStatus.NO_SPACE))
+                out.append(Stored(SlotStatus.NO_SPACE))
                 continue
             try:
                 h = hasher(key)
@@ -194,14 +198,15 @@ class NodeService:
                 alloc.release()
                 raise
             sums = h.sums()
-            if combine(sums, key) != want:
+            landed = combine(sums, key)
+            if want >= 0 and landed != want:
                 alloc.release()
                 log.warning("store of %r refused: bytes do not match their checksum", key[:16])
-                out.append(Allocated(SlotStatus.CORRUPT))
+                out.append(Stored(SlotStatus.CORRUPT))
                 continue
             offset, generation = alloc.offset, self.store.arena.generation(alloc.offset)
-            self.store.commit(key, alloc, want, sums=sums)  # takes over the reference
-            out.append(Allocated(SlotStatus.OK, 0, offset, generation))
+            self.store.commit(key, alloc, landed, sums=sums)  # takes over the reference
+            out.append(Stored(SlotStatus.OK, 0, offset, generation, landed))
         return out
 
     def allocate(self, items: list[Any], session: bytes = b"") -> list[Any]:

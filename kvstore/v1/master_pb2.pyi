@@ -170,14 +170,16 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, reregister: _Optional[bool] = ..., remove: _Optional[_Iterable[bytes]] = ..., client_digests: _Optional[_Iterable[str]] = ..., auth_version: _Optional[str] = ..., client_scopes: _Optional[_Iterable[bytes]] = ..., grant_key: _Optional[bytes] = ...) -> None: ...
 
 class PutItem(_message.Message):
-    __slots__ = ("key", "size", "checksum")
+    __slots__ = ("key", "size", "checksum", "checksum_at_end")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_AT_END_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     size: int
     checksum: int
-    def __init__(self, key: _Optional[bytes] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    checksum_at_end: bool
+    def __init__(self, key: _Optional[bytes] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., checksum_at_end: _Optional[bool] = ...) -> None: ...
 
 class PutStartRequest(_message.Message):
     __slots__ = ("items", "replicas", "client_host")
@@ -210,12 +212,14 @@ class PutStartResponse(_message.Message):
     def __init__(self, put_id: _Optional[int] = ..., expires_ms: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ...) -> None: ...
 
 class PutEndRequest(_message.Message):
-    __slots__ = ("put_id", "keys")
+    __slots__ = ("put_id", "keys", "checksums")
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     put_id: int
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, put_id: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, put_id: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutEndResponse(_message.Message):
     __slots__ = ("statuses",)

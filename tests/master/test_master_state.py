@@ -361,3 +361,18 @@ def test_report_bad_drops_only_that_replica_of_that_version() -> None:
     assert s.report_bad(4, [(b"k", "b", 7)]) == [Status.OK]
     assert s.longest_prefix(5, [b"k"]) == 0 and s.counters["bad_replicas"] == 2
     assert not s.heartbeat(6, "b", e_b).reregister
+
+
+def test_checksum_at_end_comes_with_put_end() -> None:
+    """A key reserved with checksum_at_end becomes visible with the checksum its PutEnd
+    gives; without one, or with one that contradicts PutStart's, it stays reserved."""
+    s = mk()
+    reg(s, "a")
+    r = s.put_start(0, [PutItem(b"late", 10, 0, checksum_at_end=True), PutItem(b"early", 10, 5)])
+    assert [p.status for p in r.placements] == [Status.OK, Status.OK]
+    assert s.put_end(0, r.put_id, [b"late", b"early"]) == [Status.INVALID, Status.OK]
+    assert s.put_end(0, r.put_id, [b"late"], [99]) == [Status.OK]
+    assert [loc.checksum for loc in s.lookup(0, [b"late", b"early"]).locations] == [99, 5]
+    r = s.put_start(0, [PutItem(b"fixed", 10, 5)])
+    assert s.put_end(0, r.put_id, [b"fixed"], [6]) == [Status.INVALID]
+    assert s.put_end(0, r.put_id, [b"fixed"], [5]) == [Status.OK]

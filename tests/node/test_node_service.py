@@ -185,6 +185,16 @@ def test_store_carries_the_bytes_in_one_round_trip(node, ctl):
     assert node.store.get(b"a") == a.tobytes() and node.store.get(b"b2") == b.tobytes()
     assert not node.store.exists(b"b") and not node.store.exists(b"huge")
     assert (got[1].offset, got[1].generation) == node.store.location(b"a")[::3]
+    assert got[1].checksum == checksum(a, b"a")
+    # no checksum given: the node commits the one of what landed, answers it, and the
+    # sender's hasher saw the same bytes (hashed piece by piece, after each went out)
+    from kvstore.checksum import hasher
+
+    h = hasher(b"c")
+    c = np.random.default_rng(3).integers(0, 256, 3 * (1 << 20) + 5, dtype=np.uint8)
+    [done] = ctl.store([StoreRequest(b"c", None, c.data, None, h)], 5)
+    assert done.status == S.OK and done.checksum == checksum(c, b"c") == h.intdigest()
+    assert node.store.get(b"c") == c.tobytes()
     # A malformed item: the request is refused and the connection closed (the bytes that
     # follow can no longer be framed); nothing is stored.
     with pytest.raises(InvalidArgument):

@@ -76,6 +76,30 @@ def test_same_host_and_tcp_paths_agree(cluster):
         assert not servers, servers
 
 
+def test_bytes_that_hash_otherwise_on_the_way_are_not_stored(cluster, monkeypatch):
+    """A TCP put's writer hashes what it sends; when the node's checksum of what landed
+    differs (simulated: the writer's hasher sees other bytes), that value fails, is
+    revoked (the node drops it), and no client finds it; the others of the batch land."""
+    from kvstore.checksum import BlockHasher
+
+    a, b = np.full(3 << 20, 7, np.uint8), np.full(1 << 20, 9, np.uint8)
+    real = BlockHasher.update
+
+    def skewed(self: BlockHasher, data: memoryview) -> None:
+        real(self, memoryview(bytes(len(data))) if self._key == b"skewed" else data)
+
+    with Client(cluster.master_address, same_host=False) as c:
+        monkeypatch.setattr(BlockHasher, "update", skewed)
+        with pytest.raises(KVStoreError, match="could not be stored"):
+            c.put_batch([(b"skewed", a), (b"fine", b)])
+        monkeypatch.undo()
+        assert c.get(b"fine") == b.tobytes()
+    with Client(cluster.master_address) as other:
+        assert other.get(b"skewed") is None and other.get(b"fine") == b.tobytes()
+        assert other.put(b"skewed", a)  # the reservation was given back: the key can be written
+        assert other.get(b"skewed") == a.tobytes()
+
+
 def test_batches_prefix_and_remove(cluster):
     keys = [b"chunk-%d" % i for i in range(20)]
     with Client(cluster.master_address) as c:

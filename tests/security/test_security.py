@@ -230,6 +230,9 @@ def test_writes_need_the_masters_grant(pool: Secured) -> None:
             key=key, size=len(value), checksum=checksum(value, key))], replicas=1), 5).placements[0]
         assert placed.status == mpb.OK and len(placed.grants) == 1
         real = placed.grants[0]
+        later = fast.call("PutStart", mpb.PutStartRequest(items=[mpb.PutItem(  # checksum with PutEnd
+            key=key + b"-later", size=len(value), checksum_at_end=True)], replicas=1), 5).placements[0]
+        assert later.status == mpb.OK and len(later.grants) == 1
     node = ControlClient(addr, token=pool.token("client:default"))
     try:
         other = STORED + b"not-granted"
@@ -240,14 +243,20 @@ def test_writes_need_the_masters_grant(pool: Secured) -> None:
             "another key": StoreRequest(other, checksum(value, other), memoryview(value), real),
             "another size": StoreRequest(key, checksum(value[:-1], key), memoryview(value[:-1]), real),
         }
+        attempts["at-end grant, another key"] = StoreRequest(other, None, memoryview(value), later.grants[0])
+        attempts["at-end grant, another size"] = StoreRequest(key + b"-later", None, memoryview(value[:-1]),
+                                                              later.grants[0])
         for name, req in attempts.items():
-            assert Allocated(*node.store([req], 5)[0]).status == SlotStatus.DENIED, name
+            assert node.store([req], 5)[0].status == SlotStatus.DENIED, name
         got = Allocated(*node.call(Op.ALLOCATE, [[other, len(value)]], 5)[0])
         assert got.status == SlotStatus.OK
         assert node.call(Op.COMMIT, [[got.handle, other, checksum(value, other)]], 5) == [SlotStatus.DENIED]
         # the connection stays usable, and the grant the master issued works
-        assert Allocated(*node.store([StoreRequest(key, checksum(value, key), memoryview(value), real)],
-                                     5)[0]).status == SlotStatus.OK
+        assert node.store([StoreRequest(key, checksum(value, key), memoryview(value), real)],
+                          5)[0].status == SlotStatus.OK
+        # a grant for a put whose checksum comes at PutEnd takes the bytes with the checksum they have
+        done = node.store([StoreRequest(key + b"-later", None, memoryview(value), later.grants[0])], 5)[0]
+        assert done.status == SlotStatus.OK and done.checksum == checksum(value, key + b"-later")
     finally:
         node.close()
     with pool.client(timeout=10) as c:
