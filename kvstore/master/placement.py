@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Protocol
 
 from kvstore.master.types import Node
@@ -43,11 +43,13 @@ def eviction_victims(
     nodes: Mapping[str, Node],
     size: int,
     replicas: int,
+    keep: Container[bytes] = (),
 ) -> list[bytes] | None:
     """Least recently used keys whose eviction lets ``replicas`` nodes fit ``size``.
 
-    Only objects that are neither pinned nor leased and that have a replica on
-    a node still short of room are chosen. A dry run: nothing is changed, and
+    Only objects that are neither pinned nor leased nor in ``keep`` (the keys the
+    same PutStart names: evicting one would only have it written again) and that
+    have a replica on a node still short of room are chosen. A dry run: nothing is changed, and
     ``None`` means even evicting every candidate would not make room.
     """
     if sum(1 for n in nodes.values() if n.capacity >= size) < replicas:
@@ -59,7 +61,7 @@ def eviction_victims(
         if need <= 0:
             break
         obj = objects[key]
-        if obj.pinned or obj.leases or all(free[r] >= size for r in obj.replicas):
+        if obj.pinned or obj.leases or key in keep or all(free[r] >= size for r in obj.replicas):
             continue
         victims.append(key)
         for r in obj.replicas:

@@ -390,6 +390,7 @@ class MasterState:
         res = _Reservation(now_ms + self.put_ttl_ms)
         out: list[Placement] = []
         no_room = -1  # smallest size that failed since the last eviction
+        named = {it.key for it in items}  # never evicted to make room for this same call
         for it in items:
             key = it.key
             if it.size <= 0:
@@ -406,7 +407,7 @@ class MasterState:
                 chosen = choose_nodes(self._nodes.values(), it.size, replicas, client_host)
                 if chosen is None:
                     victims = eviction_victims(self._lru, self._objects, self._nodes,
-                                               it.size, replicas)
+                                               it.size, replicas, named)
                     if victims:
                         for v in victims:
                             self._drop_object(v, self._objects[v], "EVICTED")

@@ -376,3 +376,13 @@ def test_checksum_at_end_comes_with_put_end() -> None:
     r = s.put_start(0, [PutItem(b"fixed", 10, 5)])
     assert s.put_end(0, r.put_id, [b"fixed"], [6]) == [Status.INVALID]
     assert s.put_end(0, r.put_id, [b"fixed"], [5]) == [Status.OK]
+
+
+def test_put_start_never_evicts_a_key_it_names():
+    """Making room for one item of a PutStart must not evict a key the same call names
+    (it would then be reserved and written again): found by the invariants machine."""
+    s = mk()
+    reg(s, "a", cap=100, held=[HeldKey(b"old", 50, 1), HeldKey(b"older", 50, 1)])
+    r = s.put_start(0, [PutItem(b"new", 50, 1), PutItem(b"old", 50, 1)])
+    assert [p.status for p in r.placements] == [Status.OK, Status.ALREADY_EXISTS]
+    assert b"old" in s._objects and b"older" not in s._objects
