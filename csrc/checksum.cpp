@@ -92,7 +92,7 @@ void block_sums_scatter(const std::uint8_t* src, std::int64_t n, const std::uint
 
 void block_sums_batch(const std::uint64_t* src, const std::int64_t* len, const std::int64_t* seg_begin,
                       const std::uint64_t* seg_addr, const std::uint64_t* seg_len, const std::uint64_t* seeds,
-                      std::int64_t n_jobs, std::uint64_t* sums, std::int64_t block, int threads) {
+                      std::int64_t n_jobs, std::uint64_t* sums, std::int64_t block, int threads, bool gather) {
   if (n_jobs < 0 || block <= 0) throw std::invalid_argument("block_sums_batch: negative job count or block");
   if (n_jobs == 0) return;
   // first[j]: job j's first block in `sums`; at[s]: where segment s starts inside its job
@@ -120,20 +120,31 @@ void block_sums_batch(const std::uint64_t* src, const std::int64_t* len, const s
       while (first[j + 1] <= i) s = seg_begin[++j];
       const std::int64_t lo = (i - first[j]) * block, hi = std::min(lo + block, len[j]);
       while (at[s] + static_cast<std::int64_t>(seg_len[s]) <= lo) ++s;
-      const auto* from = reinterpret_cast<const std::uint8_t*>(src[j]);
-      auto dst_at = [&](std::int64_t k, std::int64_t pos) {
+      auto* flat = reinterpret_cast<std::uint8_t*>(src[j]);
+      auto seg_at = [&](std::int64_t k, std::int64_t pos) {
         return reinterpret_cast<std::uint8_t*>(seg_addr[k]) + (pos - at[k]);
       };
-      if (at[s] + static_cast<std::int64_t>(seg_len[s]) >= hi) {  // the block lands in one segment
-        sums[i] = copy_xxh3(dst_at(s, lo), from + lo, hi - lo, seeds[j]);
+      if (at[s] + static_cast<std::int64_t>(seg_len[s]) >= hi) {  // the block is within one segment
+        sums[i] = gather ? copy_xxh3(flat + lo, seg_at(s, lo), hi - lo, seeds[j])
+                         : copy_xxh3(seg_at(s, lo), flat + lo, hi - lo, seeds[j]);
+        continue;
+      }
+      if (gather) {  // the pieces land back to back: hash the block once it is whole
+        for (std::int64_t pos = lo, k = s; pos < hi;) {
+          while (at[k] + static_cast<std::int64_t>(seg_len[k]) <= pos) ++k;
+          const std::int64_t take = std::min(hi, at[k] + static_cast<std::int64_t>(seg_len[k])) - pos;
+          std::memcpy(flat + pos, seg_at(k, pos), static_cast<std::size_t>(take));
+          pos += take;
+        }
+        sums[i] = xxh3(flat + lo, hi - lo, seeds[j]);
         continue;
       }
       XXH3_64bits_reset_withSeed(&st, seeds[j]);
       for (std::int64_t pos = lo, k = s; pos < hi;) {
         while (at[k] + static_cast<std::int64_t>(seg_len[k]) <= pos) ++k;
         const std::int64_t take = std::min(hi, at[k] + static_cast<std::int64_t>(seg_len[k])) - pos;
-        std::memcpy(dst_at(k, pos), from + pos, static_cast<std::size_t>(take));
-        XXH3_64bits_update_dispatch(&st, dst_at(k, pos), static_cast<std::size_t>(take));
+        std::memcpy(seg_at(k, pos), flat + pos, static_cast<std::size_t>(take));
+        XXH3_64bits_update_dispatch(&st, seg_at(k, pos), static_cast<std::size_t>(take));
         pos += take;
       }
       sums[i] = XXH3_64bits_digest(&st);

@@ -27,10 +27,13 @@ void block_sums_scatter(const std::uint8_t* src, std::int64_t n, const std::uint
 // seeds[j]; the sums of job j follow those of job j - 1 in `sums` (ceil(len / block)
 // each). The blocks of all jobs are spread over up to `threads` pooled threads, so many
 // small copies use them as well as one large one. Raises std::invalid_argument, before
-// any copy, for a job without bytes or whose segments do not add up.
+// any copy, for a job without bytes or whose segments do not add up. With `gather` the
+// copy goes the other way: the segments are the sources and src[j] the contiguous
+// destination (a value in pieces written into one buffer), hashed as it lands there.
 void block_sums_batch(const std::uint64_t* src, const std::int64_t* len, const std::int64_t* seg_begin,
                       const std::uint64_t* seg_addr, const std::uint64_t* seg_len, const std::uint64_t* seeds,
-                      std::int64_t n_jobs, std::uint64_t* sums, std::int64_t block, int threads);
+                      std::int64_t n_jobs, std::uint64_t* sums, std::int64_t block, int threads,
+                      bool gather = false);
 
 // XXH3-64 built for AVX2 (xxh3_avx2.cpp); call only when the CPU supports AVX2.
 std::uint64_t xxh3_avx2(const void* data, std::size_t n, std::uint64_t seed);

@@ -98,7 +98,7 @@ void block_sums_scatter_py(std::uint64_t src, std::int64_t nbytes, std::uint64_t
 
 void block_sums_batch_py(std::uint64_t src, std::uint64_t len, std::uint64_t seg_begin, std::uint64_t seg_addr,
                          std::uint64_t seg_len, std::uint64_t seeds, std::int64_t n_jobs, std::uint64_t sums,
-                         std::int64_t block, int threads) {
+                         std::int64_t block, int threads, bool gather) {
   if (n_jobs < 0 || block <= 0) throw std::invalid_argument("block_sums_batch: negative job count or block");
   if (n_jobs == 0) return;
   if (src == 0 || len == 0 || seg_begin == 0 || seg_addr == 0 || seg_len == 0 || seeds == 0 || sums == 0)
@@ -117,7 +117,7 @@ void block_sums_batch_py(std::uint64_t src, std::uint64_t len, std::uint64_t seg
   py::gil_scoped_release nogil;
   kvs::block_sums_batch(srcs, reinterpret_cast<const std::int64_t*>(len), begin, addr, lens,
                         reinterpret_cast<const std::uint64_t*>(seeds), n_jobs,
-                        reinterpret_cast<std::uint64_t*>(sums), block, threads);
+                        reinterpret_cast<std::uint64_t*>(sums), block, threads, gather);
 }
 #endif
 
@@ -149,8 +149,9 @@ PYBIND11_MODULE(_native, m) {
         "the XXH3-64 (seeded) of every `block` bytes of what landed (GIL released).");
   m.def("block_sums_batch", &block_sums_batch_py, py::arg("src"), py::arg("len"), py::arg("seg_begin"),
         py::arg("seg_addr"), py::arg("seg_len"), py::arg("seeds"), py::arg("n_jobs"), py::arg("sums"),
-        py::arg("block"), py::arg("threads"),
+        py::arg("block"), py::arg("threads"), py::arg("gather") = false,
         "block_sums_scatter for many jobs (addresses of int64/uint64 arrays) in one pass over "
-        "up to `threads` threads; see csrc/checksum.h (GIL released).");
+        "up to `threads` threads; gather=True copies the segments into src instead; see "
+        "csrc/checksum.h (GIL released).");
 #endif
 }

@@ -378,6 +378,46 @@ def _copy_summed_flat(pairs: Sequence[tuple[memoryview, memoryview | Scattered, 
     return out, first
 
 
+def gather_summed(jobs: Sequence[tuple[memoryview, memoryview | Scattered, bytes]]) -> list[np.ndarray]:
+    """Copy each ``(dst, src, key)``'s source (contiguous, or a
+    :class:`~kvstore.scatter.Scattered` value's pieces back to back) into its contiguous
+    destination of the same length; per job, the block sums of what landed. One native
+    pass spread over the copy threads for the whole batch (a put of many pages in many
+    pieces uses both cores), each block hashed right after it landed."""
+    for dst, src, _ in jobs:
+        if len(dst) != len(src):
+            raise ValueError(f"gather_summed: destination holds {len(dst)} bytes, source {len(src)}")
+        if dst.readonly:
+            raise ValueError("gather_summed: destination is read-only")
+    batch = [j for j, (_, src, _) in enumerate(jobs) if len(src)]
+    if _NATIVE is None or not hasattr(_NATIVE, "block_sums_batch") or len(batch) < len(jobs):
+        out = []
+        for dst, src, key in jobs:
+            at = 0
+            for piece in (src.views() if isinstance(src, Scattered) else [src]):
+                copy_into(dst[at:at + len(piece)], piece)
+                at += len(piece)
+            out.append(block_sums(dst, key))
+        return out
+    dsts = np.array([_address(d) for d, _, _ in jobs], dtype=np.uint64)
+    lens = np.array([len(d) for d, _, _ in jobs], dtype=np.int64)
+    seeds = np.array([key_seed(k) for _, _, k in jobs], dtype=np.uint64)
+    segs = [(s.addrs, s.lens) if isinstance(s, Scattered)
+            else (np.array([_address(s)], dtype=np.uint64), np.array([len(s)], dtype=np.uint64))
+            for _, s, _ in jobs]
+    begin = np.zeros(len(jobs) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a, _ in segs], out=begin[1:])
+    seg_addr = np.concatenate([a for a, _ in segs]).astype(np.uint64)
+    seg_len = np.concatenate([n for _, n in segs]).astype(np.uint64)
+    first = np.zeros(len(jobs) + 1, dtype=np.int64)
+    np.cumsum([nblocks(int(n)) for n in lens], out=first[1:])
+    sums = np.empty(int(first[-1]), dtype=np.uint64)
+    _NATIVE.block_sums_batch(int(dsts.ctypes.data), int(lens.ctypes.data), int(begin.ctypes.data),
+                             int(seg_addr.ctypes.data), int(seg_len.ctypes.data), int(seeds.ctypes.data),
+                             len(jobs), int(sums.ctypes.data), BLOCK, _THREADS, True)
+    return [sums[first[j]:first[j + 1]] for j in range(len(jobs))]
+
+
 def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int,
                         dst: memoryview | Scattered) -> bool:
     """:func:`read_range_verified` for a value in memory (``value``: all of its bytes):

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from kvstore._types import byte_view
-from kvstore.checksum import block_sums, check_ranges, combine, copy_into, copy_summed, hasher
+from kvstore.checksum import check_ranges, combine, gather_summed, hasher
 from kvstore.client.locations import Known, LocationCache
 from kvstore.client.samehost import MappedNode
 from kvstore.errors import (
@@ -39,7 +39,7 @@ from kvstore.keys import check_key
 from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
-from kvstore.scatter import Dest, Scattered, Source, pieces
+from kvstore.scatter import Dest, Scattered, Source
 from kvstore.tls import ClientTLS
 from kvstore.v1 import master_pb2 as mpb
 
@@ -306,17 +306,12 @@ class ClientCore:
             held = [(i, s) for i, s in zip(idxs, slots, strict=True) if s.status == SlotStatus.OK]
             try:
                 for i, s in held:
-                    n = len(views[i])
-                    conn.mapped.touch(s.offset, n, write=True)
-                    v = views[i]
-                    if isinstance(v, Scattered):  # piece by piece, no gather; hashed where it landed
-                        at = s.offset
-                        for piece in pieces(v):
-                            copy_into(arena[at:at + len(piece)], piece)
-                            at += len(piece)
-                        b = block_sums(arena[s.offset:s.offset + n], keys[i])
-                    else:
-                        b = copy_summed(v, arena[s.offset:s.offset + n], keys[i])
+                    conn.mapped.touch(s.offset, len(views[i]), write=True)
+                # every value of the batch (a Scattered one piece by piece, never gathered
+                # first) in one native pass over both copy threads, hashed as it lands
+                landed = gather_summed([(arena[s.offset:s.offset + len(views[i])], views[i], keys[i])
+                                        for i, s in held])
+                for (i, _), b in zip(held, landed, strict=True):
                     if not self._hashed(i, keys[i], b, None, sums, blocks, node.node_id):
                         raise Corruption(f"put of {keys[i][:16]!r}: the value changed while it was written")
             except BaseException:

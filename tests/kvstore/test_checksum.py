@@ -102,3 +102,24 @@ def test_copy_into_copies_exactly_the_source(n: int) -> None:
     dst = np.full(n + 64, 7, dtype=np.uint8)
     copy_into(memoryview(dst).cast("B"), memoryview(src).cast("B"))
     assert np.array_equal(dst[:n], src) and (dst[n:] == 7).all()
+
+
+def test_gather_summed_writes_pieces_back_to_back_and_hashes_what_landed():
+    """A put's same-host copy: values in pieces (crossing block edges, pieces of every
+    size) and contiguous ones, all in one batch, land back to back with their block sums."""
+    from kvstore.checksum import BLOCK, block_sums, gather_summed
+    from kvstore.scatter import Scattered
+
+    rng = np.random.default_rng(1)
+    a, b, c, d = (rng.integers(0, 256, n, dtype=np.uint8) for n in (100, 130_000, 2 * BLOCK + 7, 5 << 20))
+    values = [[a], [b, a], [c, b, d], [d]]
+    flats = [np.concatenate(v) for v in values]
+    dsts = [np.zeros(f.nbytes, np.uint8) for f in flats]
+    srcs = [Scattered([p.ctypes.data for p in v], [p.nbytes for p in v], owner=v) for v in values[:3]]
+    got = gather_summed([(memoryview(dst), src, b"k%d" % i)
+                         for i, (dst, src) in enumerate(zip(dsts, [*srcs, memoryview(flats[3])], strict=True))])
+    for i, (dst, flat, sums) in enumerate(zip(dsts, flats, got, strict=True)):
+        assert np.array_equal(dst, flat)
+        assert np.array_equal(sums, block_sums(flat, b"k%d" % i))
+    with pytest.raises(ValueError, match="destination holds"):
+        gather_summed([(memoryview(dsts[0])[:-1], srcs[0], b"k")])
