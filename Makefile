@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install install-sglang run local-demo test test-fast bench chaos lint clean
 
-$(STAMP): pyproject.toml setup.py Makefile
+# csrc/: a changed native source rebuilds kvstore._native (pip install -e . below).
+$(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h)
 	# The xxHash library (run-time AVX2/AVX-512 dispatch) for the native block checksums;
 	# without it kvstore uses the slower `xxhash` Python package (same values).
 	dpkg -s libxxhash-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

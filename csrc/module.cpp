@@ -125,7 +125,7 @@ void block_sums_batch_py(std::uint64_t src, std::uint64_t len, std::uint64_t seg
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "kvstore native kernels: paged KV gather/scatter and parallel memcpy (host memory).";
-  m.attr("ABI_VERSION") = 1;
+  m.attr("ABI_VERSION") = 2;  // kvstore.checksum.NATIVE_ABI
   m.def("paged_copy", &paged_copy_py, py::kw_only(), py::arg("scatter"), py::arg("chunk"),
         py::arg("chunk_size"), py::arg("layer_bases"), py::arg("n_layers"), py::arg("ids"),
         py::arg("pos"), py::arg("n_ids"), py::arg("chunk_blocks"), py::arg("num_blocks"), py::arg("block_stride"),

@@ -15,6 +15,7 @@ from cache, so copy+verify runs in one pass over memory.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,11 +31,21 @@ BLOCK = 256 * 1024
 _ROOT_TWEAK = 0x6B7673746F726531  # the root hash never equals a block hash of the same seed
 
 
+NATIVE_ABI = 2
+"""``ABI_VERSION`` of the ``csrc/`` build this Python code calls (2: the batch kernel's
+gather direction); an older build is not used (:mod:`kvstore.kernels.cpu` checks it too)."""
+
+
 def _load_native() -> Any:
     """``kvstore._native`` when it was built with the xxHash library, else ``None``."""
     try:
         from kvstore import _native
     except ImportError:
+        return None
+    if getattr(_native, "ABI_VERSION", None) != NATIVE_ABI:
+        logging.getLogger(__name__).warning(
+            "kvstore._native is a stale build (ABI %s, want %s): checksums use the Python xxhash package; "
+            "rebuild with `pip install -e .`", getattr(_native, "ABI_VERSION", None), NATIVE_ABI)
         return None
     return _native if hasattr(_native, "block_sums") else None
 

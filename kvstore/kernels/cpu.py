@@ -15,10 +15,10 @@ from types import ModuleType
 
 import numpy as np
 
+from kvstore.checksum import NATIVE_ABI as _ABI_VERSION
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.paged import CopyPlan
 
-_ABI_VERSION = 1
 _lock = threading.Lock()
 _state: dict[str, ModuleType | str | None] = {"module": None, "error": None}
 
