@@ -400,6 +400,8 @@ def gather_summed(jobs: Sequence[tuple[memoryview, memoryview | Scattered, bytes
             raise ValueError(f"gather_summed: destination holds {len(dst)} bytes, source {len(src)}")
         if dst.readonly:
             raise ValueError("gather_summed: destination is read-only")
+    if not jobs:
+        return []
     batch = [j for j, (_, src, _) in enumerate(jobs) if len(src)]
     if _NATIVE is None or not hasattr(_NATIVE, "block_sums_batch") or len(batch) < len(jobs):
         out = []

@@ -123,3 +123,4 @@ def test_gather_summed_writes_pieces_back_to_back_and_hashes_what_landed():
         assert np.array_equal(sums, block_sums(flat, b"k%d" % i))
     with pytest.raises(ValueError, match="destination holds"):
         gather_summed([(memoryview(dsts[0])[:-1], srcs[0], b"k")])
+    assert gather_summed([]) == []  # a batch whose every ALLOCATE was refused
