@@ -367,20 +367,8 @@ def _copy_summed_flat(pairs: Sequence[tuple[memoryview, memoryview | Scattered, 
         return out, first
     for i in set(range(len(pairs))) - set(batch):  # empty values: the sum of nothing
         out[first[i]] = xxhash.xxh3_64_intdigest(b"", seed=key_seed(pairs[i][2]))
-    srcs = np.array([_address(pairs[i][0]) for i in batch], dtype=np.uint64)
-    lens = np.array([len(pairs[i][0]) for i in batch], dtype=np.int64)
-    seeds = np.array([key_seed(pairs[i][2]) for i in batch], dtype=np.uint64)
-    segs = [(d.addrs, d.lens) if isinstance(d, Scattered)
-            else (np.array([_address(d)], dtype=np.uint64), np.array([len(d)], dtype=np.uint64))
-            for d in (pairs[i][1] for i in batch)]
-    begin = np.zeros(len(batch) + 1, dtype=np.int64)
-    np.cumsum([len(a) for a, _ in segs], out=begin[1:])
-    seg_addr = np.concatenate([a for a, _ in segs])
-    seg_len = np.concatenate([n for _, n in segs])
-    sums = np.empty(sum(nblocks(int(n)) for n in lens), dtype=np.uint64)
-    _NATIVE.block_sums_batch(int(srcs.ctypes.data), int(lens.ctypes.data), int(begin.ctypes.data),
-                             int(seg_addr.ctypes.data), int(seg_len.ctypes.data), int(seeds.ctypes.data),
-                             len(batch), int(sums.ctypes.data), BLOCK, _THREADS)
+    sums = _native_batch([pairs[i][0] for i in batch], [pairs[i][1] for i in batch],
+                         [pairs[i][2] for i in batch], gather=False)
     at = 0
     for i in batch:
         n = first[i + 1] - first[i]
@@ -412,23 +400,31 @@ def gather_summed(jobs: Sequence[tuple[memoryview, memoryview | Scattered, bytes
                 at += len(piece)
             out.append(block_sums(dst, key))
         return out
-    dsts = np.array([_address(d) for d, _, _ in jobs], dtype=np.uint64)
-    lens = np.array([len(d) for d, _, _ in jobs], dtype=np.int64)
-    seeds = np.array([key_seed(k) for _, _, k in jobs], dtype=np.uint64)
+    sums = _native_batch([d for d, _, _ in jobs], [s for _, s, _ in jobs], [k for _, _, k in jobs], gather=True)
+    first = np.zeros(len(jobs) + 1, dtype=np.int64)
+    np.cumsum([nblocks(len(d)) for d, _, _ in jobs], out=first[1:])
+    return [sums[first[j]:first[j + 1]] for j in range(len(jobs))]
+
+
+def _native_batch(flats: Sequence[memoryview], segmented: Sequence[memoryview | Scattered],
+                  keys: Sequence[bytes], *, gather: bool) -> np.ndarray:
+    """One ``block_sums_batch`` call: each flat buffer copied into its segmented side
+    (``gather``: the other way), every job non-empty; all block sums back to back."""
+    flat = np.array([_address(f) for f in flats], dtype=np.uint64)
+    lens = np.array([len(f) for f in flats], dtype=np.int64)
+    seeds = np.array([key_seed(k) for k in keys], dtype=np.uint64)
     segs = [(s.addrs, s.lens) if isinstance(s, Scattered)
             else (np.array([_address(s)], dtype=np.uint64), np.array([len(s)], dtype=np.uint64))
-            for _, s, _ in jobs]
-    begin = np.zeros(len(jobs) + 1, dtype=np.int64)
+            for s in segmented]
+    begin = np.zeros(len(flats) + 1, dtype=np.int64)
     np.cumsum([len(a) for a, _ in segs], out=begin[1:])
-    seg_addr = np.concatenate([a for a, _ in segs]).astype(np.uint64)
-    seg_len = np.concatenate([n for _, n in segs]).astype(np.uint64)
-    first = np.zeros(len(jobs) + 1, dtype=np.int64)
-    np.cumsum([nblocks(int(n)) for n in lens], out=first[1:])
-    sums = np.empty(int(first[-1]), dtype=np.uint64)
-    _NATIVE.block_sums_batch(int(dsts.ctypes.data), int(lens.ctypes.data), int(begin.ctypes.data),
+    seg_addr = np.concatenate([a for a, _ in segs]).astype(np.uint64, copy=False)
+    seg_len = np.concatenate([n for _, n in segs]).astype(np.uint64, copy=False)
+    sums = np.empty(sum(nblocks(int(n)) for n in lens), dtype=np.uint64)
+    _NATIVE.block_sums_batch(int(flat.ctypes.data), int(lens.ctypes.data), int(begin.ctypes.data),
                              int(seg_addr.ctypes.data), int(seg_len.ctypes.data), int(seeds.ctypes.data),
-                             len(jobs), int(sums.ctypes.data), BLOCK, _THREADS, True)
-    return [sums[first[j]:first[j + 1]] for j in range(len(jobs))]
+                             len(flats), int(sums.ctypes.data), BLOCK, _THREADS, gather)
+    return sums
 
 
 def copy_range_verified(key: bytes, sums: np.ndarray, value: memoryview, offset: int,

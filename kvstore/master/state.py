@@ -467,7 +467,9 @@ class MasterState:
             if not live:
                 out.append(Status.EXPIRED)
                 continue
-            obj = _Object(item.size, item.checksum if item.checksum is not None else int(given or 0), live)
+            checksum = item.checksum if item.checksum is not None else given
+            assert checksum is not None  # checked above
+            obj = _Object(item.size, checksum, live)
             self._removed.pop(key, None)  # written again: a returning node may hold this version
             self._objects[key] = obj
             self._lru[key] = None
