@@ -111,7 +111,7 @@ class MasterConfig:
     )
     node_ttl: float = _duration("10s", "A node silent this long is dead: its replicas vanish.")
     heartbeat_interval: float = _duration("2s", "How often nodes heartbeat (told at registration).")
-    put_ttl: float = _duration("30s", "A PutStart reservation not ended within this lapses.")
+    put_ttl: float = _duration("30s", "A PutStart reservation not ended within this lapses (at least 2s).")
     lease_ttl: float = _duration("5s", "How long a Lookup read lease holds keys against removal.")
     max_message: int = _size("64MiB", "Largest gRPC message accepted or sent.")
     max_batch: int = field(default=65536, metadata={"doc": "Most items (keys) in one request."})
@@ -198,9 +198,10 @@ class MasterConfig:
                 f"(so one lost heartbeat does not kill a node), got {self.heartbeat_interval}s "
                 f"with node_ttl {self.node_ttl}s"
             )
-        for name in ("put_ttl", "lease_ttl"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"master.{name} must be > 0")
+        if self.put_ttl < 2:  # clients post a PutEnd only within 1 s of its PutStart
+            raise ConfigError(f"master.put_ttl must be >= 2s, got {self.put_ttl}s")
+        if self.lease_ttl <= 0:
+            raise ConfigError("master.lease_ttl must be > 0")
         if self.token_file is not None and self.auth_dir is not None:
             raise ConfigError("master.token_file and master.auth_dir are exclusive: one shared token, "
                               "or a credentials directory with a token per role")

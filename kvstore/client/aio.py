@@ -85,6 +85,11 @@ class AsyncClient(ClientCore):
                 fast = await self._fast_channel(remaining)
                 if fast is not None:
                     try:
+                        if e.post is not None:
+                            await fast.post(e.method, e.request, remaining, e.post)
+                            return None
+                        if e.ordered:
+                            await fast.settle()
                         return await fast.call(e.method, e.request, remaining)
                     except TransportError:
                         self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
@@ -276,13 +281,21 @@ class AsyncClient(ClientCore):
         finally:
             call.cancel()
 
+    async def flush(self, *, timeout: float | None = None) -> None:
+        """See :meth:`Client.flush`."""
+        fast = self._fast
+        if fast is not None:
+            await fast.settle(self.timeout if timeout is None else timeout)
+        self._raise_lost()
+
     async def close(self) -> None:
-        """Let pending releases go out, then close every connection."""
+        """Let pending releases go out, read the replies posted puts are still owed,
+        then close every connection."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         self._conns.close()
         if self._fast is not None:
-            self._fast.close()
+            await self._fast.aclose()
         if self._channel is not None:
             await self._channel.close()
 

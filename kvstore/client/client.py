@@ -21,6 +21,12 @@ retryable failures (a busy key, a master or node restarting) are retried with
 backoff until the deadline or ``retries``. Thread-safe; one client per process
 is enough.
 
+A put makes one master round trip on its path: ``PutStart``; its ``PutEnd`` is sent
+once the bytes are committed and answered later. The writer sees its puts at once,
+other clients once the master has read that frame (before they could ask, on
+loopback); :meth:`Client.flush` waits for the answers and raises ``TryAgain`` for
+a put the master lost meanwhile (docs/design/hot-path.md, "Writes").
+
 ``cache_locations`` (on by default; an int sets the number of entries) remembers
 where keys were written or found and reads them from that node without asking
 the master. On the same host such a read is one-sided: one verified copy out of
@@ -106,6 +112,11 @@ class Client(ClientCore):
                 fast = self._fast_channel(remaining)
                 if fast is not None:
                     try:
+                        if e.post is not None:
+                            fast.post(e.method, e.request, remaining, e.post)
+                            return None
+                        if e.ordered:
+                            fast.settle()
                         return fast.call(e.method, e.request, remaining)
                     except TransportError:
                         self._fast, self._fast_retry_at = None, time.monotonic() + FAST_RETRY
@@ -292,11 +303,26 @@ class Client(ClientCore):
         finally:
             stream.cancel()
 
+    def flush(self, *, timeout: float | None = None) -> None:
+        """Wait until the master has answered every put this client returned from.
+
+        ``put`` returns once the value is committed on its node(s), with its ``PutEnd``
+        sent to the master but not awaited: this client sees the key at once (each of
+        its later calls waits for those answers first where it matters), and other
+        clients as soon as the master has read that frame. ``flush`` raises
+        :class:`~kvstore.errors.TryAgain` if one of those ``PutEnd`` calls failed since
+        the last ``flush`` (the master lost the reservation: put those keys again);
+        ``close`` waits too, and logs such failures. See docs/design/hot-path.md."""
+        fast = self._fast
+        if fast is not None:
+            fast.settle(self.timeout if timeout is None else timeout)
+        self._raise_lost()
+
     def close(self) -> None:
         self._releaser.close()
         self._conns.close()
         if self._fast is not None:
-            self._fast.close()
+            self._fast.close()  # reads the replies posted puts are still owed
         self._link.close()
 
     def __enter__(self) -> Client:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -50,11 +50,19 @@ Ranges = list[list[tuple[int, int]] | None] | None
 
 
 class Master(NamedTuple):
-    """Call the master's ``method`` (a Master RPC name) -> its response."""
+    """Call the master's ``method`` (a Master RPC name) -> its response.
+
+    ``post``: where the framed channel is up, send the call without waiting for its
+    reply -> None, and hand the reply (response or KVStoreError) to ``post`` when it is
+    read (where it is not, the call is made as usual -> its response). ``ordered``:
+    first read every reply still owed to this client's posted calls, so that the call
+    sees what they did (every call but a ``PutStart`` of other keys)."""
 
     method: str
     request: Any
     deadline: float
+    post: Callable[[Any], None] | None = None
+    ordered: bool = True
 
 
 class Connect(NamedTuple):
@@ -97,6 +105,9 @@ class Release(NamedTuple):
 
 Effect = Master | Connect | NodeCall | Fetch | Store | Release
 FAST_RETRY = 5.0
+POST_WITHIN = 1.0
+"""A put whose PutStart is older than this seconds awaits its PutEnd's answer instead of
+posting it (a reservation lapses after ``master.put_ttl``, 30 s by default, at least 2 s)."""
 MASTER_ATTEMPT = 2.0
 """With a followed master (etcd://), one try of a master call gives up after this long
 (then asks etcd for the leader and retries), so a paused or dead leader costs one try,
@@ -139,6 +150,10 @@ class ClientCore:
         self._locations = None if not cache_locations else LocationCache(
             1 << 18 if cache_locations is True else int(cache_locations))
         self.counters: Counter[str] = Counter()
+        # keys whose PutEnd was posted and not yet answered, and the puts that returned
+        # but whose PutEnd failed (raised by the next flush())
+        self._posting: set[bytes] = set()
+        self._lost: list[KVStoreError] = []
 
     @property
     def _max_delay(self) -> float:
@@ -205,7 +220,10 @@ class ClientCore:
         req = mpb.PutStartRequest(
             items=[mpb.PutItem(key=k, size=len(v), checksum_at_end=True) for k, v in zip(keys, views, strict=True)],
             replicas=self.replicas, client_host=self.host_id)
-        resp = yield Master("PutStart", req, deadline)
+        started = time.monotonic()
+        with self._bad_lock:
+            ordered = not self._posting.isdisjoint(keys)  # a key whose PutEnd is still owed an answer
+        resp = yield Master("PutStart", req, deadline, ordered=ordered)
         result = [False] * len(keys)
         todo: dict[str, list[int]] = defaultdict(list)
         nodes: dict[str, mpb.NodeInfo] = {}
@@ -249,11 +267,32 @@ class ClientCore:
             yield Master("PutRevoke", mpb.PutRevokeRequest(put_id=resp.put_id, keys=[keys[i] for i in sorted(failed)]),
                          deadline)
         if done:
-            end = yield Master("PutEnd", mpb.PutEndRequest(put_id=resp.put_id, keys=[keys[i] for i in done],
-                                                           checksums=[sums[i] for i in done]), deadline)
-            for i, st in zip(done, end.statuses, strict=True):
-                if st != mpb.OK:
-                    raise TryAgain(f"put of {keys[i][:16]!r} lapsed ({mpb.ItemStatus.Name(st)}); retry")
+            # One master round trip on the put's path: the PutEnd is posted, not awaited
+            # (docs/design/hot-path.md, "Writes"), unless the put took so long that its
+            # reservation may be near lapsing.
+            ended = [keys[i] for i in done]
+            post = self._ended(ended) if time.monotonic() - started < POST_WITHIN else None
+            if post is not None:
+                with self._bad_lock:
+                    self._posting.update(ended)
+            try:
+                end = yield Master("PutEnd", mpb.PutEndRequest(put_id=resp.put_id, keys=ended,
+                                                               checksums=[sums[i] for i in done]), deadline, post)
+            except BaseException:
+                if post is not None:
+                    with self._bad_lock:
+                        self._posting.difference_update(ended)
+                raise
+            if end is None:
+                self.counters["puts.end_posted"] += len(ended)
+            else:
+                if post is not None:
+                    with self._bad_lock:
+                        self._posting.difference_update(ended)
+                for i, st in zip(done, end.statuses, strict=True):
+                    if st != mpb.OK:
+                        raise TryAgain(f"put of {keys[i][:16]!r} lapsed ({mpb.ItemStatus.Name(st)}); retry")
+            for i in done:
                 result[i] = True
         self.counters["puts"] += len(done)
         if failed:
@@ -261,6 +300,37 @@ class ClientCore:
         if busy:
             raise TryAgain(f"{len(busy)} key(s) are being written by another client")
         return result
+
+    def _ended(self, keys: list[bytes]) -> Callable[[Any], None]:
+        """What to do with the reply to a posted PutEnd of ``keys``: a key it did not make
+        visible is a put that returned but was lost; it is logged, counted
+        (``puts.lost``), forgotten by the location cache and raised by :meth:`flush`."""
+
+        def done(reply: Any) -> None:
+            if isinstance(reply, KVStoreError):
+                lost, why = keys, str(reply)
+            else:
+                lost = [k for k, st in zip(keys, reply.statuses, strict=True) if st != mpb.OK]
+                why = ", ".join(sorted({mpb.ItemStatus.Name(st) for st in reply.statuses if st != mpb.OK}))
+            with self._bad_lock:
+                self._posting.difference_update(keys)
+                if lost:
+                    self._lost.append(TryAgain(f"{len(lost)} put(s) returned but did not become visible "
+                                               f"(first {lost[0][:16]!r}): {why}; put them again"))
+            if lost:
+                self.counters["puts.lost"] += len(lost)
+                if self._locations is not None:
+                    self._locations.forget(lost)
+                log.warning("%d put(s) returned but their PutEnd failed (%s): not visible", len(lost), why)
+
+        return done
+
+    def _raise_lost(self) -> None:
+        """Raise (once) the first failure of a posted PutEnd since the last call."""
+        with self._bad_lock:
+            lost, self._lost = self._lost, []
+        if lost:
+            raise lost[0]
 
     def _revoke_flow(self, put_id: int, keys: list[bytes], todo: dict[str, list[int]], deadline: float) -> Flow[None]:
         idxs = sorted({i for v in todo.values() for i in v})

@@ -124,3 +124,96 @@ def test_connections_over_the_cap_are_closed_and_clients_fall_back() -> None:
         finally:
             for s in socks:
                 s.close()
+
+
+def _put_start(c: FastMasterClient, k: bytes) -> int:
+    r = c.call("PutStart", pb.PutStartRequest(items=[pb.PutItem(key=k, size=10, checksum_at_end=True)],
+                                              replicas=1, client_host="h1"), 5)
+    assert r.placements[0].status == pb.OK
+    return int(r.put_id)
+
+
+def test_posted_calls_are_answered_in_order_on_two_connections(master: MasterThread) -> None:
+    """A stream of PutStart + posted PutEnd: every posted reply reaches its ``done``, the
+    next call sees what the posted one did, and the pool stays at two connections."""
+    c = FastMasterClient(fast_address(master), b"Bearer s3cret")
+    got: list[object] = []
+    try:
+        c.call("RegisterNode", pb.RegisterNodeRequest(
+            node_id="n-post", host="h1", control_address="127.0.0.1:1",
+            tiers=[pb.TierCapacity(name="dram", capacity=1 << 30)]), 5)
+        opened = 0
+        real_take = c._take
+
+        def counting_take(timeout: float) -> socket.socket:
+            nonlocal opened
+            with c._lock:
+                opened += not c._idle and len(c._posted) < 2
+            return real_take(timeout)
+
+        c._take = counting_take  # type: ignore[method-assign]
+        for i in range(20):
+            k = key(1000 + i)
+            put_id = _put_start(c, k)
+            c.post("PutEnd", pb.PutEndRequest(put_id=put_id, keys=[k], checksums=[7]), 5, got.append)
+            assert len(c._posted) <= 2
+        c.settle()
+        assert c.call("LongestPrefix", pb.LongestPrefixRequest(keys=[key(1000 + i) for i in range(20)]), 5).count == 20
+        assert [list(r.statuses) for r in got] == [[pb.OK]] * 20  # type: ignore[attr-defined]
+        assert opened == 1  # a second connection beside RegisterNode's: two in all
+        # A posted call that fails is told so: an unknown reservation lapses.
+        c.post("PutEnd", pb.PutEndRequest(put_id=123456789, keys=[key(1)], checksums=[1]), 5, got.append)
+        c.settle()
+        assert list(got[-1].statuses) == [pb.EXPIRED]  # type: ignore[attr-defined]
+    finally:
+        c.close()
+
+
+def test_a_posted_call_to_a_silent_or_dead_master_is_told_so() -> None:
+    """``settle(limit)`` gives up on a master that never answers (Timeout), and a master
+    that hangs up without answering fails the call (TransportError): never a hang."""
+    from kvstore.errors import Timeout, TransportError
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        c = FastMasterClient(f"127.0.0.1:{srv.getsockname()[1]}", None)
+        got: list[object] = []
+        c.post("Stats", pb.StatsRequest(), 30, got.append)
+        peer, _ = srv.accept()
+        t = time.monotonic()
+        c.settle(limit=0.3)
+        assert isinstance(got[0], Timeout) and time.monotonic() - t < 5
+        c.post("Stats", pb.StatsRequest(), 30, got.append)
+        peer2, _ = srv.accept()
+        peer2.close()
+        c.settle()
+        assert isinstance(got[1], TransportError)
+        peer.close()
+        c.close()
+
+
+def test_async_posted_calls(master: MasterThread) -> None:
+    import asyncio
+
+    from kvstore.master.fast import AsyncFastMasterClient
+
+    async def main() -> None:
+        c = AsyncFastMasterClient(fast_address(master), b"Bearer s3cret")
+        got: list[object] = []
+        try:
+            await c.call("RegisterNode", pb.RegisterNodeRequest(
+                node_id="n-apost", host="h1", control_address="127.0.0.1:1",
+                tiers=[pb.TierCapacity(name="dram", capacity=1 << 30)]), 5)
+            for i in range(10):
+                k = key(2000 + i)
+                r = await c.call("PutStart", pb.PutStartRequest(
+                    items=[pb.PutItem(key=k, size=10, checksum_at_end=True)], replicas=1, client_host="h1"), 5)
+                await c.post("PutEnd", pb.PutEndRequest(put_id=r.put_id, keys=[k], checksums=[7]), 5, got.append)
+                assert len(c._posted) <= 2
+            await c.aclose()
+            assert [list(r.statuses) for r in got] == [[pb.OK]] * 10  # type: ignore[attr-defined]
+        finally:
+            c.close()
+
+    asyncio.run(main())

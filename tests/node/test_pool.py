@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import Client
-from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.errors import InvalidArgument, KVStoreError, TryAgain
 from kvstore.testing.cluster import Cluster
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -270,6 +270,10 @@ def test_async_client(cluster, same_host):
         async with AsyncClient(cluster.master_address, timeout=5, same_host=same_host) as c:
             keys = [b"as%d-%d" % (same_host, i) for i in range(8)]
             assert await c.put_batch([(k, value_for(k)) for k in keys]) == [True] * 8
+            assert c.counters["puts.end_posted"] == 8
+            with Client(cluster.master_address, timeout=5) as other:  # visible to others at once
+                assert other.exists_batch(keys) == [True] * 8
+            await c.flush()
             threads = threading.active_count()
             got = await asyncio.gather(*(c.get(k) for k in keys))
             assert [bytes(g) for g in got] == [value_for(k) for k in keys]
@@ -289,3 +293,52 @@ def test_async_client(cluster, same_host):
             assert await c.get(keys[0]) is None
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "tcp"])
+def test_a_returned_put_is_visible_to_every_client_at_once(cluster, same_host):
+    """A put's PutEnd is posted, not awaited (one master round trip on its path); still,
+    once ``put`` returned, the writer and any other client find the key."""
+    with Client(cluster.master_address, timeout=10, same_host=same_host) as writer, \
+            Client(cluster.master_address, timeout=10, cache_locations=False) as reader:
+        for i in range(150):
+            k = b"vis%d-%d" % (same_host, i)
+            assert writer.put(k, value_for(k))
+            assert reader.exists(k), i  # another client, through the master
+            assert writer.longest_prefix([k]) == 1  # the writer's own metadata call
+            if i % 10 == 0:
+                assert reader.get(k) == value_for(k)
+        assert writer.counters["puts.end_posted"] == 150
+        writer.flush()  # every PutEnd was answered OK
+        assert writer.counters["puts.lost"] == 0
+        # Writing a key again right after its put (its PutEnd may be unanswered): no BUSY.
+        for i in range(20):
+            k = b"again%d-%d" % (same_host, i)
+            assert writer.put(k, value_for(k)) and not writer.put(k, value_for(k))
+
+
+def test_a_put_end_the_master_never_read_is_raised_by_flush(cluster, monkeypatch):
+    """The master is stopped right after the value was committed on its node, so the
+    posted PutEnd sits unread; killed, it never applies it: ``put`` had returned, and
+    ``flush`` says the put was lost (the location cache forgets it too)."""
+    master = cluster.master
+    with Client(cluster.master_address, timeout=5, same_host=False) as c:
+        assert c.put(b"before", value_for(b"before"))
+        original = Client._write_node_flow
+
+        def then_stop_the_master(self, *args, **kwargs):
+            failed = yield from original(self, *args, **kwargs)
+            master.signal(signal.SIGSTOP)
+            return failed
+
+        monkeypatch.setattr(Client, "_write_node_flow", then_stop_the_master)
+        assert c.put(b"lost", value_for(b"lost"))  # returned: committed on the node, PutEnd posted
+        monkeypatch.undo()
+        assert c._locations is not None and c._locations.get(b"lost") is not None
+        master.signal(signal.SIGKILL)
+        master.popen.wait(10)
+        with pytest.raises(TryAgain, match="did not become visible"):
+            c.flush()
+        assert c.counters["puts.lost"] == 1
+        assert c._locations.get(b"lost") is None
+        c.flush()  # raised once
