@@ -150,10 +150,10 @@ class ClientCore:
         self._locations = None if not cache_locations else LocationCache(
             1 << 18 if cache_locations is True else int(cache_locations))
         self.counters: Counter[str] = Counter()
-        # keys whose PutEnd was posted and not yet answered, and the puts that returned
-        # but whose PutEnd failed (raised by the next flush())
+        # keys whose PutEnd was posted and not yet answered, and the first put that
+        # returned but whose PutEnd failed (raised by the next flush())
         self._posting: set[bytes] = set()
-        self._lost: list[KVStoreError] = []
+        self._lost: KVStoreError | None = None
 
     @property
     def _max_delay(self) -> float:
@@ -314,9 +314,10 @@ class ClientCore:
                 why = ", ".join(sorted({mpb.ItemStatus.Name(st) for st in reply.statuses if st != mpb.OK}))
             with self._bad_lock:
                 self._posting.difference_update(keys)
-                if lost:
-                    self._lost.append(TryAgain(f"{len(lost)} put(s) returned but did not become visible "
-                                               f"(first {lost[0][:16]!r}): {why}; put them again"))
+                if lost and self._lost is None:  # the first since the last flush() (all are counted)
+                    self._lost = TryAgain(f"{len(lost)} put(s) returned but did not become visible "
+                                          f"(first {lost[0][:16]!r}): {why}; put them again "
+                                          f"(counters['puts.lost'] counts them all)")
             if lost:
                 self.counters["puts.lost"] += len(lost)
                 if self._locations is not None:
@@ -328,9 +329,9 @@ class ClientCore:
     def _raise_lost(self) -> None:
         """Raise (once) the first failure of a posted PutEnd since the last call."""
         with self._bad_lock:
-            lost, self._lost = self._lost, []
-        if lost:
-            raise lost[0]
+            lost, self._lost = self._lost, None
+        if lost is not None:
+            raise lost
 
     def _revoke_flow(self, put_id: int, keys: list[bytes], todo: dict[str, list[int]], deadline: float) -> Flow[None]:
         idxs = sorted({i for v in todo.values() for i in v})
