@@ -9,7 +9,13 @@ On a machine with an NVIDIA GPU and CuPy:
      excluded) vs a device-to-device copy of the same bytes, plus the wall-clock
      time of a whole kernels.gather()/scatter() call (Python dispatch included);
   4. checks the host arena pinning: Arena(256 MiB, pin="on") H2D/D2H GB/s vs
-     a pageable NumPy buffer.
+     a pageable NumPy buffer;
+  5. runs a master and a node in this process and measures the SDK's CUDA path on
+     the same host: DMA between the node's arena (mapped and page-locked by the
+     client) and the GPU vs cudaMemcpy with a cudaHostAlloc buffer
+     (``pinned_h2d_vs_cudamemcpy``, ``pinned_d2h_vs_cudamemcpy``), and the client's
+     verified ``get_into``/``put_from`` of a CUDA buffer end to end;
+  6. runs the tests marked ``gpu`` (``--no-tests`` skips them).
 
     python benchmarks/gpu_check.py --json bench-results/gpu_check.json
 GB/s count chunk bytes once (bytes moved), for kernels and copies alike.
@@ -188,10 +194,90 @@ def pinning(cp: Any, repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
+def pool_dma(cp: Any, repeat: int, size: int = 64 << 20) -> dict[str, Any]:
+    """The SDK's CUDA path against a master and a node in this process (same host: the
+    client maps the node's arena and page-locks it): raw DMA between the arena and the
+    GPU vs cudaMemcpy with a cudaHostAlloc buffer (events), and the client's whole
+    verified ``get_into``/``put_from`` of a CUDA buffer (wall clock, verification included)."""
+    from kvstore.client import Client
+    from kvstore.config import load_config
+    from kvstore.master.server import serve_master
+    from kvstore.node.daemon import StoreNode
+
+    cfg = load_config(None, {"master.port": 0, "master.metrics_port": -1, "store.dram": "1GiB",
+                             "node.node_id": "gpu-check", "node.metrics_port": -1})
+    master = serve_master(cfg.master)
+    node = None
+    try:
+        node = StoreNode(load_config(None, {"node.master": master.address, "node.node_id": "gpu-check",
+                                            "node.metrics_port": -1, "store.dram": "1GiB"}).node,
+                         cfg.store).start()
+        value = np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8)
+        dev = cp.empty(size, cp.uint8)
+        with Client(master.address, timeout=30) as c:
+            assert c.put(b"gpu-check", value)
+            assert c.get_into(b"gpu-check", dev) == size  # registers the arena, checks the path
+            ok = bool(np.array_equal(cp.asnumpy(dev), value))
+            known = c._locations.get(b"gpu-check") if c._locations is not None else None
+            (conn,) = c._conns._conns.values()
+            assert known is not None and conn.mapped is not None
+            extent = conn.mapped.arena[known.offset:known.offset + size]
+            src = int(np.frombuffer(extent, dtype=np.uint8).ctypes.data)
+            pinned = cp.cuda.alloc_pinned_memory(size)
+            stream = cp.cuda.get_current_stream()
+            dptr = int(dev.data.ptr)
+            rt = cp.cuda.runtime
+            t_arena_h2d = events_time(cp, lambda: rt.memcpyAsync(dptr, src, size, 1, stream.ptr), repeat)
+            t_pin_h2d = events_time(cp, lambda: rt.memcpyAsync(dptr, pinned.ptr, size, 1, stream.ptr), repeat)
+            t_arena_d2h = events_time(cp, lambda: rt.memcpyAsync(src, dptr, size, 2, stream.ptr), repeat)
+            t_pin_d2h = events_time(cp, lambda: rt.memcpyAsync(pinned.ptr, dptr, size, 2, stream.ptr), repeat)
+            c.remove(b"gpu-check", force=True)  # its extent was overwritten above
+            assert c.put_from(b"gpu-check", dev)
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                assert c.get_into(b"gpu-check", dev) == size
+            t_get = (time.perf_counter() - t0) / repeat
+            t0 = time.perf_counter()
+            for i in range(repeat):
+                assert c.put_from(b"gpu-check-%d" % i, dev)
+            t_put = (time.perf_counter() - t0) / repeat
+            c.remove_batch([b"gpu-check-%d" % i for i in range(repeat)], force=True)
+            host = np.empty(size, np.uint8)
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                assert c.get_into(b"gpu-check", host) == size
+            t_host = (time.perf_counter() - t0) / repeat
+            return {"correct": ok and bool(np.array_equal(host, value)), "bytes": size,
+                    "arena_h2d_GB/s": size / t_arena_h2d / 1e9, "cudaHostAlloc_h2d_GB/s": size / t_pin_h2d / 1e9,
+                    "arena_d2h_GB/s": size / t_arena_d2h / 1e9, "cudaHostAlloc_d2h_GB/s": size / t_pin_d2h / 1e9,
+                    "client_get_into_cuda_GB/s": size / t_get / 1e9, "client_put_from_cuda_GB/s": size / t_put / 1e9,
+                    "client_get_into_host_GB/s": size / t_host / 1e9,
+                    "pinned_h2d_vs_cudamemcpy": t_pin_h2d / t_arena_h2d,
+                    "pinned_d2h_vs_cudamemcpy": t_pin_d2h / t_arena_d2h}
+    finally:
+        if node is not None:
+            node.stop()
+        master.stop()
+
+
+def gpu_tests() -> dict[str, Any]:
+    """Run the tests marked ``gpu`` (they need pytest and what the suite needs: carry
+    wheels such as rocksdict where the machine has none)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           str(root / "tests")], capture_output=True, text=True, cwd=root, timeout=300)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    print("gpu tests:", *tail, sep="\n  ")
+    return {"returncode": proc.returncode, "tail": tail}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--no-tests", action="store_true", help="skip running the tests marked gpu")
     args = ap.parse_args()
     cp = cuda.cupy()
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -218,8 +304,16 @@ def main() -> None:
     print("ratios:", {k: round(v, 3) for k, v in res["ratios"].items()})
     res["pinning"] = pinning(cp, max(3, args.repeat // 4))
     print_table("host arena pinning (256 MiB copies)", res["pinning"], ["host buffer", "pinned", "H2D_GB/s", "D2H_GB/s"])
+    res["pool_dma"] = pool_dma(cp, max(3, args.repeat // 2))
+    print_table("SDK CUDA buffers, same host (64 MiB; the pool's arena page-locked by the client)", [res["pool_dma"]],
+                [k for k in res["pool_dma"] if k not in ("pinned_h2d_vs_cudamemcpy", "pinned_d2h_vs_cudamemcpy")])
+    for k in ("pinned_h2d_vs_cudamemcpy", "pinned_d2h_vs_cudamemcpy"):
+        res["ratios"][k] = res["pool_dma"][k]
+    print("ratios:", {k: round(v, 3) for k, v in res["ratios"].items()})
+    res["gpu_tests"] = gpu_tests() if not args.no_tests else None
     write_json(args.json, res)
-    sys.exit(0 if res["all_correct"] else 1)
+    passed = res["all_correct"] and res["pool_dma"]["correct"] and (args.no_tests or res["gpu_tests"]["returncode"] == 0)
+    sys.exit(0 if passed else 1)
 
 
 if __name__ == "__main__":

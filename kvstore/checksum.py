@@ -304,6 +304,22 @@ class CopyJob(NamedTuple):
     ranges: Sequence[tuple[int, int]] | None = None
 
 
+def verified_in_place(key: bytes, value: memoryview, checksum: int, sums: np.ndarray | None,
+                      ranges: Sequence[tuple[int, int]] | None) -> bool:
+    """Whether ``value`` (in memory, not copied) is the one of ``checksum``; with ``ranges``,
+    whether every block they touch matches ``sums`` (the value's block sums, which must
+    combine into ``checksum``). For a copy that cannot hash as it goes (a DMA to a GPU)."""
+    if ranges is None:
+        return combine(block_sums(value, key), key) == checksum
+    if sums is None or len(sums) != nblocks(len(value)) or combine(sums, key) != checksum:
+        return False
+    for off, n in ranges:
+        lo, hi = off // BLOCK, -(-(off + n) // BLOCK)
+        if not np.array_equal(block_sums(value[lo * BLOCK : min(hi * BLOCK, len(value))], key), sums[lo:hi]):
+            return False
+    return True
+
+
 def copy_verified_many(jobs: Sequence[CopyJob]) -> list[bool]:
     """Move every job's bytes into its destination, verifying what landed; per job,
     whether all of it verified (a job that did not holds unverified bytes).

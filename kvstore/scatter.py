@@ -14,11 +14,14 @@ held for that) and must not hand out the same bytes twice.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from kvstore.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from kvstore.client.device import DeviceBuffer
 
 
 class Scattered:
@@ -103,14 +106,22 @@ class Scattered:
         return b"".join(ctypes.string_at(a, n) for a, n in zip(self.addrs.tolist(), self.lens.tolist(), strict=True))
 
 
-Dest: TypeAlias = "memoryview | Scattered"
-"""Where a read lands: a contiguous writable view or a :class:`Scattered`."""
+Dest: TypeAlias = "memoryview | Scattered | DeviceBuffer"
+"""Where a read lands: a contiguous writable view, a :class:`Scattered`, or CUDA memory
+(:class:`~kvstore.client.device.DeviceBuffer`)."""
 
-Source: TypeAlias = "memoryview | Scattered"
-"""What a put stores: a contiguous view or a :class:`Scattered` (its pieces in order,
-sent or copied piece by piece: no gather into one buffer)."""
+Source: TypeAlias = "memoryview | Scattered | DeviceBuffer"
+"""What a put stores: a contiguous view, a :class:`Scattered` (its pieces in order,
+sent or copied piece by piece: no gather into one buffer), or CUDA memory."""
 
 
-def pieces(value: Source) -> list[memoryview]:
+def pieces(value: memoryview | Scattered) -> list[memoryview]:
     """The bytes of a put's value, in order: a :class:`Scattered` value's pieces, or the view."""
     return value.views() if isinstance(value, Scattered) else [value]
+
+
+def host(value: Source) -> memoryview | Scattered:
+    """``value``, which the caller knows is in host memory (CUDA values take their own path)."""
+    if not isinstance(value, (memoryview, Scattered)):
+        raise AssertionError(f"host memory expected, got {value!r}")
+    return value

@@ -203,8 +203,9 @@ class Client(ClientCore):
     def put_batch(self, items: Sequence[tuple[bytes | str, Any]], *,
                   timeout: float | None = None) -> list[bool]:
         """Store every ``(key, value)``; all are validated before anything is sent. A value
-        is any C-contiguous buffer, or a :class:`~kvstore.scatter.Scattered` whose pieces
-        are stored as one value laid end to end (not gathered first)."""
+        is any C-contiguous buffer, contiguous CUDA memory (a torch CUDA tensor, a CuPy
+        array: docs/gpu.md), or a :class:`~kvstore.scatter.Scattered` whose pieces are
+        stored as one value laid end to end (not gathered first)."""
         keys, views = self._put_args(items)
         return self._retrying(lambda d: self._put_flow(keys, views, d), timeout)
 
@@ -217,7 +218,8 @@ class Client(ClientCore):
 
     def get_into(self, key: bytes | str, buffer: Any, *, ranges: Sequence[tuple[int, int]] | None = None,
                  timeout: float | None = None) -> int | None:
-        """Read into ``buffer``; returns the bytes written, or ``None`` on a miss.
+        """Read into ``buffer`` (host memory, or CUDA memory: docs/gpu.md); returns the
+        bytes written, or ``None`` on a miss.
 
         ``ranges``: ``(offset, length)`` byte ranges of the value to read instead of
         all of it (a layer of a chunk is one range); they land in ``buffer`` back to

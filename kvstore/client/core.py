@@ -22,7 +22,8 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from kvstore._types import byte_view
-from kvstore.checksum import check_ranges, combine, gather_summed, hasher
+from kvstore.checksum import block_sums, check_ranges, combine, gather_summed, hasher
+from kvstore.client.device import Copier, DeviceBuffer, cuda_copier, device_buffer
 from kvstore.client.locations import Known, LocationCache
 from kvstore.client.samehost import MappedNode
 from kvstore.errors import (
@@ -39,7 +40,7 @@ from kvstore.keys import check_key
 from kvstore.master.discovery import is_etcd
 from kvstore.node.control import FetchRequest, StoreRequest
 from kvstore.node.protocol import Acquired, Allocated, Op, SlotStatus
-from kvstore.scatter import Dest, Scattered, Source
+from kvstore.scatter import Dest, Scattered, Source, host
 from kvstore.tls import ClientTLS
 from kvstore.v1 import master_pb2 as mpb
 
@@ -154,6 +155,31 @@ class ClientCore:
         # returned but whose PutEnd failed (raised by the next flush())
         self._posting: set[bytes] = set()
         self._lost: KVStoreError | None = None
+        # Moves bytes to and from CUDA buffers (kvstore.client.device); made when the first
+        # one is given (tests on machines without a GPU set a stand-in).
+        self.copier: Copier | None = None
+
+    def _copier(self) -> Copier:
+        with self._bad_lock:
+            if self.copier is None:
+                self.copier = cuda_copier()
+            return self.copier
+
+    def _staged(self, views: list[Source], idxs: list[int]) -> dict[int, memoryview]:
+        """The CUDA values among ``views[idxs]``, copied into pinned host buffers (a write
+        to a node that is not mapped here)."""
+        dev = [i for i in idxs if isinstance(views[i], DeviceBuffer)]
+        if not dev:
+            return {}
+        copier = self._copier()
+        out = {}
+        for i in dev:
+            v = views[i]
+            assert isinstance(v, DeviceBuffer)
+            out[i] = copier.staging(len(v))
+            copier.to_host(out[i], v)
+        copier.wait()
+        return out
 
     @property
     def _max_delay(self) -> float:
@@ -182,7 +208,8 @@ class ClientCore:
     @staticmethod
     def _put_args(items: Sequence[tuple[bytes | str, Any]]) -> tuple[list[bytes], list[Source]]:
         keys = [check_key(k) for k, _ in items]
-        views: list[Source] = [v if isinstance(v, Scattered) else byte_view(v) for _, v in items]
+        views: list[Source] = [v if isinstance(v, Scattered) else device_buffer(v, "value") or byte_view(v)
+                               for _, v in items]
         for k, v in zip(keys, views, strict=True):
             if len(v) == 0:
                 raise InvalidArgument(f"value for key {k[:16]!r} is empty")
@@ -199,7 +226,8 @@ class ClientCore:
         if ranges is not None and len(ranges) != len(keys):
             raise InvalidArgument(f"{len(keys)} keys but {len(ranges)} range lists")
         ks = [check_key(k) for k in keys]
-        views: list[Dest] = [b if isinstance(b, Scattered) else byte_view(b, "buffer") for b in buffers]
+        views: list[Dest] = [b if isinstance(b, Scattered) else device_buffer(b) or byte_view(b, "buffer")
+                             for b in buffers]
         if any(v.readonly for v in views):
             raise InvalidArgument("buffer is read-only")
         rs = None if ranges is None else [None if r is None else check_ranges(r) for r in ranges]
@@ -360,7 +388,8 @@ class ClientCore:
         conn = yield Connect(node)
         if conn.mapped is None:
             summers = [hasher(keys[i]) for i in idxs]
-            slots = yield Store(conn, [StoreRequest(keys[i], None, views[i], g, h)
+            staged = self._staged(views, idxs)  # CUDA values go out of pinned host memory
+            slots = yield Store(conn, [StoreRequest(keys[i], None, staged[i] if i in staged else host(views[i]), g, h)
                                        for i, g, h in zip(idxs, grants, summers, strict=True)], deadline)
             ok = []
             for i, s, h in zip(idxs, slots, summers, strict=True):
@@ -379,11 +408,16 @@ class ClientCore:
                 for i, s in held:
                     conn.mapped.touch(s.offset, len(views[i]), write=True)
                 # every value of the batch (a Scattered one piece by piece, never gathered
-                # first) in one native pass over both copy threads, hashed as it lands
-                landed = gather_summed([(arena[s.offset:s.offset + len(views[i])], views[i], keys[i])
-                                        for i, s in held])
-                for (i, _), b in zip(held, landed, strict=True):
-                    if not self._hashed(i, keys[i], b, None, sums, blocks, node.node_id):
+                # first) in one native pass over both copy threads, hashed as it lands;
+                # CUDA values DMA'd straight into their extents, then hashed there
+                on_host = [(i, s) for i, s in held if not isinstance(views[i], DeviceBuffer)]
+                landed = dict(zip([i for i, _ in on_host], gather_summed(
+                    [(arena[s.offset:s.offset + len(views[i])], host(views[i]), keys[i]) for i, s in on_host]),
+                    strict=True))
+                landed.update(self._from_device(conn.mapped, [(i, s) for i, s in held if i not in landed],
+                                                keys, views))
+                for i, _ in held:
+                    if not self._hashed(i, keys[i], landed[i], None, sums, blocks, node.node_id):
                         raise Corruption(f"put of {keys[i][:16]!r}: the value changed while it was written")
             except BaseException:
                 try:
@@ -406,6 +440,25 @@ class ClientCore:
             assert hashed is not None
             placed[i] = Known(node, len(views[i]), sums[i], s.offset, s.generation, hashed)
         return set(idxs) - {i for i, _ in ok}
+
+    def _copier_for(self, reads: Sequence[tuple[Any, Any, Any, Any]]) -> Copier | None:
+        """The copier when a read of ``reads`` lands in CUDA memory."""
+        return self._copier() if any(isinstance(r[2], DeviceBuffer) for r in reads) else None
+
+    def _from_device(self, mapped: MappedNode, held: list[tuple[int, Allocated]], keys: list[bytes],
+                     views: list[Source]) -> dict[int, np.ndarray]:
+        """DMA each CUDA value of ``held`` into its allocated extent of ``mapped``'s arena
+        (page-locked once), then hash it there: its block sums, by index."""
+        if not held:
+            return {}
+        copier = self._copier()
+        mapped.register(copier)
+        for i, s in held:
+            v = views[i]
+            assert isinstance(v, DeviceBuffer)
+            copier.to_host(mapped.arena[s.offset:s.offset + len(v)], v)
+        copier.wait()
+        return {i: block_sums(mapped.arena[s.offset:s.offset + len(views[i])], keys[i]) for i, s in held}
 
     @staticmethod
     def _hashed(i: int, key: bytes, b: np.ndarray, landed: int | None, sums: list[int],
@@ -519,7 +572,8 @@ class ClientCore:
             by_node.setdefault(id(conn.mapped), (conn.mapped, []))[1].append(i)
         for mapped, idxs in by_node.values():
             reads = [(keys[i], known[i], dests[i], ranges[i] if ranges is not None else None) for i in idxs]
-            for i, st in zip(idxs, mapped.read_many(reads), strict=True):  # type: ignore[arg-type]
+            for i, st in zip(idxs, mapped.read_many(reads, copier=self._copier_for(reads)),  # type: ignore[arg-type]
+                             strict=True):
                 if st == SlotStatus.OK:
                     got[i] = known[i]
                     self.counters["hits"] += 1
@@ -568,9 +622,10 @@ class ClientCore:
         good: dict[int, Known] = {}
         if conn.mapped is None:
             # bytes from a socket land contiguously: a Scattered destination gets them through
-            # a bounce buffer, once verified
-            lands = {i: bytearray(len(d)) for i in idxs if isinstance(d := dests[i], Scattered)}
-            into = [memoryview(lands[i]) if isinstance(d := dests[i], Scattered) else d for i in idxs]
+            # a bounce buffer, once verified; a CUDA one through pinned host memory
+            lands = {i: memoryview(bytearray(len(d))) if isinstance(d, Scattered) else self._copier().staging(len(d))
+                     for i in idxs if isinstance(d := dests[i], (Scattered, DeviceBuffer))}
+            into = [lands[i] if i in lands else _contiguous(dests[i]) for i in idxs]
             replies = yield Fetch(conn, [FetchRequest(keys[i], locs[i].checksum, dst, rs)
                                          for i, dst, rs in zip(idxs, into, rs_of, strict=True)], deadline)
             for i, (reply, ok) in zip(idxs, replies, strict=True):
@@ -578,12 +633,17 @@ class ClientCore:
                     continue
                 if ok and i in lands:
                     dst = dests[i]
-                    assert isinstance(dst, Scattered)
-                    dst.write(0, lands[i])
+                    if isinstance(dst, DeviceBuffer):
+                        self._copier().to_device(dst, lands[i])
+                    else:
+                        assert isinstance(dst, Scattered)
+                        dst.write(0, lands[i])
                 if ok:
                     good[i] = Known(node, reply.size, reply.checksum, sums=np.frombuffer(reply.sums, dtype="<u8"))
                 else:
                     self._corrupt(keys[i], node, locs[i].checksum)
+            if any(isinstance(dests[i], DeviceBuffer) for i in good):
+                self._copier().wait()  # landed on the GPU before the call returns
             return good
         slots = [Acquired(*s) for s in (yield NodeCall(conn, Op.ACQUIRE, [keys[i] for i in idxs], deadline))]
         held = [(i, s, rs) for i, s, rs in zip(idxs, slots, rs_of, strict=True) if s.status == SlotStatus.OK]
@@ -598,7 +658,8 @@ class ClientCore:
                     cands.append(i)
                 else:
                     self._corrupt(keys[i], node, locs[i].checksum)
-            for i, (_, loc, _, _), st in zip(cands, reads, conn.mapped.read_many(reads, held=True), strict=True):
+            for i, (_, loc, _, _), st in zip(cands, reads, conn.mapped.read_many(
+                    reads, held=True, copier=self._copier_for(reads)), strict=True):
                 if st == SlotStatus.OK:
                     good[i] = loc
                 else:
@@ -697,3 +758,10 @@ class ClientCore:
                 raise status_error(mpb.ItemStatus.Name(st), f"key {k[:16]!r} is {hint[st]}") or KVStoreError()
             out.append(st == mpb.OK)
         return out
+
+
+def _contiguous(d: Dest | None) -> memoryview | None:
+    """A destination that is contiguous host memory (or none)."""
+    if d is not None and not isinstance(d, memoryview):
+        raise AssertionError(f"contiguous host memory expected, got {d!r}")
+    return d

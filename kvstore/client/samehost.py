@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvstore.checksum import CopyJob, combine, copy_verified_many, nblocks
+from kvstore.checksum import CopyJob, combine, copy_verified_many, nblocks, verified_in_place
+from kvstore.client.device import Copier, DeviceBuffer
 from kvstore.client.locations import Known
 from kvstore.node.protocol import SlotStatus
 from kvstore.scatter import Dest
@@ -51,6 +52,7 @@ class MappedNode:
         # maps that region's page tables in one syscall instead (pages stay mapped for the
         # mapping's life, so a region is populated once).
         self._populated = np.zeros(-(-len(arena) // _REGION), dtype=bool)
+        self._registered = False  # page-locked for DMA (the first read into CUDA memory)
 
     def touch(self, offset: int, size: int, *, write: bool = False) -> None:
         """Map the page tables of ``[offset, offset + size)`` before copying there (once per region)."""
@@ -68,13 +70,18 @@ class MappedNode:
         return self.read_many([(key, loc, dst, ranges)], held=held)[0]
 
     def read_many(self, reads: Sequence[tuple[bytes, Known, Dest, list[tuple[int, int]] | None]],
-                  *, held: bool = False) -> list[int]:
+                  *, held: bool = False, copier: Copier | None = None) -> list[int]:
         """:meth:`read` of every ``(key, location, destination, ranges)``, the copies of all of
         them in one native pass (:func:`~kvstore.checksum.copy_verified_many`: both copy
-        threads for a batch of small ranges too); a status per read."""
+        threads for a batch of small ranges too); a status per read.
+
+        A CUDA destination (:class:`~kvstore.client.device.DeviceBuffer`, with ``copier``)
+        is verified in the arena first and then DMA'd there straight from the arena,
+        which ``copier`` page-locks once (docs/gpu.md)."""
         status = [int(SlotStatus.EXPIRED)] * len(reads)
         jobs: list[CopyJob] = []
         todo: list[int] = []
+        dma: list[tuple[int, bool]] = []  # CUDA destinations: (read, verified in the arena)
         for i, (key, loc, dst, ranges) in enumerate(reads):
             offset, size = loc.offset, loc.size
             slot = offset // self.granule
@@ -87,9 +94,19 @@ class MappedNode:
                                        or combine(sums, key) != loc.checksum):
                 continue
             self.touch(offset, size)
+            if isinstance(dst, DeviceBuffer):
+                if copier is None:
+                    raise AssertionError("a CUDA destination needs a copier")
+                dma.append((i, self._to_device(copier, key, loc, dst, ranges)))
+                continue
             jobs.append(CopyJob(key, self.arena[offset : offset + size], dst, loc.checksum, sums, ranges))
             todo.append(i)
         verified = copy_verified_many(jobs)
+        if dma:
+            assert copier is not None
+            copier.wait()  # landed before the generation is read again
+            todo += [i for i, _ in dma]
+            verified += [ok for _, ok in dma]
         alive = held or self.peer.alive()
         for i, ok in zip(todo, verified, strict=True):
             loc = reads[i][1]
@@ -97,3 +114,23 @@ class MappedNode:
                 continue  # the bytes may have changed under the copy
             status[i] = int(SlotStatus.OK if ok else SlotStatus.CORRUPT)
         return status
+
+    def register(self, copier: Copier) -> None:
+        """Page-lock the arena mapping for DMA (the first time CUDA memory is involved)."""
+        if not self._registered:
+            copier.register(self.arena)
+            self._registered = True
+
+    def _to_device(self, copier: Copier, key: bytes, loc: Known, dst: DeviceBuffer,
+                   ranges: list[tuple[int, int]] | None) -> bool:
+        """Verify the value (or every block ``ranges`` touch) where it lies in the arena, and
+        queue its DMA into ``dst`` only if it verified; whether it did."""
+        value = self.arena[loc.offset : loc.offset + loc.size]
+        if not verified_in_place(key, value, loc.checksum, loc.sums, ranges):
+            return False
+        self.register(copier)
+        at = 0
+        for off, n in ranges if ranges is not None else [(0, loc.size)]:
+            copier.to_device(dst[at : at + n], value[off : off + n])
+            at += n
+        return True

@@ -124,3 +124,20 @@ def test_gather_summed_writes_pieces_back_to_back_and_hashes_what_landed():
     with pytest.raises(ValueError, match="destination holds"):
         gather_summed([(memoryview(dsts[0])[:-1], srcs[0], b"k")])
     assert gather_summed([]) == []  # a batch whose every ALLOCATE was refused
+
+
+def test_verified_in_place_checks_the_value_or_the_blocks_its_ranges_touch() -> None:
+    from kvstore.checksum import BLOCK, block_sums, checksum, verified_in_place
+
+    v = bytearray(np.random.default_rng(11).integers(0, 256, 3 * BLOCK + 99, dtype=np.uint8).tobytes())
+    key = b"in-place"
+    c, sums = checksum(v, key), block_sums(v, key)
+    view = memoryview(v)
+    assert verified_in_place(key, view, c, None, None)
+    assert verified_in_place(key, view, c, sums, [(BLOCK - 3, 10), (3 * BLOCK, 99)])
+    assert not verified_in_place(b"other", view, c, None, None)  # a foreign value
+    assert not verified_in_place(key, view, c, sums[:-1], [(0, 10)])  # sums of another size
+    v[2 * BLOCK + 5] ^= 1  # the third block rots
+    assert not verified_in_place(key, view, c, None, None)
+    assert verified_in_place(key, view, c, sums, [(0, BLOCK), (3 * BLOCK, 50)])  # ranges around it still verify
+    assert not verified_in_place(key, view, c, sums, [(2 * BLOCK + 100, 1)])
