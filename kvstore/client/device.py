@@ -95,6 +95,12 @@ class Copier(Protocol):
         from the GPU (freed when the view is dropped)."""
 
 
+# CUDA runtime enum values (cudaHostRegisterPortable, cudaMemcpyHostToDevice/DeviceToHost)
+_HOST_REGISTER_PORTABLE = 1
+_HOST_TO_DEVICE = 1
+_DEVICE_TO_HOST = 2
+
+
 def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
 
@@ -130,7 +136,7 @@ class CudaCopier:
             if self._registered.get(addr, 0) >= len(host):
                 return
             # portable: every device (and context) may DMA from it
-            self._rt.hostRegister(addr, len(host), self._rt.hostRegisterPortable)
+            self._rt.hostRegister(addr, len(host), _HOST_REGISTER_PORTABLE)
             self._registered[addr] = len(host)
 
     def to_device(self, dst: DeviceBuffer, src: memoryview) -> None:
@@ -138,7 +144,7 @@ class CudaCopier:
             raise InvalidArgument(f"{len(src)} bytes do not fit a device buffer of {len(dst)}")
         if len(src):
             with self._cp.cuda.Device(dst.device_id):
-                self._rt.memcpyAsync(dst.address, _address(src), len(src), self._rt.memcpyHostToDevice,
+                self._rt.memcpyAsync(dst.address, _address(src), len(src), _HOST_TO_DEVICE,
                                      self._stream(dst.device_id).ptr)
 
     def to_host(self, dst: memoryview, src: DeviceBuffer) -> None:
@@ -146,7 +152,7 @@ class CudaCopier:
             raise InvalidArgument(f"a device buffer of {len(src)} bytes does not fit {len(dst)}")
         if len(src):
             with self._cp.cuda.Device(src.device_id):
-                self._rt.memcpyAsync(_address(dst), src.address, len(src), self._rt.memcpyDeviceToHost,
+                self._rt.memcpyAsync(_address(dst), src.address, len(src), _DEVICE_TO_HOST,
                                      self._stream(src.device_id).ptr)
 
     def wait(self) -> None:
