@@ -62,13 +62,14 @@ def backend() -> str:
     return "native" if _NATIVE is not None else "python"
 
 
-def _address(mv: memoryview) -> int:
+def address_of(mv: memoryview) -> int:
+    """Where the bytes of ``mv`` start in this process (0 for an empty view)."""
     return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if len(mv) else 0
 
 
 def _native_sums(dst: memoryview | None, src: memoryview, key: bytes) -> np.ndarray:
     sums = np.empty(nblocks(len(src)), dtype=np.uint64)
-    _NATIVE.block_sums(_address(dst) if dst is not None else 0, _address(src), len(src), key_seed(key),
+    _NATIVE.block_sums(address_of(dst) if dst is not None else 0, address_of(src), len(src), key_seed(key),
                        int(sums.ctypes.data), BLOCK, _THREADS)
     return sums
 
@@ -139,7 +140,7 @@ def copy_into(dst: memoryview, src: memoryview) -> None:
     if _NATIVE is None or n < _MIN_PER_THREAD:
         dst[:n] = src
         return
-    _NATIVE.copy(_address(dst), _address(src), n, _THREADS)
+    _NATIVE.copy(address_of(dst), address_of(src), n, _THREADS)
 
 
 def copy_summed(src: memoryview, dst: memoryview | Scattered, key: bytes = b"") -> np.ndarray:
@@ -167,7 +168,7 @@ def _copy_summed_scattered(src: memoryview, dst: Scattered, key: bytes) -> np.nd
     sums = np.empty(nblocks(len(src)), dtype=np.uint64)
     if _NATIVE is not None and hasattr(_NATIVE, "block_sums_scatter"):
         if len(src):
-            _NATIVE.block_sums_scatter(_address(src), len(src), int(dst.addrs.ctypes.data),
+            _NATIVE.block_sums_scatter(address_of(src), len(src), int(dst.addrs.ctypes.data),
                                        int(dst.lens.ctypes.data), len(dst.lens), key_seed(key),
                                        int(sums.ctypes.data), BLOCK, _THREADS)
         else:
@@ -314,8 +315,8 @@ def verified_in_place(key: bytes, value: memoryview, checksum: int, sums: np.nda
     if sums is None or len(sums) != nblocks(len(value)) or combine(sums, key) != checksum:
         return False
     for off, n in ranges:
-        lo, hi = off // BLOCK, -(-(off + n) // BLOCK)
-        if not np.array_equal(block_sums(value[lo * BLOCK : min(hi * BLOCK, len(value))], key), sums[lo:hi]):
+        b = covering(off, n)
+        if not np.array_equal(block_sums(value[b.start * BLOCK : b.stop * BLOCK], key), sums[b.start : b.stop]):
             return False
     return True
 
@@ -426,11 +427,11 @@ def _native_batch(flats: Sequence[memoryview], segmented: Sequence[memoryview | 
                   keys: Sequence[bytes], *, gather: bool) -> np.ndarray:
     """One ``block_sums_batch`` call: each flat buffer copied into its segmented side
     (``gather``: the other way), every job non-empty; all block sums back to back."""
-    flat = np.array([_address(f) for f in flats], dtype=np.uint64)
+    flat = np.array([address_of(f) for f in flats], dtype=np.uint64)
     lens = np.array([len(f) for f in flats], dtype=np.int64)
     seeds = np.array([key_seed(k) for k in keys], dtype=np.uint64)
     segs = [(s.addrs, s.lens) if isinstance(s, Scattered)
-            else (np.array([_address(s)], dtype=np.uint64), np.array([len(s)], dtype=np.uint64))
+            else (np.array([address_of(s)], dtype=np.uint64), np.array([len(s)], dtype=np.uint64))
             for s in segmented]
     begin = np.zeros(len(flats) + 1, dtype=np.int64)
     np.cumsum([len(a) for a, _ in segs], out=begin[1:])

@@ -303,20 +303,18 @@ class ClientCore:
             if post is not None:
                 with self._bad_lock:
                     self._posting.update(ended)
+            posted = False
             try:
                 end = yield Master("PutEnd", mpb.PutEndRequest(put_id=resp.put_id, keys=ended,
                                                                checksums=[sums[i] for i in done]), deadline, post)
-            except BaseException:
-                if post is not None:
+                posted = end is None
+            finally:
+                if post is not None and not posted:  # answered already (gRPC), or failed: owed nothing
                     with self._bad_lock:
                         self._posting.difference_update(ended)
-                raise
-            if end is None:
+            if posted:
                 self.counters["puts.end_posted"] += len(ended)
             else:
-                if post is not None:
-                    with self._bad_lock:
-                        self._posting.difference_update(ended)
                 for i, st in zip(done, end.statuses, strict=True):
                     if st != mpb.OK:
                         raise TryAgain(f"put of {keys[i][:16]!r} lapsed ({mpb.ItemStatus.Name(st)}); retry")

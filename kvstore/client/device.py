@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from kvstore.checksum import address_of
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.kernels.arrays import describe
 
@@ -101,9 +102,6 @@ _HOST_TO_DEVICE = 1
 _DEVICE_TO_HOST = 2
 
 
-def _address(view: memoryview) -> int:
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
-
 
 class CudaCopier:
     """:class:`Copier` over CuPy's CUDA runtime bindings: ``cudaHostRegister`` for mapped
@@ -131,7 +129,7 @@ class CudaCopier:
         return s
 
     def register(self, host: memoryview) -> None:
-        addr = _address(host)
+        addr = address_of(host)
         with self._lock:
             if self._registered.get(addr, 0) >= len(host):
                 return
@@ -144,7 +142,7 @@ class CudaCopier:
             raise InvalidArgument(f"{len(src)} bytes do not fit a device buffer of {len(dst)}")
         if len(src):
             with self._cp.cuda.Device(dst.device_id):
-                self._rt.memcpyAsync(dst.address, _address(src), len(src), _HOST_TO_DEVICE,
+                self._rt.memcpyAsync(dst.address, address_of(src), len(src), _HOST_TO_DEVICE,
                                      self._stream(dst.device_id).ptr)
 
     def to_host(self, dst: memoryview, src: DeviceBuffer) -> None:
@@ -152,7 +150,7 @@ class CudaCopier:
             raise InvalidArgument(f"a device buffer of {len(src)} bytes does not fit {len(dst)}")
         if len(src):
             with self._cp.cuda.Device(src.device_id):
-                self._rt.memcpyAsync(_address(dst), src.address, len(src), _DEVICE_TO_HOST,
+                self._rt.memcpyAsync(address_of(dst), src.address, len(src), _DEVICE_TO_HOST,
                                      self._stream(src.device_id).ptr)
 
     def wait(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.checksum import address_of
 from kvstore.client.device import DeviceBuffer
 
 
@@ -34,9 +35,6 @@ class FakeCudaArray:
         return self.host.tobytes()
 
 
-def _address(view: memoryview) -> int:
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
-
 
 class HostCopier:
     """The :class:`~kvstore.client.device.Copier` contract with memmoves. Records the host
@@ -52,17 +50,17 @@ class HostCopier:
         self._queued: list[tuple[int, int, int]] = []  # (dst, src, n): moved at wait(), as DMA lands late
 
     def register(self, host: memoryview) -> None:
-        self.registered.append((_address(host), len(host)))
+        self.registered.append((address_of(host), len(host)))
 
     def to_device(self, dst: DeviceBuffer, src: memoryview) -> None:
         assert len(src) <= len(dst)
-        self.to_device_from.append((_address(src), len(src)))
-        self._queued.append((dst.address, _address(src), len(src)))
+        self.to_device_from.append((address_of(src), len(src)))
+        self._queued.append((dst.address, address_of(src), len(src)))
 
     def to_host(self, dst: memoryview, src: DeviceBuffer) -> None:
         assert len(src) <= len(dst) and not dst.readonly
-        self.to_host_into.append((_address(dst), len(src)))
-        self._queued.append((_address(dst), src.address, len(src)))
+        self.to_host_into.append((address_of(dst), len(src)))
+        self._queued.append((address_of(dst), src.address, len(src)))
 
     def wait(self) -> None:
         self.waits += 1
@@ -76,5 +74,5 @@ class HostCopier:
 
     def within(self, address: int, view: memoryview) -> bool:
         """Whether ``address`` lies in ``view`` (an arena mapping, say)."""
-        lo = _address(view)
+        lo = address_of(view)
         return lo <= address < lo + len(view)
