@@ -62,11 +62,18 @@ class StoreConfig:
     promote_on_hit: bool = field(
         default=True, metadata={"doc": "Copy chunks read from disk back into DRAM."}
     )
+    hbm: int = _size(0, "Capacity of the HBM tier (GPU memory above DRAM; CUDA values put into an "
+                        "embedded LocalStore land there); 0 = no HBM tier. Needs CuPy and a GPU.")
+    hbm_device: int = field(default=0, metadata={"doc": "CUDA device index of the HBM tier."})
 
     def __post_init__(self) -> None:
         _coerce_units(self, "store")
         if self.dram <= 0:
             raise ConfigError("store.dram must be > 0")
+        if self.hbm < 0 or 0 < self.hbm < self.alignment:
+            raise ConfigError(f"store.hbm must be 0 (no HBM tier) or at least {self.alignment} bytes, got {self.hbm}")
+        if self.hbm_device < 0:
+            raise ConfigError(f"store.hbm_device must be a CUDA device index >= 0, got {self.hbm_device}")
         if self.alignment < 512 or self.alignment & (self.alignment - 1):
             raise ConfigError(f"store.alignment must be a power of two >= 512, got {self.alignment}")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:

@@ -21,7 +21,7 @@ import numpy as np
 from kvstore.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from kvstore.client.device import DeviceBuffer
+    from kvstore.devmem import DeviceBuffer
 
 
 class Scattered:

@@ -35,13 +35,13 @@ _sm_counts: dict[int, int] = {}
 _device_bases: weakref.WeakKeyDictionary[PagedCache, Any] = weakref.WeakKeyDictionary()
 
 
-def source_path() -> Path:
-    """The .cu file: packaged copy in wheels, csrc/cuda/ in a source checkout."""
+def source_path(name: str = SOURCE) -> Path:
+    """A .cu file: packaged copy in wheels, csrc/cuda/ in a source checkout."""
     here = Path(__file__).resolve().parent
-    for cand in (here / "cuda_src" / SOURCE, here.parents[1] / "csrc" / "cuda" / SOURCE):
+    for cand in (here / "cuda_src" / name, here.parents[1] / "csrc" / "cuda" / name):
         if cand.is_file():
             return cand
-    raise KVStoreError(f"CUDA kernel source {SOURCE} not found next to {here} or in csrc/cuda/")
+    raise KVStoreError(f"CUDA kernel source {name} not found next to {here} or in csrc/cuda/")
 
 
 def cupy() -> Any:

@@ -75,6 +75,9 @@ class StoreNode:
     """A running node. ``start()`` returns once it serves and registered (or tried to)."""
 
     def __init__(self, node: NodeConfig, store: StoreConfig, *, token: str | None = None) -> None:
+        if store.hbm:
+            raise ConfigError("store.hbm: the node daemon has no HBM tier yet (planned: docs/gpu.md); "
+                              "an embedded LocalStore has one")
         self.cfg = node
         self.token = token
         protect(node, token)

@@ -137,8 +137,10 @@ def test_cuda_sources_compile_with_nvcc(source: Path, tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     ptx = (tmp_path / "out.ptx").read_text()
-    for v in (16, 8, 4, 2, 1):
-        assert f"kvs_paged_copy_v{v}" in ptx
+    entries = {"paged_copy.cu": [f"kvs_paged_copy_v{v}" for v in (16, 8, 4, 2, 1)],
+               "device_sum.cu": ["kvs_dsum", "kvs_dsum_copy"]}[source.name]
+    for name in entries:
+        assert f".entry {name}(" in ptx
 
 
 def test_cuda_source_is_found() -> None:
