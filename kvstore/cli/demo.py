@@ -24,15 +24,20 @@ from kvstore.units import format_size, parse_size
               help="Instead: prefill a prompt with a tiny local Llama in one process, decode it in "
                    "another from the store, and compare with a single-process run (needs kvstore[hf]).")
 @click.option("--prompt-tokens", default=300, show_default=True, help="Prompt length for --handoff.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where --handoff runs the model: cuda keeps the model, its cache and the chunks on the "
+                   "GPU (needs CuPy and a GPU).")
 def demo(master: str, chunks: int, size: str, batch: int, tcp: bool, token_file: Path | None,
-         handoff: bool, prompt_tokens: int) -> None:
+         handoff: bool, prompt_tokens: int, device: str) -> None:
     """Put CHUNKS chunks, read them back verified, print throughput, remove them.
 
     With --handoff: a prefill -> decode handoff of a real (tiny, random) transformers model.
     """
     if handoff:
-        _handoff(master, prompt_tokens)
+        _handoff(master, prompt_tokens, device)
         return
+    if device != "cpu":
+        raise click.UsageError("--device applies to --handoff only")
     from kvstore.client import Client
 
     n = parse_size(size, name="--size")
@@ -66,7 +71,7 @@ def demo(master: str, chunks: int, size: str, batch: int, tcp: bool, token_file:
         raise click.ClickException(f"{chunks - ok} chunk(s) missing or wrong")
 
 
-def _handoff(master: str, prompt_tokens: int) -> None:
+def _handoff(master: str, prompt_tokens: int, device: str = "cpu") -> None:
     """Prefill in one process, decode in another from the store, token-identical to one process."""
     import json
     import os
@@ -85,7 +90,7 @@ def _handoff(master: str, prompt_tokens: int) -> None:
     def run(op: str, model: Path, tokens: list[int]) -> tuple[dict[str, object], float]:
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "connectors.hf.handoff", op, str(model), master,
-                              json.dumps(tokens), "16", "64"], capture_output=True, text=True, env=env)
+                              json.dumps(tokens), "16", "64", device], capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise click.ClickException(f"{op} failed: {out.stderr.strip().splitlines()[-1:]}")
         return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - t
@@ -99,6 +104,7 @@ def _handoff(master: str, prompt_tokens: int) -> None:
         stored, t_pre = run("prefill", model, tokens)
         got, t_dec = run("decode", model, tokens)
     same = got["tokens"] == want["tokens"]
+    click.echo(f"device:                  {device}")
     click.echo(f"single process:          {t_local:.2f}s  tokens {want['tokens']}")
     click.echo(f"prefill process:         {t_pre:.2f}s  stored {stored['chunks']} chunk(s) of 64 tokens")
     click.echo(f"decode process:          {t_dec:.2f}s  {got['cached']} prompt tokens loaded from the store")
