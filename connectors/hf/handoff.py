@@ -22,7 +22,7 @@ def _model(model_dir: str, device: str = "cpu") -> Any:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # type: ignore[no-untyped-call]
-    return model.to(device).eval()
+    return torch.nn.Module.to(model, torch.device(device)).eval()
 
 
 def greedy(model: Any, tokens: list[int], n: int, cache: Any = None, cached: int = 0) -> list[int]:
