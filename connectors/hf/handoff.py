@@ -21,8 +21,9 @@ def _model(model_dir: str, device: str = "cpu") -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # type: ignore[no-untyped-call]
-    return torch.nn.Module.to(model, torch.device(device)).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    model.to(device)
+    return model.eval()
 
 
 def greedy(model: Any, tokens: list[int], n: int, cache: Any = None, cached: int = 0) -> list[int]:
