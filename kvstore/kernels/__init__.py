@@ -57,6 +57,7 @@ __all__ = [
     "PRESETS",
     "Backend",
     "ChunkFormat",
+    "LayerCopy",
     "PagedCache",
     "PagedLayout",
     "chunk_nbytes",
@@ -64,6 +65,7 @@ __all__ = [
     "gather",
     "get_num_threads",
     "paged_cache",
+    "prepare_layers",
     "raw_pieces",
     "scatter",
     "set_num_threads",
@@ -152,6 +154,42 @@ def scatter(
     Arguments as :func:`gather`. A block id listed twice receives its last copy.
     """
     return _run(cache, block_ids, chunk, True, layer, whole_chunk, fmt, num_tokens, threads, backend)
+
+
+class LayerCopy:
+    """A gather or scatter of fixed blocks prepared once and launched per layer
+    (:func:`prepare_layers`): the per-call checks and set-up of :func:`gather` and
+    :func:`scatter` are paid once, so a launch costs one kernel launch of host time.
+    GPU caches only; ``buf`` is one layer's chunk bytes (:attr:`layer_bytes`) in CUDA
+    memory, and the launch is ordered on the current stream of the cache's framework."""
+
+    def __init__(self, launcher: Any, layer_bytes: int, num_layers: int) -> None:
+        self._launcher, self.layer_bytes, self.num_layers = launcher, layer_bytes, num_layers
+
+    def __call__(self, layer: int, buf: Any) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise InvalidArgument(f"layer {layer!r} outside [0, {self.num_layers})")
+        info = byte_buffer(buf, writable=not self._launcher.is_scatter, what="layer chunk")
+        if info.device != "cuda" or info.nbytes < self.layer_bytes:
+            raise InvalidArgument(f"layer chunk: {self.layer_bytes} bytes of CUDA memory needed, got "
+                                  f"{info.nbytes} on {info.device}")
+        self._launcher.launch(layer, info.address)
+
+
+def prepare_layers(cache: PagedCache, block_ids: Any, *, scatter: bool, fmt: ChunkFormat = "canonical",
+                   num_tokens: int | None = None) -> LayerCopy:
+    """Prepare a per-layer gather (``scatter=False``) or scatter of ``block_ids`` on a
+    GPU cache; see :class:`LayerCopy`. Arguments as :func:`gather`."""
+    if cache.device != "cuda":
+        raise InvalidArgument("prepare_layers is for caches on a GPU; use gather/scatter(layer=...) on the host")
+    ids = _block_ids(block_ids, cache.layout.num_blocks)
+    tokens = _tokens(cache, len(ids), fmt, num_tokens)
+    plan = cache.plan(fmt, len(ids), tokens)
+    phases: list[tuple[np.ndarray, np.ndarray | None]] = \
+        _scatter_phases(ids, tokens < len(ids) * cache.layout.block_size) if scatter else [(ids, None)]
+    from kvstore.kernels import cuda
+
+    return LayerCopy(cuda.LayerLauncher(cache, plan, phases, scatter), plan.layer_dst, cache.num_layers)
 
 
 def raw_pieces(cache: PagedCache, block_ids: Any, layer: int | Sequence[int]) -> Scattered:

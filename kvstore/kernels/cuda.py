@@ -159,3 +159,29 @@ def _launch(
         i64(plan.run), i64(plan.blk_dst), i64(plan.layer_dst), np.int32(tpu),
     )
     kernel((items, gy), (THREADS,), args)
+
+
+class LayerLauncher:
+    """One gather or scatter over fixed block ids, launched layer by layer with no
+    per-call set-up: the ids (and, for scatters with repeated ids, their phases) are on
+    the device once, so a launch costs one kernel launch of host time. Launches go to
+    the current stream of the cache's framework, like :func:`run_plan`; the chunk
+    bytes of the layer must be in CUDA memory."""
+
+    def __init__(self, cache: PagedCache, plan: CopyPlan, phases: list[tuple[np.ndarray, np.ndarray | None]],
+                 is_scatter: bool) -> None:
+        cp = self._cp = cupy()
+        self.cache, self.plan, self.is_scatter = cache, plan, is_scatter
+        self._mod = module(cache.device_id)
+        with cp.cuda.Device(cache.device_id):
+            self._d_bases = _bases_on_device(cp, cache)
+            self._phases = [(cp.asarray(ids), cp.asarray(pos) if pos is not None else None, len(ids))
+                            for ids, pos in phases]
+
+    def launch(self, layer: int, chunk_ptr: int) -> None:
+        cp = self._cp
+        with cp.cuda.Device(self.cache.device_id), _stream(self.cache, cp):
+            bases = self.cache.bases_array[layer : layer + 1]
+            for d_ids, d_pos, n in self._phases:
+                _launch(cp, self._mod, self.plan, chunk_ptr, bases, self._d_bases[layer : layer + 1], d_ids,
+                        d_pos, n, self.is_scatter)

@@ -14,8 +14,8 @@ later layers runs while the earlier layers compute::
         ...attention of layer l...
 
 Each layer is one copy and one kernel launch for every block of the load, however
-many chunks they came from: the host cost per layer does not grow with the number
-of blocks. Needs torch with CUDA (the engines' framework); the caches are torch
+many chunks or requests they came from, prepared once (:func:`kvstore.kernels.prepare_layers`):
+the host cost per layer is one copy call and one launch, whatever the number of blocks. Needs torch with CUDA (the engines' framework); the caches are torch
 CUDA tensors.
 """
 
@@ -55,7 +55,8 @@ class LayerLoad:
         if len(chunks) != cache.num_layers:
             raise InvalidArgument(f"{len(chunks)} layer buffers for a cache of {cache.num_layers} layers")
         dev = self._device = torch.device("cuda", cache.device_id)
-        per_layer = kernels.chunk_nbytes(cache, len(block_ids), fmt=fmt, num_tokens=num_tokens) // cache.num_layers
+        copy = kernels.prepare_layers(cache, block_ids, scatter=True, fmt=fmt, num_tokens=num_tokens)
+        per_layer = copy.layer_bytes
         self.stream = stream if stream is not None else torch.cuda.Stream(device=dev)
         if staging is None:
             staging = torch.empty(cache.num_layers * per_layer, dtype=torch.uint8, device=dev)
@@ -73,8 +74,7 @@ class LayerLoad:
                     raise InvalidArgument(f"layer {layer}: {src.numel()} bytes, one layer of this load is {per_layer}")
                 dst = staging[layer * per_layer : (layer + 1) * per_layer]
                 dst.copy_(src, non_blocking=True)
-                kernels.scatter(cache, block_ids, dst, layer=layer, whole_chunk=False, fmt=fmt,
-                                num_tokens=num_tokens)
+                copy(layer, dst)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
                 self.events.append(ev)
