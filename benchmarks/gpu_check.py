@@ -15,7 +15,18 @@ On a machine with an NVIDIA GPU and CuPy:
      client) and the GPU vs cudaMemcpy with a cudaHostAlloc buffer
      (``pinned_h2d_vs_cudamemcpy``, ``pinned_d2h_vs_cudamemcpy``), and the client's
      verified ``get_into``/``put_from`` of a CUDA buffer end to end;
-  6. runs the tests marked ``gpu`` (``--no-tests`` skips them).
+  6. batched per-layer launches (every request of a step in one launch, prepared
+     once) vs a D2D copy of the same bytes (``gpu_gather_vs_d2d``, ``gpu_scatter_vs_d2d``);
+  7. the HBM tier of LocalStore: verified get into a CUDA buffer vs D2D
+     (``hbm_tier_get_vs_d2d``, 256 MiB values; 16 and 64 MiB in the table);
+  8. a chunk of the HBM tier read by another process through CUDA IPC vs an
+     in-process D2D copy (``ipc_d2d_vs_local_d2d``);
+  9. a 32-layer LayerLoad under a stand-in forward pass (``pipeline_overlap_fraction``);
+ 10. transformers on the GPU: the prefill -> decode handoff through a master and a
+     node (``hf_gpu_handoff_token_identical``) and a 4096-token prompt of a locally
+     built small Llama recomputed vs loaded from the pool
+     (``hf_gpu_load_vs_recompute_4096``; ``..._hbm``: from an HBM tier);
+ 11. runs the tests marked ``gpu`` (``--no-tests`` skips them).
 
     python benchmarks/gpu_check.py --json bench-results/gpu_check.json
 GB/s count chunk bytes once (bytes moved), for kernels and copies alike.
@@ -260,6 +271,321 @@ def pool_dma(cp: Any, repeat: int, size: int = 64 << 20) -> dict[str, Any]:
         master.stop()
 
 
+def _wall(fn: Any, repeat: int) -> float:
+    """Wall-clock seconds per call of ``fn`` (each call returns once its work is done)."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def step_batched(cp: Any, repeat: int, requests: int = 8, blocks: int = 16) -> list[dict[str, Any]]:
+    """One launch per layer for every request of a step (``requests`` x ``blocks`` blocks of
+    16 tokens, random, prepared once: kernels.prepare_layers) vs a device-to-device copy of
+    one layer's bytes (events), and the host time of one launch (wall clock)."""
+    rows = []
+    rng = np.random.default_rng(3)
+    k = [0]
+    cache_bytes = 4 << 30
+    buf = cp.empty(cache_bytes // 2, dtype=cp.uint16)
+    bs = 16
+    nb = cache_bytes // (LAYERS * 2 * bs * HEADS * DIM * 2)
+    for layout, (arr, spec) in {
+        "flash_nhd": (buf.reshape(LAYERS, 2, nb, bs, HEADS, DIM), "layer kv block token head dim"),
+        "flash_hnd": (buf.reshape(LAYERS, 2, nb, HEADS, bs, DIM), "layer kv block head token dim"),
+    }.items():
+        cache = kernels.paged_cache(arr, spec, dtype="float16")
+        ids = rng.permutation(nb)[: requests * blocks].astype(np.int64)
+        for op in ("gather", "scatter"):
+            copy = kernels.prepare_layers(cache, ids, scatter=op == "scatter")
+            n = copy.layer_bytes
+            outs = [cp.empty(n, cp.uint8) for _ in range(4)]
+
+            def launch(copy: Any = copy, outs: list[Any] = outs) -> None:
+                k[0] += 1
+                copy(k[0] % LAYERS, outs[k[0] % 4])
+
+            def d2d(n: int = n, outs: list[Any] = outs) -> None:
+                k[0] += 1
+                off = int(rng.integers(0, (buf.nbytes - n) // 4096)) * 4096
+                cp.cuda.runtime.memcpyAsync(int(outs[k[0] % 4].data.ptr), int(buf.data.ptr) + off, n, 3,
+                                            cp.cuda.get_current_stream().ptr)
+
+            t_k = events_time(cp, launch, repeat * 4)
+            t_c = events_time(cp, d2d, repeat * 4)
+            t0 = time.perf_counter()
+            for _ in range(LAYERS):
+                launch()
+            host = (time.perf_counter() - t0) / LAYERS
+            cp.cuda.get_current_stream().synchronize()
+            rows.append({"op": op, "layout": layout, "blocks": len(ids), "layer_MiB": n / 2**20,
+                         "kernel_GB/s": n / t_k / 1e9, "d2d_GB/s": n / t_c / 1e9, "vs_d2d": t_c / t_k,
+                         "host_us_per_launch": host * 1e6})
+    return rows
+
+
+def hbm_tier(cp: Any, repeat: int) -> list[dict[str, Any]]:
+    """LocalStore's HBM tier: a verified get_into a CUDA buffer (one kernel copies and sums)
+    vs cudaMemcpy device to device of the same bytes; wall clock, each call synchronized."""
+    from kvstore import LocalStore
+
+    rows = []
+    with LocalStore(dram="1GiB", hbm="2GiB", prefault=False) as s:
+        stream = cp.cuda.get_current_stream()
+        for size in (16 << 20, 64 << 20, 256 << 20):
+            value = cp.random.randint(0, 256, size, dtype=cp.int32).astype(cp.uint8)
+            key = b"hbm-%d" % size
+            t_put = _wall(lambda v=value, k=key: s.put(k, v), max(3, repeat // 4))
+            out = cp.empty(size, cp.uint8)
+
+            def get(o: Any = out, k: bytes = key, n: int = size) -> None:
+                if s.get_into(k, o) != n:
+                    raise RuntimeError("an HBM tier get missed")
+
+            t_get = _wall(get, repeat)
+            ok = bool(cp.array_equal(out, value))
+            src, dst = int(value.data.ptr), int(out.data.ptr)
+
+            def d2d(src: int = src, dst: int = dst, n: int = size) -> None:
+                cp.cuda.runtime.memcpyAsync(dst, src, n, 3, stream.ptr)
+                stream.synchronize()
+
+            t_d2d = _wall(d2d, repeat)
+            t_host = _wall(lambda k=key: s.get(k), max(3, repeat // 4))
+            t_view = _wall(lambda k=key: s.device_view(k), repeat)
+            rows.append({"MiB": size >> 20, "correct": ok, "get_into_cuda_GB/s": size / t_get / 1e9,
+                         "d2d_GB/s": size / t_d2d / 1e9, "vs_d2d": t_d2d / t_get, "put_GB/s": size / t_put / 1e9,
+                         "get_to_host_GB/s": size / t_host / 1e9, "device_view_us": t_view * 1e6})
+            s.remove(key)
+    return rows
+
+
+_IPC_READER = r"""
+import json, sys, time
+import cupy as cp
+from kvstore.devmem import device_buffer
+from kvstore.tiers.cuda_device import CudaHbmDevice
+from kvstore.tiers.hbm import DeviceChunk, read_exported
+d = json.loads(sys.stdin.read())
+repeat = d.pop("repeat")
+chunk = DeviceChunk.from_dict({**d, "handle": bytes.fromhex(d["handle"]), "key": bytes.fromhex(d["key"])})
+dev = CudaHbmDevice(0)
+out = cp.empty(chunk.size, cp.uint8)
+buf = device_buffer(out)
+ok = read_exported(chunk, buf, dev)
+t0 = time.perf_counter()
+for _ in range(repeat):
+    ok = read_exported(chunk, buf, dev) and ok
+t_ipc = (time.perf_counter() - t0) / repeat
+src = cp.empty(chunk.size, cp.uint8)
+stream = cp.cuda.get_current_stream()
+t0 = time.perf_counter()
+for _ in range(repeat):
+    cp.cuda.runtime.memcpyAsync(int(src.data.ptr), int(out.data.ptr), chunk.size, 3, stream.ptr)
+    stream.synchronize()
+t_local = (time.perf_counter() - t0) / repeat
+print(json.dumps({"ok": bool(ok), "sum": int(out.astype(cp.int64).sum()), "t_ipc": t_ipc, "t_local": t_local}))
+"""
+
+
+def ipc(cp: Any, repeat: int, size: int = 256 << 20) -> dict[str, Any]:
+    """A chunk of this process's HBM tier read by another process through CUDA IPC (device to
+    device, verified as it copies) vs an in-process cudaMemcpy of the same bytes there."""
+    import json
+    import subprocess
+
+    from kvstore import LocalStore
+
+    with LocalStore(dram="512MiB", hbm="1GiB", prefault=False) as s:
+        value = cp.random.randint(0, 256, size, dtype=cp.int32).astype(cp.uint8)
+        s.put(b"ipc", value)
+        chunk = s.export(b"ipc")
+        assert chunk is not None
+        d = chunk.to_dict()
+        d.update(handle=d["handle"].hex(), key=d["key"].hex(), repeat=repeat)
+        proc = subprocess.run([sys.executable, "-c", _IPC_READER], input=json.dumps(d), capture_output=True,
+                              text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        s.release_export(chunk)
+        if proc.returncode != 0:
+            return {"correct": False, "error": proc.stderr.strip().splitlines()[-3:]}
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        want = int(value.astype(cp.int64).sum())
+    return {"MiB": size >> 20, "correct": got["ok"] and got["sum"] == want,
+            "ipc_GB/s": size / got["t_ipc"] / 1e9, "local_d2d_GB/s": size / got["t_local"] / 1e9,
+            "ipc_d2d_vs_local_d2d": got["t_local"] / got["t_ipc"]}
+
+
+def pipeline_overlap(repeat: int, tokens: int = 2048, new_tokens: int = 512) -> dict[str, Any]:
+    """A layer-wise load of 32 layers (LayerLoad: H2D from page-locked memory and a scatter
+    per layer on a side stream) under a stand-in forward pass: per layer, the matmuls of a
+    Llama-3-8B layer (hidden 4096, 8 KV heads, MLP 14336, bf16) over ``new_tokens`` new
+    tokens, waiting for its layer's event first. Hidden fraction =
+    (compute + transfer - together) / transfer, from wall-clock medians."""
+    import torch
+
+    from kvstore.kernels.pipeline import LayerLoad
+
+    dev = torch.device("cuda", 0)
+    bs, heads, dim = 16, 8, 128
+    nb = tokens // bs * 2
+    layers = [torch.zeros(2, nb, bs, heads, dim, dtype=torch.bfloat16, device=dev) for _ in range(LAYERS)]
+    cache = kernels.paged_cache(layers, "flash_nhd")
+    ids = np.random.default_rng(4).permutation(nb)[: tokens // bs].astype(np.int64)
+    per = kernels.prepare_layers(cache, ids, scatter=True).layer_bytes
+    host = torch.randint(0, 255, (LAYERS * per,), dtype=torch.uint8).pin_memory()
+    chunks = [host[i * per : (i + 1) * per] for i in range(LAYERS)]
+    staging = torch.empty(LAYERS * per, dtype=torch.uint8, device=dev)
+    side = torch.cuda.Stream(dev)
+    hid, kv, mlp = 4096, 2 * heads * dim, 14336
+    x = torch.randn(new_tokens, hid, dtype=torch.bfloat16, device=dev)
+    w_qkv = torch.randn(hid, hid + kv, dtype=torch.bfloat16, device=dev) * 0.01
+    w_o = torch.randn(hid, hid, dtype=torch.bfloat16, device=dev) * 0.01
+    w_up = torch.randn(hid, 2 * mlp, dtype=torch.bfloat16, device=dev) * 0.01
+    w_down = torch.randn(mlp, hid, dtype=torch.bfloat16, device=dev) * 0.01
+
+    def layer_compute(h: Any) -> Any:
+        q = h @ w_qkv
+        a = q[:, :hid] @ w_o
+        up = (h + a) @ w_up
+        return (up[:, :mlp] * up[:, mlp:]) @ w_down
+
+    def compute_only() -> None:
+        h = x
+        for _ in range(LAYERS):
+            h = layer_compute(h) * 0.01 + x
+        torch.cuda.synchronize(dev)
+
+    def transfer_only() -> None:
+        LayerLoad(cache, ids, chunks, stream=side, staging=staging).synchronize()
+
+    def together() -> None:
+        load = LayerLoad(cache, ids, chunks, stream=side, staging=staging)
+        h = x
+        for layer in range(LAYERS):
+            load.wait(layer)
+            h = layer_compute(h) * 0.01 + x
+        torch.cuda.synchronize(dev)
+
+    def median(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_c, t_x, t_both = median(compute_only), median(transfer_only), median(together)
+    check = [torch.zeros_like(t) for t in layers]
+    kernels.scatter(kernels.paged_cache(check, "flash_nhd"), ids, host.to(dev))
+    torch.cuda.synchronize(dev)
+    ok = all(torch.equal(a, b) for a, b in zip(check, layers, strict=True))
+    hidden = max(0.0, min(1.0, (t_c + t_x - t_both) / t_x))
+    return {"layers": LAYERS, "load_MiB": LAYERS * per / 2**20, "correct": ok, "compute_ms": t_c * 1e3,
+            "transfer_ms": t_x * 1e3, "together_ms": t_both * 1e3, "pipeline_overlap_fraction": hidden}
+
+
+def hf_gpu(cp: Any, repeat: int, tokens: int = 4096) -> dict[str, Any]:
+    """transformers on the GPU: (1) prefill in one process and decode in another through a
+    master and a node (handoff token-identical?); (2) a small Llama built locally (16 layers,
+    hidden 2048, 4 KV heads, fp32): recomputing a 4096-token prompt vs loading its KV from
+    the pool into CUDA memory (import_cache through the client), and from an HBM tier."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    import torch
+    from transformers import DynamicCache
+
+    from connectors.hf.cache import export_cache, import_cache, model_namespace
+    from connectors.hf.handoff import _model
+    from connectors.testing.tiny_model import TinyModelSpec, build_tiny_llama
+    from kvstore import LocalStore
+    from kvstore.client import Client
+    from kvstore.config import load_config
+    from kvstore.master.server import serve_master
+    from kvstore.node.daemon import StoreNode
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(root)}
+    cfg = load_config(None, {"master.port": 0, "master.metrics_port": -1, "store.dram": "2GiB",
+                             "node.node_id": "gpu-check-hf", "node.metrics_port": -1})
+    master = serve_master(cfg.master)
+    node = None
+    out: dict[str, Any] = {}
+    try:
+        node = StoreNode(load_config(None, {"node.master": master.address, "node.node_id": "gpu-check-hf",
+                                            "node.metrics_port": -1, "store.dram": "2GiB"}).node,
+                         cfg.store).start()
+        with tempfile.TemporaryDirectory(prefix="gpu-check-hf-") as d:
+            tiny = build_tiny_llama(Path(d) / "tiny", TinyModelSpec(layers=4, hidden=256, heads=4, kv_heads=2))
+            prompt = json.dumps(list(range(2, 302)))
+
+            def run(op: str) -> dict[str, Any]:
+                r = subprocess.run([sys.executable, "-m", "connectors.hf.handoff", op, str(tiny), master.address,
+                                    prompt, "16", "64", "cuda"], capture_output=True, text=True, env=env,
+                                   cwd=root, timeout=180)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{op}: {r.stderr.strip().splitlines()[-3:]}")
+                return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+            want, _, got = run("local"), run("prefill"), run("decode")
+            out["hf_gpu_handoff_token_identical"] = got["tokens"] == want["tokens"] and got["cached"] == 256
+            small = build_tiny_llama(Path(d) / "small", TinyModelSpec(
+                layers=16, hidden=2048, heads=32, kv_heads=4, intermediate=5632, vocab=512,
+                max_positions=tokens + 64))
+            model = _model(str(small), "cuda")
+            ids = [int(t) for t in np.random.default_rng(5).integers(2, 500, tokens)]
+            ns = model_namespace(model, "gpu-check-small", 256)
+            inp = torch.tensor([ids], device="cuda")
+
+            def recompute() -> Any:
+                cache = DynamicCache()
+                with torch.no_grad():
+                    model(input_ids=inp, past_key_values=cache, use_cache=True)
+                torch.cuda.synchronize()
+                return cache
+
+            cache = recompute()
+            t_re = _wall(recompute, max(3, repeat // 4))
+            with Client(master.address, timeout=60) as c:
+                export_cache(c, ns, ids, cache)
+
+                def load_pool() -> Any:
+                    got, n = import_cache(c, ns, ids, device="cuda")
+                    torch.cuda.synchronize()
+                    assert n == tokens, n
+                    return got
+
+                loaded = load_pool()
+                t_pool = _wall(load_pool, max(3, repeat // 4))
+            with LocalStore(dram="1GiB", hbm="4GiB", prefault=False) as s:
+                export_cache(s, ns, ids, cache)
+
+                def load_hbm() -> Any:
+                    got, n = import_cache(s, ns, ids, device="cuda")
+                    torch.cuda.synchronize()
+                    assert n == tokens, n
+                    return got
+
+                t_hbm = _wall(load_hbm, max(3, repeat // 4))
+            same = all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                       for a, b in zip(loaded.layers, cache.layers, strict=True)) if hasattr(cache, "layers") else None
+            kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)) \
+                if hasattr(cache, "layers") else 0
+            out.update({"tokens": tokens, "kv_MiB": kv / 2**20, "loaded_equals_computed": same,
+                        "recompute_ms": t_re * 1e3, "load_pool_ms": t_pool * 1e3, "load_hbm_ms": t_hbm * 1e3,
+                        "hf_gpu_load_vs_recompute_4096": t_re / t_pool,
+                        "hf_gpu_load_vs_recompute_4096_hbm": t_re / t_hbm})
+    finally:
+        if node is not None:
+            node.stop()
+        master.stop()
+    return out
+
+
 def gpu_tests() -> dict[str, Any]:
     """Run the tests marked ``gpu`` (they need pytest and what the suite needs: carry
     wheels such as rocksdict where the machine has none)."""
@@ -310,9 +636,45 @@ def main() -> None:
     for k in ("pinned_h2d_vs_cudamemcpy", "pinned_d2h_vs_cudamemcpy"):
         res["ratios"][k] = res["pool_dma"][k]
     print("ratios:", {k: round(v, 3) for k, v in res["ratios"].items()})
+    res["step_batched"] = step_batched(cp, args.repeat)
+    print_table("batched per-layer launches: every request of a step (8 x 16 blocks) in one launch",
+                res["step_batched"], ["op", "layout", "blocks", "layer_MiB", "kernel_GB/s", "d2d_GB/s", "vs_d2d",
+                                      "host_us_per_launch"])
+    for op in ("gather", "scatter"):
+        res["ratios"][f"gpu_{op}_vs_d2d"] = min(r["vs_d2d"] for r in res["step_batched"] if r["op"] == op)
+    sections: list[tuple[str, Any]] = [
+        ("hbm_tier", lambda: hbm_tier(cp, args.repeat)),
+        ("ipc", lambda: ipc(cp, max(5, args.repeat // 2))),
+        ("pipeline", lambda: pipeline_overlap(max(5, args.repeat // 2))),
+        ("hf_gpu", lambda: hf_gpu(cp, args.repeat)),
+    ]
+    for name, fn in sections:  # one failing section does not hide the others' figures
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported in the JSON and the exit code
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name} FAILED: {res[name]['error']}")
+    if isinstance(res["hbm_tier"], list):
+        print_table("HBM tier: verified get_into a CUDA buffer vs cudaMemcpy D2D", res["hbm_tier"],
+                    list(res["hbm_tier"][0]))
+        res["ratios"]["hbm_tier_get_vs_d2d"] = next(r["vs_d2d"] for r in res["hbm_tier"] if r["MiB"] == 256)
+    for name, keys in (("ipc", ["ipc_d2d_vs_local_d2d"]), ("pipeline", ["pipeline_overlap_fraction"]),
+                       ("hf_gpu", ["hf_gpu_handoff_token_identical", "hf_gpu_load_vs_recompute_4096",
+                                   "hf_gpu_load_vs_recompute_4096_hbm"])):
+        if "error" not in res[name]:
+            print_table(name, [res[name]], list(res[name]))
+            for k in keys:
+                res["ratios"][k] = res[name][k]
+    print("ratios:", {k: round(v, 3) if isinstance(v, float) else v for k, v in res["ratios"].items()})
     res["gpu_tests"] = gpu_tests() if not args.no_tests else None
     write_json(args.json, res)
-    passed = res["all_correct"] and res["pool_dma"]["correct"] and (args.no_tests or res["gpu_tests"]["returncode"] == 0)
+    sections_ok = all(
+        "error" not in res[n] and (all(r["correct"] for r in res[n]) if isinstance(res[n], list)
+                                   else res[n].get("correct", True) is not False)
+        for n in ("hbm_tier", "ipc", "pipeline", "hf_gpu"))
+    passed = res["all_correct"] and res["pool_dma"]["correct"] and sections_ok and \
+        res["ratios"].get("hf_gpu_handoff_token_identical") is True and \
+        (args.no_tests or res["gpu_tests"]["returncode"] == 0)
     sys.exit(0 if passed else 1)
 
 

@@ -66,20 +66,23 @@ __device__ void kvs_sum(const unsigned char* __restrict__ src, unsigned char* __
   const u64 words = n >> 3;
   const u64 stride = static_cast<u64>(gridDim.x) * blockDim.x;
   u64 i = static_cast<u64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // the position term seed + (i + 1) * GOLDEN, advanced by additions (no multiply per word)
+  u64 pos = seed + (i + 1ULL) * KVS_GOLDEN;
+  const u64 step = stride * KVS_GOLDEN;
   u64 acc = 0;
   // two words in flight per thread before their stores
-  for (; i + stride < words; i += 2 * stride) {
+  for (; i + stride < words; i += 2 * stride, pos += 2 * step) {
     const u64 a = s[i], b = s[i + stride];
     if (COPY) {
       d[i] = a;
       d[i + stride] = b;
     }
-    acc += kvs_term(a, i, seed) + kvs_term(b, i + stride, seed);
+    acc += kvs_mix(a ^ pos) + kvs_mix(b ^ (pos + step));
   }
-  for (; i < words; i += stride) {
+  if (i < words) {  // (then i + stride >= words: one word left at most)
     const u64 a = s[i];
     if (COPY) d[i] = a;
-    acc += kvs_term(a, i, seed);
+    acc += kvs_mix(a ^ pos);
   }
   if ((n & 7ULL) && blockIdx.x == 0 && threadIdx.x == 0)
     acc += kvs_term(kvs_tail(src, words, n, COPY ? dst : nullptr), words, seed);

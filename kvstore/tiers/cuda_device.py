@@ -57,10 +57,15 @@ class CudaHbmDevice:
             mod = _module(cp, device_id)
             self._dsum, self._dsum_copy = mod.get_function("kvs_dsum"), mod.get_function("kvs_dsum_copy")
             self._slots = cp.zeros(64, dtype=cp.uint64)
+            self._host_slots = self._pinned_slots(64)
             self._sms = int(self._rt.deviceGetAttribute(_SM_COUNT_ATTRIBUTE, device_id))
         self._pending = 0  # sums queued since the last wait
         self._mine: dict[int, Any] = {}  # address -> cupy Memory
         self._opened: dict[bytes, int] = {}  # IPC handle -> address in this process
+
+    def _pinned_slots(self, n: int) -> np.ndarray:
+        mem = self._cp.cuda.alloc_pinned_memory(8 * n)
+        return np.frombuffer(mem, dtype=np.uint64, count=n)
 
     def _ctx(self) -> Any:
         return self._cp.cuda.Device(self.device_id)
@@ -100,6 +105,7 @@ class CudaHbmDevice:
                 with self._stream:
                     grown[: len(self._slots)] = self._slots
                 self._slots = grown
+                self._host_slots = self._pinned_slots(len(grown))
             slot = int(self._slots.data.ptr) + 8 * self._pending
             self._rt.memsetAsync(slot, 0, 8, self._stream.ptr)
             words = max(1, len(src) // 8)
@@ -128,11 +134,12 @@ class CudaHbmDevice:
     def wait(self) -> list[int]:
         try:
             with self._ctx():
-                self._stream.synchronize()
                 n, self._pending = self._pending, 0
-                if not n:
-                    return []
-                return [int(v) for v in self._slots[:n].get()]
+                if n:  # the totals come back on the stream itself: one synchronization per call
+                    self._rt.memcpyAsync(int(self._host_slots.ctypes.data), int(self._slots.data.ptr), 8 * n,
+                                         _DEVICE_TO_HOST, self._stream.ptr)
+                self._stream.synchronize()
+                return [int(v) for v in self._host_slots[:n]]
         except self._rt.CUDARuntimeError as e:
             self._pending = 0
             raise KVStoreError(f"HBM tier: CUDA work failed: {e}") from e
