@@ -15,7 +15,12 @@ Buffer ownership: a host (CPU) KV cache takes loads straight into its blocks
 pass). For a device cache each loader thread keeps one staging buffer that grows
 to the largest load it saw and is reused (a fresh 64 MiB buffer per request costs
 ~16,000 page faults before the first byte lands); save staging is allocated per
-step and dropped by the save thread; the engine's KV blocks are touched only by
+step and dropped by the save thread. A CUDA cache goes through
+:mod:`connectors.vllm.gpu`: loads land in device staging (the client DMAs them
+from the pool) and are scattered on a load stream, with a CUDA event per layer
+that ``wait_for_layer_load`` makes the compute stream wait for; saves gather each
+layer of every block the step saves in one launch on a save stream and copy it
+to pinned memory, and the save thread waits for the step's last event; the engine's KV blocks are touched only by
 the kernels and the client's verified copies, for blocks the metadata names: sync loads finish (or are abandoned
 after their deadline, with their blocks reported as failed) before
 :meth:`wait_for_save` returns; async loads write only the blocks of requests
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from connectors.vllm import gpu
 from connectors.vllm.config import ConnectorConfig
 from connectors.vllm.events import KVStoreKVEvents, chunk_event
 from connectors.vllm.metadata import KVStoreConnectorMetadata, KVStoreHandshake, LoadSpec, SaveSpec
@@ -94,17 +100,25 @@ class _LoadPlan:
     """Chunk keys of chunks ``c0 .. c1-1``."""
     c0: int
     c1: int
-    staging: np.ndarray
+    staging: Any
+    """Host (NumPy) or, for a CUDA cache, device (torch) staging of one layer group."""
     bad_from: int
     """First chunk that failed in any layer (``c1`` while all is well)."""
     abandoned: threading.Event = field(default_factory=threading.Event)
     """Set when the forward pass stopped waiting: nothing more is scattered."""
+    after: Any = None
+    """CUDA cache: an event on the compute stream at ``start_load_kv``; the scatters wait
+    for it (work queued before still reads or writes the blocks vLLM gave the load)."""
 
 
 @dataclass
 class _SyncJob:
     layer_done: list[threading.Event]
     specs: list[LoadSpec]
+    device_ready: dict[int, Any] = field(default_factory=dict)
+    """CUDA cache: per layer, the load stream's event once its scatters are queued."""
+    after: Any = None
+    """CUDA cache: the compute stream's event at ``start_load_kv`` (see _LoadPlan.after)."""
     plans: list[_LoadPlan] = field(default_factory=list)
     future: Future[None] | None = None
     abandoned: threading.Event = field(default_factory=threading.Event)
@@ -113,10 +127,13 @@ class _SyncJob:
 
 @dataclass
 class _Staged:
-    """One SaveSpec's gathered bytes, ``[layer][block]`` over all its blocks."""
+    """One SaveSpec's gathered bytes: ``rows[layer]`` holds its blocks' bytes of that layer."""
 
     spec: SaveSpec
-    buf: np.ndarray
+    nbytes: int
+    rows: np.ndarray
+    gpu: gpu.GpuSaves | None = None
+    """CUDA cache: the step's saves, whose last event ``rows`` waits for."""
     layers_done: set[int] = field(default_factory=set)
 
 
@@ -159,6 +176,10 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._sync: _SyncJob | None = None
         self._staged: list[_Staged] | None = None
+        self._step_saves: gpu.GpuSaves | None = None
+        self.gpu = False
+        self._save_stream: Any = None
+        self._gpu_loads: dict[int, gpu.GpuLoads] = {}  # per loader thread
         self._load_errors: set[int] = set()
         self._async_done: dict[str, set[int]] = {}
         self._has_saves: set[str] = set()
@@ -182,6 +203,9 @@ class WorkerSide:
         self.cache = cache
         # A host cache takes loads straight into its blocks (no staging, no scatter pass).
         self.direct = cache.device == "cpu" and cache.layout.raw_geometry() is not None
+        self.gpu = cache.device == "cuda"
+        if self.gpu:
+            self._save_stream = gpu.side_stream(cache.device_id)
         # A CPU engine has no device compute for a loader thread to overlap with: the thread
         # would only contend with the forward pass for the GIL and the cores (measured: a
         # 128 MiB load took ~2x as long on a thread as inline), so by default it loads inline.
@@ -214,11 +238,12 @@ class WorkerSide:
         if not meta.loads or self.cache is None:
             return
         sync = [s for s in meta.loads if not s.is_async]
+        after = gpu.record_current(self.cache.device_id) if self.gpu else None
         for spec in meta.loads:
             if spec.is_async:
-                self._async_pool.submit(self._run_async, spec)
+                self._async_pool.submit(self._run_async, spec, after)
         if sync:
-            job = _SyncJob([threading.Event() for _ in range(self.num_layers)], sync)
+            job = _SyncJob([threading.Event() for _ in range(self.num_layers)], sync, after=after)
             self._sync = job
             if self.inline:
                 # the whole load now, on the model-runner thread (see register_kv_caches)
@@ -240,6 +265,9 @@ class WorkerSide:
         t0 = time.perf_counter()
         done = job.layer_done[i].wait(self.cfg.timeout * 2)
         self.counters["load_wait_seconds"] += time.perf_counter() - t0  # type: ignore[assignment]
+        ready = job.device_ready.get(i)
+        if done and ready is not None and self.cache is not None and not job.abandoned.is_set():
+            gpu.wait_on_device(ready, self.cache.device_id)  # the scatters run on; compute waits on the GPU
         if not done:
             # The forward pass runs on without this layer: the whole load is abandoned (the
             # loader scatters nothing more, so it never writes into blocks vLLM hands to
@@ -256,7 +284,7 @@ class WorkerSide:
         if len(keys) < c1:
             raise InvalidArgument(f"load of request {spec.req_id}: {len(spec.tokens)} tokens give "
                                   f"{len(keys)} chunks, {c1} needed")
-        return _LoadPlan(spec, keys[c0:c1], c0, c1, np.empty(0, dtype=np.uint8), c1)
+        return _LoadPlan(spec, keys[c0:c1], c0, c1, None, c1)
 
     def _stage(self, plans: list[_LoadPlan]) -> None:
         """Give each plan its slice of this thread's staging buffer (grown, never shrunk)."""
@@ -264,13 +292,26 @@ class WorkerSide:
             return
         sizes = [(p.c1 - p.c0) * self.obj_bytes * self._group_size((p.c1 - p.c0) * self.obj_bytes) for p in plans]
         key = threading.get_ident()
-        buf = self._staging.get(key)
-        if buf is None or len(buf) < sum(sizes):
-            buf = self._staging[key] = np.empty(sum(sizes), dtype=np.uint8)
+        buf: Any
+        if self.gpu:
+            buf = self._gpu_load().staging(sum(sizes))
+        else:
+            buf = self._staging.get(key)
+            if buf is None or len(buf) < sum(sizes):
+                buf = self._staging[key] = np.empty(sum(sizes), dtype=np.uint8)
         at = 0
         for p, n in zip(plans, sizes, strict=True):
             p.staging = buf[at:at + n]
             at += n
+
+    def _gpu_load(self) -> gpu.GpuLoads:
+        """This loader thread's device staging and load stream."""
+        key = threading.get_ident()
+        gl = self._gpu_loads.get(key)
+        if gl is None:
+            assert self.cache is not None
+            gl = self._gpu_loads[key] = gpu.GpuLoads(self.cache.device_id)
+        return gl
 
     def _group_size(self, per_layer: int) -> int:
         """Layers per store call after layer 0, within ``load_batch_bytes``."""
@@ -301,6 +342,8 @@ class WorkerSide:
             self._load_direct(plan, layers, n)
             return
         ob, per_layer = self.obj_bytes, (plan.c1 - plan.c0) * self.obj_bytes
+        if self.gpu:
+            self._gpu_load().settle()  # the staging is free once the last group's scatters ran
         keys = [k for _ in layers for k in plan.keys[:n]]
         views = [plan.staging[j * per_layer + i * ob: j * per_layer + (i + 1) * ob]
                  for j in range(len(layers)) for i in range(n)]
@@ -352,7 +395,7 @@ class WorkerSide:
             log.warning("kvstore load of request %s layers %s failed: %s", plan.spec.req_id, layers, e)
             return [None] * len(keys)
 
-    def _scatter(self, plan: _LoadPlan, layer: int, staging: np.ndarray) -> None:
+    def _scatter(self, plan: _LoadPlan, layer: int, staging: Any) -> None:
         assert self.cache is not None
         if plan.abandoned.is_set():
             return
@@ -362,8 +405,11 @@ class WorkerSide:
         if b_hi <= b_lo:
             return
         off = (b_lo - plan.c0 * self.bpc) * self.block_bytes
-        kernels.scatter(self.cache, spec.block_ids[: b_hi - b_lo], staging[off:], layer=layer,
-                        whole_chunk=False, fmt="raw", threads=self.cfg.kernel_threads)
+        if self.gpu:
+            self._gpu_load().scatter(self.cache, spec.block_ids[: b_hi - b_lo], staging[off:], layer, plan.after)
+        else:
+            kernels.scatter(self.cache, spec.block_ids[: b_hi - b_lo], staging[off:], layer=layer,
+                            whole_chunk=False, fmt="raw", threads=self.cfg.kernel_threads)
         self.counters["load_bytes"] += (b_hi - b_lo) * self.block_bytes
 
     def _failed_blocks(self, plan: _LoadPlan) -> set[int]:
@@ -377,13 +423,16 @@ class WorkerSide:
         try:
             job.plans = [self._plan(s) for s in specs]
             for plan in job.plans:
-                plan.abandoned = job.abandoned
+                plan.abandoned, plan.after = job.abandoned, job.after
             self._stage(job.plans)
             per_layer = max((p.c1 - p.c0) * self.obj_bytes for p in job.plans)
             for group in self._layer_groups(per_layer):
                 for plan in job.plans:
                     self._load_layers(plan, group)
+                ready = self._gpu_load().pending if self.gpu else None
                 for layer in group:
+                    if ready is not None:  # (in stream order: covers every scatter queued so far)
+                        job.device_ready[layer] = ready
                     job.layer_done[layer].set()
         except Exception:  # noqa: BLE001 - a dying loader would hang the forward; report instead
             log.exception("kvstore sync load failed; the requests' blocks will be recomputed")
@@ -419,14 +468,17 @@ class WorkerSide:
             if failed:
                 self.counters["load_failed_requests"] += 1
 
-    def _run_async(self, spec: LoadSpec) -> None:
+    def _run_async(self, spec: LoadSpec, after: Any = None) -> None:
         failed: set[int] = set(spec.block_ids)
         started = time.perf_counter()
         try:
             plan = self._plan(spec)
+            plan.after = after
             self._stage([plan])
             for group in self._layer_groups((plan.c1 - plan.c0) * self.obj_bytes):
                 self._load_layers(plan, group)
+            if self.gpu:
+                self._gpu_load().settle()  # reported done only once its blocks are written
             failed = self._failed_blocks(plan)
             self._loaded_event(plan)
         except Exception:  # noqa: BLE001 - the request must still be reported, with its blocks failed
@@ -461,16 +513,37 @@ class WorkerSide:
                     log.warning("kvstore save backlog full (%d B queued); request %s: %d chunk(s) not saved",
                                 self._backlog_bytes, s.req_id, s.num_chunks)
                     continue
-                self._staged.append(_Staged(s, np.empty(n, np.uint8)))
+                self._staged.append(_Staged(s, n, np.empty((self.num_layers, n // self.num_layers), np.uint8)
+                                            if not self.gpu else np.empty((0, 0), np.uint8)))
+            if self.gpu and self._staged:
+                self._stage_gpu_saves(self._staged)
+        if self._step_saves is not None:  # one launch for every block the step saves
+            self._step_saves.layer(layer)
+            for st in self._staged:
+                st.layers_done.add(layer)
+            return
         for st in self._staged:
-            kernels.gather(self.cache, st.spec.block_ids, st.buf, layer=layer, fmt="raw",
+            kernels.gather(self.cache, st.spec.block_ids, st.rows, layer=layer, fmt="raw",
                            threads=self.cfg.kernel_threads)
             st.layers_done.add(layer)
+
+    def _stage_gpu_saves(self, staged: list[_Staged]) -> None:
+        """A CUDA cache: the step's saves share one gather per layer; each takes its columns
+        of the pinned ``[layer][block]`` rows."""
+        assert self.cache is not None
+        saves = gpu.GpuSaves(self.cache, [b for st in staged for b in st.spec.block_ids], self._save_stream)
+        at = 0
+        for st in staged:
+            width = len(st.spec.block_ids) * self.block_bytes
+            st.rows, st.gpu = saves.host[:, at:at + width], saves
+            at += width
+        self._step_saves = saves
 
     def wait_for_save(self, meta: KVStoreConnectorMetadata | None) -> None:
         """End of step: settle sync loads, hand gathered chunks to the save thread; no store I/O."""
         self._finish_sync()
         staged, self._staged = self._staged, None
+        self._step_saves = None
         if meta is None:
             return
         with self._lock:
@@ -497,11 +570,12 @@ class WorkerSide:
         started = time.perf_counter()
         try:
             keys = self._keys(spec.tokens, spec.cache_salt, spec.extras)[spec.first_chunk:]
-            layer_bytes = len(spec.block_ids) * self.block_bytes
             ob = self.obj_bytes
+            if st.gpu is not None:
+                st.gpu.wait()  # the step's gathers and copies to pinned memory have landed
             # One object per chunk, layer-major (staging is [layer][block]: one copy per chunk
             # here, on the save thread). One batch for the whole step's chunks.
-            by_layer = st.buf.reshape(self.num_layers, layer_bytes)
+            by_layer = st.rows
             items = [(keys[i], np.ascontiguousarray(by_layer[:, i * ob:(i + 1) * ob]).reshape(-1))
                      for i in range(spec.num_chunks)]
             if not self.breaker.allow():
@@ -530,7 +604,7 @@ class WorkerSide:
     def _unstage(self, st: _Staged, counted: bool = True) -> None:
         """``st`` leaves the backlog (saved, failed or dropped)."""
         with self._lock:
-            self._backlog_bytes -= len(st.buf)
+            self._backlog_bytes -= st.nbytes
             if counted and st.spec.req_id in self._save_inflight:
                 self._save_inflight[st.spec.req_id] -= 1
                 if self._save_inflight[st.spec.req_id] <= 0:

@@ -204,3 +204,88 @@ def test_load_inline_defaults_to_inline_for_a_host_cache(cluster: Cluster) -> No
     w, _ = worker(cluster, 0.0, load_inline=False)
     assert not w.inline and w._layer_groups(1 << 20)[0] == [0]
     w.shutdown()
+
+
+@pytest.mark.gpu
+def test_gpu_cache_saves_and_loads_on_side_streams(cluster: Cluster) -> None:
+    """A CUDA cache: saves gather every block of the step in one launch per layer on the
+    save stream; loads land in device staging and scatter on the load stream, and the
+    compute stream waits for each layer's event."""
+    cfg = ConnectorConfig(master=cluster.master_address, timeout=5.0, chunk_tokens=CHUNK)
+
+    def gpu_worker(fill: float | None) -> tuple[WorkerSide, list[torch.Tensor]]:
+        w = WorkerSide(cfg, model_id="tiny", block_size=BLOCK, kv_heads=HEADS, head_dim=DIM, tp_rank=0,
+                       tp_size=1, load=True, save=True)
+        shape = (LAYERS, NBLOCKS, HEADS, BLOCK, 2 * DIM)
+        buf = torch.rand(shape, device="cuda") if fill is None else torch.full(shape, fill, device="cuda")
+        layers = [buf[i] for i in range(LAYERS)]
+        w.register_kv_caches(dict(zip(NAMES, layers, strict=True)))
+        return w, layers
+
+    src_w, src = gpu_worker(None)
+    assert src_w.gpu
+    meta = KVStoreConnectorMetadata(saves=[SaveSpec("p", TOKENS, "g", 0, 1, [0, 1]),
+                                           SaveSpec("q", TOKENS, "g", 1, 1, [2, 3])])
+    for name in NAMES:
+        src_w.save_kv_layer(meta, name)
+    src_w.wait_for_save(meta)
+    src_w.wait_idle()
+    assert src_w.counters["saved_chunks"] == 2
+    src_w.shutdown()
+    w, dst = gpu_worker(0.0)
+    meta = load(w, "g")
+    for name in NAMES:
+        w.wait_for_layer_load(name)
+    w.wait_for_save(meta)
+    torch.cuda.synchronize()
+    assert w.take_load_errors() == set() and w._gpu_loads
+    for layer in range(LAYERS):
+        assert torch.equal(dst[layer][5:9], src[layer][0:4])
+    w.shutdown()
+
+
+def test_the_cuda_path_plumbing_with_a_host_stand_in(cluster: Cluster, monkeypatch: Any) -> None:
+    """The worker's CUDA path (connectors.vllm.gpu) run against a host stand-in
+    (connectors.testing.fake_gpu): the step's saves share one gather per layer and each
+    stores its own columns; the save thread waits before it stores; loads settle the
+    staging before reuse, scatter behind the compute stream's event and make the
+    compute stream wait per layer."""
+    import connectors.vllm.worker as worker_mod
+    from connectors.testing import fake_gpu
+
+    monkeypatch.setattr(worker_mod, "gpu", fake_gpu)
+    fake_gpu.calls.clear()
+
+    def as_gpu(w: WorkerSide) -> WorkerSide:
+        w.gpu, w.direct, w.inline = True, False, False
+        return w
+
+    src_w, src = worker(cluster, None)
+    as_gpu(src_w)
+    meta = KVStoreConnectorMetadata(saves=[SaveSpec("p", TOKENS, "f", 0, 1, [0, 1]),
+                                           SaveSpec("q", TOKENS, "f", 1, 1, [2, 3])])
+    for name in NAMES:
+        src_w.save_kv_layer(meta, name)
+    src_w.wait_for_save(meta)
+    src_w.wait_idle()
+    assert src_w.counters["saved_chunks"] == 2
+    src_w.shutdown()
+    assert fake_gpu.calls[:3] == [("saves", (0, 1, 2, 3)), ("gather", 0, 4), ("gather", 1, 4)]
+    assert fake_gpu.calls.count(("save_wait",)) == 2  # each save waited for the step's copies
+    fake_gpu.calls.clear()
+    w, dst = worker(cluster, 0.0, timeout=5.0)
+    as_gpu(w)
+    meta = load(w, "f")
+    for name in NAMES:
+        w.wait_for_layer_load(name)
+    w.wait_for_save(meta)
+    assert w.take_load_errors() == set()
+    for layer in range(LAYERS):
+        assert torch.equal(dst[layer][5:9], src[layer][0:4])
+    scatters = [c for c in fake_gpu.calls if c[0] == "scatter"]
+    assert [c[1] for c in scatters] == [0, 1] and all(c[3] for c in scatters)  # behind the compute event
+    assert [c for c in fake_gpu.calls if c[0] == "device_wait"] == \
+        [("device_wait", ("scattered", 0)), ("device_wait", ("scattered", 1))]
+    first_scatter = fake_gpu.calls.index(scatters[0])
+    assert ("settle",) in fake_gpu.calls[:first_scatter]  # staging settled before it was filled
+    w.shutdown()
