@@ -550,27 +550,21 @@ def hf_gpu(cp: Any, repeat: int, tokens: int = 4096) -> dict[str, Any]:
 
             cache = recompute()
             t_re = _wall(recompute, max(3, repeat // 4))
+            def timed_load(store: Any) -> tuple[Any, float]:
+                def load() -> Any:
+                    got, n = import_cache(store, ns, ids, device="cuda")
+                    torch.cuda.synchronize()
+                    assert n == tokens, n
+                    return got
+
+                return load(), _wall(load, max(3, repeat // 4))
+
             with Client(master.address, timeout=60) as c:
                 export_cache(c, ns, ids, cache)
-
-                def load_pool() -> Any:
-                    got, n = import_cache(c, ns, ids, device="cuda")
-                    torch.cuda.synchronize()
-                    assert n == tokens, n
-                    return got
-
-                loaded = load_pool()
-                t_pool = _wall(load_pool, max(3, repeat // 4))
+                loaded, t_pool = timed_load(c)
             with LocalStore(dram="1GiB", hbm="4GiB", prefault=False) as s:
                 export_cache(s, ns, ids, cache)
-
-                def load_hbm() -> Any:
-                    got, n = import_cache(s, ns, ids, device="cuda")
-                    torch.cuda.synchronize()
-                    assert n == tokens, n
-                    return got
-
-                t_hbm = _wall(load_hbm, max(3, repeat // 4))
+                _, t_hbm = timed_load(s)
             same = all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
                        for a, b in zip(loaded.layers, cache.layers, strict=True)) if hasattr(cache, "layers") else None
             kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)) \

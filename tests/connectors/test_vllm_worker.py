@@ -59,6 +59,26 @@ def load(w: WorkerSide, salt: str) -> KVStoreConnectorMetadata:
     return meta
 
 
+def save_two_requests(w: WorkerSide, salt: str) -> None:
+    """One step saving two requests' chunks (chunk 0 from blocks 0-1, chunk 1 from 2-3)."""
+    meta = KVStoreConnectorMetadata(saves=[SaveSpec("p", TOKENS, salt, 0, 1, [0, 1]),
+                                           SaveSpec("q", TOKENS, salt, 1, 1, [2, 3])])
+    for name in NAMES:
+        w.save_kv_layer(meta, name)
+    w.wait_for_save(meta)
+    w.wait_idle()
+    assert w.counters["saved_chunks"] == 2
+    w.shutdown()
+
+
+def load_all_layers(w: WorkerSide, salt: str) -> None:
+    """A sync load of both chunks into blocks 5-8, waited for layer by layer as a forward pass does."""
+    meta = load(w, salt)
+    for name in NAMES:
+        w.wait_for_layer_load(name)
+    w.wait_for_save(meta)
+
+
 def test_layers_load_into_the_blocks_named(cluster: Cluster) -> None:
     src = saved(cluster, "a")
     w, dst = worker(cluster, 0.0)
@@ -224,19 +244,9 @@ def test_gpu_cache_saves_and_loads_on_side_streams(cluster: Cluster) -> None:
 
     src_w, src = gpu_worker(None)
     assert src_w.gpu
-    meta = KVStoreConnectorMetadata(saves=[SaveSpec("p", TOKENS, "g", 0, 1, [0, 1]),
-                                           SaveSpec("q", TOKENS, "g", 1, 1, [2, 3])])
-    for name in NAMES:
-        src_w.save_kv_layer(meta, name)
-    src_w.wait_for_save(meta)
-    src_w.wait_idle()
-    assert src_w.counters["saved_chunks"] == 2
-    src_w.shutdown()
+    save_two_requests(src_w, "g")
     w, dst = gpu_worker(0.0)
-    meta = load(w, "g")
-    for name in NAMES:
-        w.wait_for_layer_load(name)
-    w.wait_for_save(meta)
+    load_all_layers(w, "g")
     torch.cuda.synchronize()
     assert w.take_load_errors() == set() and w._gpu_loads
     for layer in range(LAYERS):
@@ -261,24 +271,12 @@ def test_the_cuda_path_plumbing_with_a_host_stand_in(cluster: Cluster, monkeypat
         return w
 
     src_w, src = worker(cluster, None)
-    as_gpu(src_w)
-    meta = KVStoreConnectorMetadata(saves=[SaveSpec("p", TOKENS, "f", 0, 1, [0, 1]),
-                                           SaveSpec("q", TOKENS, "f", 1, 1, [2, 3])])
-    for name in NAMES:
-        src_w.save_kv_layer(meta, name)
-    src_w.wait_for_save(meta)
-    src_w.wait_idle()
-    assert src_w.counters["saved_chunks"] == 2
-    src_w.shutdown()
+    save_two_requests(as_gpu(src_w), "f")
     assert fake_gpu.calls[:3] == [("saves", (0, 1, 2, 3)), ("gather", 0, 4), ("gather", 1, 4)]
     assert fake_gpu.calls.count(("save_wait",)) == 2  # each save waited for the step's copies
     fake_gpu.calls.clear()
     w, dst = worker(cluster, 0.0, timeout=5.0)
-    as_gpu(w)
-    meta = load(w, "f")
-    for name in NAMES:
-        w.wait_for_layer_load(name)
-    w.wait_for_save(meta)
+    load_all_layers(as_gpu(w), "f")
     assert w.take_load_errors() == set()
     for layer in range(LAYERS):
         assert torch.equal(dst[layer][5:9], src[layer][0:4])
