@@ -54,10 +54,14 @@ class GpuLoads:
             self._staging = np.empty(nbytes, np.uint8)
         return self._staging
 
+    @property
+    def buffer(self) -> Any:
+        return self._staging
+
     def scatter(self, cache: kernels.PagedCache, block_ids: Sequence[int], chunk: Any, layer: int,
-                after: Any = None) -> Any:
+                after: Any = None, positions: Sequence[int] | None = None) -> Any:
         calls.append(("scatter", layer, tuple(block_ids), after is not None))
-        kernels.scatter(cache, list(block_ids), chunk, layer=layer, whole_chunk=False, fmt="raw")
+        kernels.scatter(cache, list(block_ids), chunk, layer=layer, whole_chunk=False, fmt="raw", positions=positions)
         self.pending = _Event(("scattered", layer))
         return self.pending
 

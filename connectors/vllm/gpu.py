@@ -8,9 +8,10 @@ once per step: :func:`kvstore.kernels.prepare_layers`) into a device buffer of o
 layer, copies it into page-locked host memory and records an event. The host does
 not wait; the save thread synchronizes the step's last event before it stores.
 
-**Loads.** The loader thread fetches a group of layers into device staging (the
-client DMAs them from the pool: docs/gpu.md), then launches the scatter of each
-layer on the load stream and records an event per layer; ``wait_for_layer_load``
+**Loads.** The loader thread fetches a group of layers of every request of the
+step into device staging (the client DMAs them from the pool: docs/gpu.md), then
+launches one scatter per layer for the blocks of all of them (each read from its
+slot of the staging: ``positions``) on the load stream and records an event; ``wait_for_layer_load``
 makes the compute stream wait for that event (on the device, not the host).
 Before the next group reuses the staging, the loader thread waits for the
 previous group's scatters.
@@ -83,15 +84,21 @@ class GpuLoads:
             self._staging = self._torch.empty(nbytes, dtype=self._torch.uint8, device=self.device)
         return self._staging
 
+    @property
+    def buffer(self) -> Any:
+        """The whole staging buffer (chunk positions count from its start)."""
+        return self._staging
+
     def scatter(self, cache: kernels.PagedCache, block_ids: Sequence[int], chunk: Any, layer: int,
-                after: Any = None) -> Any:
-        """Queue layer ``layer``'s scatter from ``chunk`` (device memory) on the load stream,
-        behind ``after`` (an event) when given; returns its event."""
+                after: Any = None, positions: Sequence[int] | None = None) -> Any:
+        """Queue layer ``layer``'s scatter from ``chunk`` (device memory; block ``i`` at slot
+        ``positions[i]``) on the load stream, behind ``after`` (an event) when given;
+        returns its event."""
         torch = self._torch
         if after is not None:
             self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
-            kernels.scatter(cache, block_ids, chunk, layer=layer, whole_chunk=False, fmt="raw")
+            kernels.scatter(cache, block_ids, chunk, layer=layer, whole_chunk=False, fmt="raw", positions=positions)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         self.pending = ev

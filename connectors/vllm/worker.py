@@ -102,6 +102,7 @@ class _LoadPlan:
     c1: int
     staging: Any
     """Host (NumPy) or, for a CUDA cache, device (torch) staging of one layer group."""
+    at: int
     bad_from: int
     """First chunk that failed in any layer (``c1`` while all is well)."""
     abandoned: threading.Event = field(default_factory=threading.Event)
@@ -284,7 +285,7 @@ class WorkerSide:
         if len(keys) < c1:
             raise InvalidArgument(f"load of request {spec.req_id}: {len(spec.tokens)} tokens give "
                                   f"{len(keys)} chunks, {c1} needed")
-        return _LoadPlan(spec, keys[c0:c1], c0, c1, None, c1)
+        return _LoadPlan(spec, keys[c0:c1], c0, c1, None, 0, c1)
 
     def _stage(self, plans: list[_LoadPlan]) -> None:
         """Give each plan its slice of this thread's staging buffer (grown, never shrunk)."""
@@ -301,7 +302,7 @@ class WorkerSide:
                 buf = self._staging[key] = np.empty(sum(sizes), dtype=np.uint8)
         at = 0
         for p, n in zip(plans, sizes, strict=True):
-            p.staging = buf[at:at + n]
+            p.staging, p.at = buf[at:at + n], at
             at += n
 
     def _gpu_load(self) -> gpu.GpuLoads:
@@ -341,9 +342,17 @@ class WorkerSide:
         if self.direct:
             self._load_direct(plan, layers, n)
             return
+        t1 = self._fetch_layers(plan, layers, n)
+        per_layer = (plan.c1 - plan.c0) * self.obj_bytes
+        for j, layer in enumerate(layers):
+            self._scatter(plan, layer, plan.staging[j * per_layer:(j + 1) * per_layer])
+        self.counters["load_scatter_seconds"] += time.perf_counter() - t1  # type: ignore[assignment]
+
+    def _fetch_layers(self, plan: _LoadPlan, layers: list[int], n: int) -> float:
+        """Read ``layers`` of the first ``n`` chunks of ``plan`` into its staging (layer ``j``
+        of the group at ``j * per_layer``); marks the first chunk that failed. Returns the
+        time it finished."""
         ob, per_layer = self.obj_bytes, (plan.c1 - plan.c0) * self.obj_bytes
-        if self.gpu:
-            self._gpu_load().settle()  # the staging is free once the last group's scatters ran
         keys = [k for _ in layers for k in plan.keys[:n]]
         views = [plan.staging[j * per_layer + i * ob: j * per_layer + (i + 1) * ob]
                  for j in range(len(layers)) for i in range(n)]
@@ -358,8 +367,36 @@ class WorkerSide:
                     plan.bad_from = min(plan.bad_from, plan.c0 + i)
                     self.counters["load_chunk_misses"] += 1
                     break
+        return t1
+
+    def _load_group_gpu(self, plans: list[_LoadPlan], layers: list[int]) -> None:
+        """A CUDA cache: fetch ``layers`` of every plan into device staging, then one scatter
+        launch per layer for the blocks of all the plans (each block read from its slot
+        of the staging: ``positions``), queued on the load stream."""
+        gl = self._gpu_load()
+        gl.settle()  # the staging is free once the last group's scatters ran
+        live = [p for p in plans if p.bad_from > p.c0 and not p.abandoned.is_set()]
+        if not live:
+            return
+        t1 = time.perf_counter()
+        for plan in live:
+            t1 = self._fetch_layers(plan, layers, plan.bad_from - plan.c0)
+        assert self.cache is not None
+        bs, bb = self.block_size, self.block_bytes
         for j, layer in enumerate(layers):
-            self._scatter(plan, layer, plan.staging[j * per_layer:(j + 1) * per_layer])
+            ids: list[int] = []
+            pos: list[int] = []
+            for plan in live:
+                spec = plan.spec
+                b_lo, b_hi = spec.start // bs, min(spec.end // bs, plan.bad_from * self.bpc)
+                if b_hi <= b_lo or plan.abandoned.is_set():
+                    continue
+                first = (plan.at + j * (plan.c1 - plan.c0) * self.obj_bytes) // bb + b_lo - plan.c0 * self.bpc
+                ids += spec.block_ids[: b_hi - b_lo]
+                pos += range(first, first + b_hi - b_lo)
+            if ids:
+                gl.scatter(self.cache, ids, gl.buffer, layer, live[0].after, positions=pos)
+                self.counters["load_bytes"] += len(ids) * bb
         self.counters["load_scatter_seconds"] += time.perf_counter() - t1  # type: ignore[assignment]
 
     def _load_direct(self, plan: _LoadPlan, layers: list[int], n: int) -> None:
@@ -405,11 +442,8 @@ class WorkerSide:
         if b_hi <= b_lo:
             return
         off = (b_lo - plan.c0 * self.bpc) * self.block_bytes
-        if self.gpu:
-            self._gpu_load().scatter(self.cache, spec.block_ids[: b_hi - b_lo], staging[off:], layer, plan.after)
-        else:
-            kernels.scatter(self.cache, spec.block_ids[: b_hi - b_lo], staging[off:], layer=layer,
-                            whole_chunk=False, fmt="raw", threads=self.cfg.kernel_threads)
+        kernels.scatter(self.cache, spec.block_ids[: b_hi - b_lo], staging[off:], layer=layer,
+                        whole_chunk=False, fmt="raw", threads=self.cfg.kernel_threads)
         self.counters["load_bytes"] += (b_hi - b_lo) * self.block_bytes
 
     def _failed_blocks(self, plan: _LoadPlan) -> set[int]:
@@ -427,8 +461,11 @@ class WorkerSide:
             self._stage(job.plans)
             per_layer = max((p.c1 - p.c0) * self.obj_bytes for p in job.plans)
             for group in self._layer_groups(per_layer):
-                for plan in job.plans:
-                    self._load_layers(plan, group)
+                if self.gpu:
+                    self._load_group_gpu(job.plans, group)
+                else:
+                    for plan in job.plans:
+                        self._load_layers(plan, group)
                 ready = self._gpu_load().pending if self.gpu else None
                 for layer in group:
                     if ready is not None:  # (in stream order: covers every scatter queued so far)
@@ -476,7 +513,10 @@ class WorkerSide:
             plan.after = after
             self._stage([plan])
             for group in self._layer_groups((plan.c1 - plan.c0) * self.obj_bytes):
-                self._load_layers(plan, group)
+                if self.gpu:
+                    self._load_group_gpu([plan], group)
+                else:
+                    self._load_layers(plan, group)
             if self.gpu:
                 self._gpu_load().settle()  # reported done only once its blocks are written
             failed = self._failed_blocks(plan)

@@ -126,15 +126,20 @@ def gather(
     num_tokens: int | None = None,
     threads: int | None = None,
     backend: Backend = "auto",
+    positions: Any = None,
 ) -> int:
     """Copy blocks ``block_ids`` of ``cache`` into chunk buffer ``out``; returns bytes written.
 
     ``layer=None`` gathers every layer; ``layer=l`` only layer ``l``, written at
     its layer range of ``out`` (or at offset 0 when ``whole_chunk=False``:
     ``out`` then holds that layer alone). ``num_tokens`` (canonical only)
-    shortens the last block for a partial chunk. See the module docstring.
+    shortens the last block for a partial chunk. ``positions``: the chunk's block
+    slot of each id (default: id ``i`` at slot ``i``); the chunk then has
+    ``max(positions) + 1`` slots, and slots no id names are left alone. Ids must
+    be distinct with positions, which need the native or CUDA kernels (and, on a
+    GPU, the chunk in device memory). See the module docstring.
     """
-    return _run(cache, block_ids, out, False, layer, whole_chunk, fmt, num_tokens, threads, backend)
+    return _run(cache, block_ids, out, False, layer, whole_chunk, fmt, num_tokens, threads, backend, positions)
 
 
 def scatter(
@@ -148,12 +153,13 @@ def scatter(
     num_tokens: int | None = None,
     threads: int | None = None,
     backend: Backend = "auto",
+    positions: Any = None,
 ) -> int:
     """Copy chunk bytes ``chunk`` into blocks ``block_ids`` of ``cache``; returns bytes read.
 
     Arguments as :func:`gather`. A block id listed twice receives its last copy.
     """
-    return _run(cache, block_ids, chunk, True, layer, whole_chunk, fmt, num_tokens, threads, backend)
+    return _run(cache, block_ids, chunk, True, layer, whole_chunk, fmt, num_tokens, threads, backend, positions)
 
 
 class LayerCopy:
@@ -291,6 +297,24 @@ def _block_ids(block_ids: Any, num_blocks: int) -> np.ndarray:
     return ids
 
 
+def _positions(positions: Any, ids: np.ndarray, num_tokens: int | None, backend: Backend) -> np.ndarray:
+    if num_tokens is not None:
+        raise InvalidArgument("positions and num_tokens do not combine (every slot is a whole block)")
+    if backend == "numpy":
+        raise InvalidArgument("positions need the native or CUDA kernels, not backend='numpy'")
+    if not isinstance(positions, np.ndarray) and hasattr(positions, "tolist"):
+        positions = positions.tolist()
+    pos = np.asarray(positions)
+    if pos.shape != ids.shape or pos.dtype.kind not in "iu":
+        raise InvalidArgument(f"positions must be {len(ids)} integers (one per block id), got {pos.dtype} {pos.shape}")
+    pos = np.ascontiguousarray(pos, dtype=np.int64)
+    if int(pos.min()) < 0:
+        raise InvalidArgument("positions must be >= 0")
+    if len(np.unique(ids)) != len(ids) or len(np.unique(pos)) != len(pos):
+        raise InvalidArgument("with positions, block ids and positions must each be distinct")
+    return pos
+
+
 def _last_occurrences(ids: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``ids`` (at chunk ``positions``) reduced to the last occurrence of each id."""
     _, first_in_reversed = np.unique(ids[::-1], return_index=True)
@@ -328,14 +352,16 @@ def _warn_fallback() -> None:
 def _run(
     cache: PagedCache, block_ids: Any, buf: Any, is_scatter: bool, layer: int | None,
     whole_chunk: bool, fmt: ChunkFormat, num_tokens: int | None, threads: int | None,
-    backend: Backend,
+    backend: Backend, positions: Any = None,
 ) -> int:
     what = "scatter chunk" if is_scatter else "gather out"
     nthreads = _threads(threads)
     ids = _block_ids(block_ids, cache.layout.num_blocks)
     n = len(ids)
-    tokens = _tokens(cache, n, fmt, num_tokens)
-    plan = cache.plan(fmt, n, tokens)
+    pos = None if positions is None else _positions(positions, ids, num_tokens, backend)
+    slots = n if pos is None else int(pos.max()) + 1
+    tokens = _tokens(cache, slots, fmt, num_tokens)
+    plan = cache.plan(fmt, slots, tokens)
     bases, offset = cache.bases_array, 0
     if layer is not None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cache.num_layers:
@@ -349,13 +375,19 @@ def _run(
             f"{what}: buffer holds {info.nbytes} bytes; {need} needed "
             f"({len(bases)} layer(s) x {plan.layer_dst} B at offset {offset}, fmt={fmt})"
         )
-    phases = _scatter_phases(ids, tokens < n * cache.layout.block_size) if is_scatter else [(ids, None)]
-    nbytes = len(bases) * plan.layer_dst
+    phases: list[tuple[np.ndarray, np.ndarray | None]]
+    if pos is not None:
+        phases = [(ids, pos)]
+    else:
+        phases = _scatter_phases(ids, tokens < n * cache.layout.block_size) if is_scatter else [(ids, None)]
+    nbytes = len(bases) * plan.layer_dst * n // slots
     if cache.device == "cuda" or info.device == "cuda" or backend == "cuda":
         if backend not in ("auto", "cuda"):
             raise InvalidArgument(f"backend {backend!r} cannot reach GPU memory; use 'auto' or 'cuda'")
         if cache.device != "cuda":
             raise InvalidArgument(f"{what}: chunk on GPU but cache on host; move one of them")
+        if pos is not None and info.device != "cuda":
+            raise InvalidArgument(f"{what}: positions on a GPU cache need the chunk in device memory")
         from kvstore.kernels import cuda  # CuPy is imported only for GPU caches
 
         for ids_k, pos_k in phases:
@@ -374,6 +406,8 @@ def _run(
             )
         _count("native", nbytes)
         return nbytes
+    if pos is not None:
+        raise KVStoreError(f"positions need the native kernels, unavailable here: {cpu.native_error()}")
     fallback = backend == "auto"
     if fallback:
         _warn_fallback()

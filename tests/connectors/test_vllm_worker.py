@@ -257,9 +257,10 @@ def test_gpu_cache_saves_and_loads_on_side_streams(cluster: Cluster) -> None:
 def test_the_cuda_path_plumbing_with_a_host_stand_in(cluster: Cluster, monkeypatch: Any) -> None:
     """The worker's CUDA path (connectors.vllm.gpu) run against a host stand-in
     (connectors.testing.fake_gpu): the step's saves share one gather per layer and each
-    stores its own columns; the save thread waits before it stores; loads settle the
-    staging before reuse, scatter behind the compute stream's event and make the
-    compute stream wait per layer."""
+    stores its own columns; the save thread waits before it stores; the step's loads
+    share one scatter per layer (each block from its slot of the staging), settle the
+    staging before reuse, run behind the compute stream's event and make the compute
+    stream wait per layer."""
     import connectors.vllm.worker as worker_mod
     from connectors.testing import fake_gpu
 
@@ -276,12 +277,22 @@ def test_the_cuda_path_plumbing_with_a_host_stand_in(cluster: Cluster, monkeypat
     assert fake_gpu.calls.count(("save_wait",)) == 2  # each save waited for the step's copies
     fake_gpu.calls.clear()
     w, dst = worker(cluster, 0.0, timeout=5.0)
-    load_all_layers(as_gpu(w), "f")
+    as_gpu(w)
+    meta = KVStoreConnectorMetadata(loads=[LoadSpec("c", TOKENS, "f", 0, 64, [5, 6, 7, 8], False),
+                                           LoadSpec("d", TOKENS, "f", 32, 64, [12, 13], False)])
+    w.start_load_kv(meta)
+    for name in NAMES:
+        w.wait_for_layer_load(name)
+    w.wait_for_save(meta)
     assert w.take_load_errors() == set()
     for layer in range(LAYERS):
         assert torch.equal(dst[layer][5:9], src[layer][0:4])
+        assert torch.equal(dst[layer][12:14], src[layer][2:4])  # the second chunk only
+        assert not dst[layer][9:12].any() and not dst[layer][14:].any()
     scatters = [c for c in fake_gpu.calls if c[0] == "scatter"]
-    assert [c[1] for c in scatters] == [0, 1] and all(c[3] for c in scatters)  # behind the compute event
+    # one launch per layer for both requests' blocks, behind the compute stream's event
+    assert [(c[1], c[2]) for c in scatters] == [(0, (5, 6, 7, 8, 12, 13)), (1, (5, 6, 7, 8, 12, 13))]
+    assert all(c[3] for c in scatters)
     assert [c for c in fake_gpu.calls if c[0] == "device_wait"] == \
         [("device_wait", ("scattered", 0)), ("device_wait", ("scattered", 1))]
     first_scatter = fake_gpu.calls.index(scatters[0])
