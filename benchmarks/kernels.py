@@ -118,8 +118,39 @@ def run(quick: bool) -> dict[str, Any]:
                                 rows.append({**base, "backend": name, "GB/s": gbps[name],
                                              "memcpy_1t": m1, "memcpy_2t": m2,
                                              "vs_memcpy": gbps[name] / ref})
-    return {"rows": rows, "ratios": _ratios(rows), "chunk_bytes": chunk,
-            "threads_default": kernels.get_num_threads(), "quick": quick}
+    batched = step_batched(cache_buf, repeat)
+    return {"rows": rows, "ratios": {**_ratios(rows), "batched_positions_vs_per_request": batched["ratio"]},
+            "batched": batched, "chunk_bytes": chunk, "threads_default": kernels.get_num_threads(),
+            "quick": quick}
+
+
+def step_batched(cache_buf: np.ndarray, repeat: int, requests: int = 8, blocks: int = 2) -> dict[str, Any]:
+    """A step loading ``requests`` requests of ``blocks`` blocks each, layer by layer (raw,
+    flash_nhd, block 16): one scatter per request and layer vs one per layer for all of
+    them, each block from its slot of one staging buffer (``positions``). Wall clock of
+    the whole 32-layer load, median; the difference is per-call cost."""
+    cache = build_cache(cache_buf, "flash_nhd", 16, "float16")
+    rng = np.random.default_rng(9)
+    ids = rng.permutation(cache.layout.num_blocks)[: requests * blocks].astype(np.int64)
+    per_req = kernels.chunk_nbytes(cache, blocks, fmt="raw") // LAYERS
+    staging = np.ones(requests * per_req, np.uint8)
+    pos = np.arange(requests * blocks, dtype=np.int64)
+
+    def per_request(_: int) -> None:
+        for layer in range(LAYERS):
+            for r in range(requests):
+                kernels.scatter(cache, ids[r * blocks:(r + 1) * blocks], staging[r * per_req:(r + 1) * per_req],
+                                layer=layer, whole_chunk=False, fmt="raw")
+
+    def one_call(_: int) -> None:
+        for layer in range(LAYERS):
+            kernels.scatter(cache, ids, staging, layer=layer, whole_chunk=False, fmt="raw", positions=pos)
+
+    nbytes = LAYERS * len(staging)
+    gbps = interleaved({"per_request": per_request, "batched": one_call}, nbytes, repeat)
+    return {"requests": requests, "blocks_each": blocks, "layers": LAYERS, "bytes": nbytes,
+            "per_request_ms": nbytes / gbps["per_request"] / 1e9 * 1e3, "batched_ms": nbytes / gbps["batched"] / 1e9 * 1e3,
+            "ratio": gbps["batched"] / gbps["per_request"]}
 
 
 def _op(cache: kernels.PagedCache, op: str, ids: Callable[[], np.ndarray], outs: list[np.ndarray],
@@ -169,6 +200,9 @@ def main() -> None:
     cols = ["op", "layout", "block", "dtype", "format", "backend", "GB/s", "memcpy_1t", "memcpy_2t", "vs_memcpy"]
     print_table(f"paged gather/scatter, {res['chunk_bytes'] >> 20} MiB chunks (GB/s of chunk bytes)",
                 res["rows"], cols)
+    b = res["batched"]
+    print(f"\na step of {b['requests']} requests x {b['blocks_each']} blocks, {b['layers']} layers: per-request "
+          f"scatters {b['per_request_ms']:.2f} ms, one call per layer (positions) {b['batched_ms']:.2f} ms")
     print("\nratios (native 2 threads vs 2-thread memcpy; min = worst layout):")
     for k, v in res["ratios"].items():
         print(f"  {k:36s} {v:.2f}")
