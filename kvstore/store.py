@@ -21,6 +21,8 @@ GPU); a corrupt chunk is dropped, counted and returned as a miss, never as bytes
 from __future__ import annotations
 
 import logging
+import threading
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,10 @@ class LocalStore:
             write_through=c.write_through,
         )
         self._hbm: HbmTier | None = None
+        # A put moves a key between HBM and DRAM in two steps (store in one tier, drop it
+        # from the other): puts of one key are serialized, or two racing puts of it in
+        # different tiers could each drop the other's value.
+        self._key_locks = [threading.Lock() for _ in range(64)]
         self._copier: Any = device_copier
         self._registered = False
         if c.hbm:
@@ -119,16 +125,23 @@ class LocalStore:
                 f"value of {format_size(len(mv))} exceeds the largest tier "
                 f"({format_size(self._m.max_value)}); raise store.dram or store.disk"
             )
-        if self._hbm is not None:
+        if self._hbm is None:
+            self._m.put(k, mv, pin=pin)
+            return
+        with self._key_lock(k):
             self._hbm.remove(k)
-        self._m.put(k, mv, pin=pin)
+            self._m.put(k, mv, pin=pin)
+
+    def _key_lock(self, k: bytes) -> threading.Lock:
+        return self._key_locks[zlib.crc32(k) & 63]
 
     def _put_device(self, k: bytes, dev: DeviceBuffer, pin: bool) -> None:
         if dev.nbytes == 0:
             raise InvalidArgument("value is empty; kvstore stores chunks of at least one byte")
         if self._hbm is not None:
-            self._hbm.put(k, dev, pin=pin)
-            self._m.remove(k)  # (after: a put that fails loses nothing)
+            with self._key_lock(k):
+                self._hbm.put(k, dev, pin=pin)
+                self._m.remove(k)  # (after: a put that fails loses nothing)
             return
         alloc = self.reserve(dev.nbytes)  # no HBM tier: DMA into DRAM, hash there, commit
         try:

@@ -362,3 +362,82 @@ def test_gpu_ipc_export_is_read_by_another_process() -> None:
         got = json.loads(res.stdout)
         assert got["ok"] and got["sum"] == int(v.to(torch.int64).sum())
         s.release_export(chunk)
+
+
+def test_concurrent_puts_reads_views_and_removes_never_serve_wrong_bytes(dev: HostHbmDevice) -> None:
+    """Four threads put, read (device and host), view and remove overlapping keys while
+    demotion runs: every hit has the bytes of one of the key's values, nothing else."""
+    import threading
+
+    values = {i: [_value(12 * KiB + 8 * v, 100 * i + v) for v in range(3)] for i in range(8)}
+    errors: list[str] = []
+    with LocalStore(dram="1MiB", hbm="128KiB", high_watermark=0.8, low_watermark=0.5, prefault=False,
+                    hbm_device=dev, device_copier=HostCopier()) as s:
+
+        def work(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            for _ in range(150):
+                i, v = int(rng.integers(8)), int(rng.integers(3))
+                key = b"c%d" % i
+                op = int(rng.integers(5))
+                if op == 0:
+                    s.put(key, _device(values[i][v]))
+                elif op == 1:
+                    out = FakeCudaArray(16 * KiB)
+                    got = s.get_into(key, out)
+                    if got is not None and out.tobytes()[:got] not in values[i]:
+                        errors.append(f"device read of {key!r}")
+                elif op == 2:
+                    got_b = s.get(key)
+                    if got_b is not None and bytes(got_b) not in values[i]:
+                        errors.append(f"host read of {key!r}")
+                elif op == 3:
+                    view = s.device_view(key)
+                    if view is not None and view.tobytes() not in values[i]:
+                        errors.append(f"view of {key!r}")
+                else:
+                    s.remove(key)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        gc.collect()
+        st = s.stats()
+    assert errors == []
+    assert st["counters"].get("corrupt.hbm", 0) == 0 and st["counters"]["demotions.hbm"] > 0
+
+
+def test_racing_puts_of_one_key_in_both_tiers_never_lose_it(dev: HostHbmDevice) -> None:
+    """A CUDA put (HBM, then the key dropped from DRAM) paused between its two steps while
+    a host put of the same key (dropped from HBM, then put in DRAM) comes in: the host put
+    waits for it, so the key ends with the host value, never in neither tier."""
+    import threading
+
+    with LocalStore(dram="1MiB", hbm="256KiB", prefault=False, hbm_device=dev, device_copier=HostCopier()) as s:
+        host_done = threading.Event()
+        real_remove = s._m.remove
+
+        def slow_remove(k: bytes) -> bool:
+            if threading.current_thread().name == "device-put":
+                host_done.wait(1.0)  # the host put runs now, unless it has to wait for this one
+            return real_remove(k)
+
+        s._m.remove = slow_remove  # type: ignore[method-assign]
+        device_put = threading.Thread(target=s.put, args=(b"k", _device(b"d" * 4096)), name="device-put")
+        device_put.start()
+        while not s._hbm.contains(b"k"):  # the device put is in its window
+            pass
+
+        def host_put() -> None:
+            s.put(b"k", b"h" * 4096)
+            host_done.set()
+
+        host = threading.Thread(target=host_put)
+        host.start()
+        device_put.join()
+        host.join()
+        assert s.get(b"k") == b"h" * 4096
+        tiers = s.stats()["tiers"]
+        assert (tiers["hbm"]["chunks"], tiers["dram"]["chunks"]) == (0, 1)
