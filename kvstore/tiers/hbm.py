@@ -151,7 +151,7 @@ class HbmTier:
         self._reserve_dram, self._adopt_dram = reserve_dram, adopt_dram
         self._chunks: OrderedDict[bytes, _Extent] = OrderedDict()  # LRU first
         self._pins: set[bytes] = set()
-        self._exports: dict[tuple[bytes, int], _Extent] = {}
+        self._exports: dict[tuple[bytes, int], tuple[_Extent, int]] = {}  # -> (extent, exports live)
         self._lock = threading.RLock()
         self.counters: Counter[str] = Counter()
         self._closed = False
@@ -362,14 +362,17 @@ class HbmTier:
             if ext is None:
                 return None
             ext.refs += 1
-            self._exports[(key, ext.offset)] = ext
+            held = self._exports.get((key, ext.offset))
+            self._exports[(key, ext.offset)] = (ext, held[1] + 1 if held is not None else 1)
             return DeviceChunk(self.device.ipc_handle(self.arena), self.arena.nbytes, self.arena.device_id,
                                ext.offset, ext.size, ext.dsum, key)
 
     def release(self, chunk: DeviceChunk) -> None:
-        """End an :meth:`export` (KeyError if it is not one)."""
+        """End an :meth:`export` (KeyError if no export of it is live)."""
         with self._lock:
-            ext = self._exports.pop((chunk.key, chunk.offset))
+            ext, count = self._exports.pop((chunk.key, chunk.offset))
+            if count > 1:
+                self._exports[(chunk.key, chunk.offset)] = (ext, count - 1)
             self._unhold(ext)
 
     def _unhold(self, ext: _Extent) -> None:
