@@ -35,9 +35,11 @@ GB/s count chunk bytes once (bytes moved), for kernels and copies alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,27 +207,38 @@ def pinning(cp: Any, repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
+@contextlib.contextmanager
+def _pool(node_id: str, dram: str) -> Iterator[str]:
+    """A master and one node in this process (the node on this host: same-host clients map
+    its arena); yields the master's address."""
+    from kvstore.config import load_config
+    from kvstore.master.server import serve_master
+    from kvstore.node.daemon import StoreNode
+
+    cfg = load_config(None, {"master.port": 0, "master.metrics_port": -1, "store.dram": dram})
+    master = serve_master(cfg.master)
+    node = None
+    try:
+        node = StoreNode(load_config(None, {"node.master": master.address, "node.node_id": node_id,
+                                            "node.metrics_port": -1}).node, cfg.store).start()
+        yield master.address
+    finally:
+        if node is not None:
+            node.stop()
+        master.stop()
+
+
 def pool_dma(cp: Any, repeat: int, size: int = 64 << 20) -> dict[str, Any]:
     """The SDK's CUDA path against a master and a node in this process (same host: the
     client maps the node's arena and page-locks it): raw DMA between the arena and the
     GPU vs cudaMemcpy with a cudaHostAlloc buffer (events), and the client's whole
     verified ``get_into``/``put_from`` of a CUDA buffer (wall clock, verification included)."""
     from kvstore.client import Client
-    from kvstore.config import load_config
-    from kvstore.master.server import serve_master
-    from kvstore.node.daemon import StoreNode
 
-    cfg = load_config(None, {"master.port": 0, "master.metrics_port": -1, "store.dram": "1GiB",
-                             "node.node_id": "gpu-check", "node.metrics_port": -1})
-    master = serve_master(cfg.master)
-    node = None
-    try:
-        node = StoreNode(load_config(None, {"node.master": master.address, "node.node_id": "gpu-check",
-                                            "node.metrics_port": -1, "store.dram": "1GiB"}).node,
-                         cfg.store).start()
+    with _pool("gpu-check", "1GiB") as address:
         value = np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8)
         dev = cp.empty(size, cp.uint8)
-        with Client(master.address, timeout=30) as c:
+        with Client(address, timeout=30) as c:
             assert c.put(b"gpu-check", value)
             assert c.get_into(b"gpu-check", dev) == size  # registers the arena, checks the path
             ok = bool(np.array_equal(cp.asnumpy(dev), value))
@@ -265,10 +278,6 @@ def pool_dma(cp: Any, repeat: int, size: int = 64 << 20) -> dict[str, Any]:
                     "client_get_into_host_GB/s": size / t_host / 1e9,
                     "pinned_h2d_vs_cudamemcpy": t_pin_h2d / t_arena_h2d,
                     "pinned_d2h_vs_cudamemcpy": t_pin_d2h / t_arena_d2h}
-    finally:
-        if node is not None:
-            node.stop()
-        master.stop()
 
 
 def _wall(fn: Any, repeat: int) -> float:
@@ -504,27 +513,17 @@ def hf_gpu(cp: Any, repeat: int, tokens: int = 4096) -> dict[str, Any]:
     from connectors.testing.tiny_model import TinyModelSpec, build_tiny_llama
     from kvstore import LocalStore
     from kvstore.client import Client
-    from kvstore.config import load_config
-    from kvstore.master.server import serve_master
-    from kvstore.node.daemon import StoreNode
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(root)}
-    cfg = load_config(None, {"master.port": 0, "master.metrics_port": -1, "store.dram": "2GiB",
-                             "node.node_id": "gpu-check-hf", "node.metrics_port": -1})
-    master = serve_master(cfg.master)
-    node = None
     out: dict[str, Any] = {}
-    try:
-        node = StoreNode(load_config(None, {"node.master": master.address, "node.node_id": "gpu-check-hf",
-                                            "node.metrics_port": -1, "store.dram": "2GiB"}).node,
-                         cfg.store).start()
+    with _pool("gpu-check-hf", "2GiB") as address:
         with tempfile.TemporaryDirectory(prefix="gpu-check-hf-") as d:
             tiny = build_tiny_llama(Path(d) / "tiny", TinyModelSpec(layers=4, hidden=256, heads=4, kv_heads=2))
             prompt = json.dumps(list(range(2, 302)))
 
             def run(op: str) -> dict[str, Any]:
-                r = subprocess.run([sys.executable, "-m", "connectors.hf.handoff", op, str(tiny), master.address,
+                r = subprocess.run([sys.executable, "-m", "connectors.hf.handoff", op, str(tiny), address,
                                     prompt, "16", "64", "cuda"], capture_output=True, text=True, env=env,
                                    cwd=root, timeout=180)
                 if r.returncode != 0:
@@ -550,6 +549,7 @@ def hf_gpu(cp: Any, repeat: int, tokens: int = 4096) -> dict[str, Any]:
 
             cache = recompute()
             t_re = _wall(recompute, max(3, repeat // 4))
+
             def timed_load(store: Any) -> tuple[Any, float]:
                 def load() -> Any:
                     got, n = import_cache(store, ns, ids, device="cuda")
@@ -559,7 +559,7 @@ def hf_gpu(cp: Any, repeat: int, tokens: int = 4096) -> dict[str, Any]:
 
                 return load(), _wall(load, max(3, repeat // 4))
 
-            with Client(master.address, timeout=60) as c:
+            with Client(address, timeout=60) as c:
                 export_cache(c, ns, ids, cache)
                 loaded, t_pool = timed_load(c)
             with LocalStore(dram="1GiB", hbm="4GiB", prefault=False) as s:
@@ -573,10 +573,6 @@ def hf_gpu(cp: Any, repeat: int, tokens: int = 4096) -> dict[str, Any]:
                         "recompute_ms": t_re * 1e3, "load_pool_ms": t_pool * 1e3, "load_hbm_ms": t_hbm * 1e3,
                         "hf_gpu_load_vs_recompute_4096": t_re / t_pool,
                         "hf_gpu_load_vs_recompute_4096_hbm": t_re / t_hbm})
-    finally:
-        if node is not None:
-            node.stop()
-        master.stop()
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from kvstore._types import Buffer, byte_view
-from kvstore.checksum import block_sums, combine, verified_in_place
+from kvstore.checksum import block_sums, combine, verify
 from kvstore.config import StoreConfig
 from kvstore.devmem import DeviceBuffer, device_buffer
 from kvstore.errors import InvalidArgument, NoSpace
@@ -96,7 +96,7 @@ class LocalStore:
                 self._hbm = HbmTier(
                     c.hbm, hbm_device, alignment=c.alignment, high_watermark=c.high_watermark,
                     low_watermark=c.low_watermark,
-                    reserve_dram=lambda _key, n: self._m.reserve(n),
+                    reserve_dram=self._m.reserve,
                     adopt_dram=lambda key, alloc, checksum, sums: self._m.commit(key, alloc, checksum, sums=sums),
                 )
             except BaseException:
@@ -245,24 +245,17 @@ class LocalStore:
     def _dram_to_device(self, k: bytes, dst: DeviceBuffer) -> int | None:
         """DMA a DRAM (or disk, promoted) chunk into CUDA memory: verified where it lies
         in the arena first, then copied from the page-locked arena."""
-        lease = self._m.acquire(k)
-        if lease is None:
-            return None
-        try:
-            size = lease.alloc.size
+        def dma(held: Lease) -> int:
+            size = held.alloc.size
             if len(dst) < size:
                 raise InvalidArgument(f"buffer of {len(dst)} bytes is smaller than the value ({size} bytes)")
-            if not verified_in_place(k, lease.view, lease.checksum, None, None):
-                self._m.count("corrupt.dram")
-                self._m.remove(k)
-                return None
+            verify(held.view, held.checksum, k, what="dram")
             copier = self._device_copier()
-            copier.to_device(dst, lease.view)
+            copier.to_device(dst, held.view)
             copier.wait()
-            self._m.count("hits.dram")
             return size
-        finally:
-            lease.release()
+
+        return self._m.read_held(k, dma)
 
     def exists(self, key: Key) -> bool:
         k = check_key(key)

@@ -188,11 +188,7 @@ def prepare_layers(cache: PagedCache, block_ids: Any, *, scatter: bool, fmt: Chu
     GPU cache; see :class:`LayerCopy`. Arguments as :func:`gather`."""
     if cache.device != "cuda":
         raise InvalidArgument("prepare_layers is for caches on a GPU; use gather/scatter(layer=...) on the host")
-    ids = _block_ids(block_ids, cache.layout.num_blocks)
-    tokens = _tokens(cache, len(ids), fmt, num_tokens)
-    plan = cache.plan(fmt, len(ids), tokens)
-    phases: list[tuple[np.ndarray, np.ndarray | None]] = \
-        _scatter_phases(ids, tokens < len(ids) * cache.layout.block_size) if scatter else [(ids, None)]
+    _, plan, phases, _ = _setup(cache, block_ids, scatter, fmt, num_tokens, None, "cuda")
     from kvstore.kernels import cuda
 
     return LayerCopy(cuda.LayerLauncher(cache, plan, phases, scatter), plan.layer_dst, cache.num_layers)
@@ -297,6 +293,25 @@ def _block_ids(block_ids: Any, num_blocks: int) -> np.ndarray:
     return ids
 
 
+def _setup(cache: PagedCache, block_ids: Any, is_scatter: bool, fmt: ChunkFormat, num_tokens: int | None,
+           positions: Any, backend: Backend) -> tuple[np.ndarray, CopyPlan, list[tuple[np.ndarray, np.ndarray | None]], int]:
+    """Checked ids, the copy plan, the kernel passes (ids with their chunk positions, or
+    None for "id i at slot i") and the chunk's block slots of one gather or scatter."""
+    ids = _block_ids(block_ids, cache.layout.num_blocks)
+    pos = None if positions is None else _positions(positions, ids, num_tokens, backend)
+    slots = len(ids) if pos is None else int(pos.max()) + 1
+    tokens = _tokens(cache, slots, fmt, num_tokens)
+    plan = cache.plan(fmt, slots, tokens)
+    phases: list[tuple[np.ndarray, np.ndarray | None]]
+    if pos is not None:
+        phases = [(ids, pos)]
+    elif is_scatter:
+        phases = _scatter_phases(ids, tokens < len(ids) * cache.layout.block_size)
+    else:
+        phases = [(ids, None)]
+    return ids, plan, phases, slots
+
+
 def _positions(positions: Any, ids: np.ndarray, num_tokens: int | None, backend: Backend) -> np.ndarray:
     if num_tokens is not None:
         raise InvalidArgument("positions and num_tokens do not combine (every slot is a whole block)")
@@ -356,12 +371,8 @@ def _run(
 ) -> int:
     what = "scatter chunk" if is_scatter else "gather out"
     nthreads = _threads(threads)
-    ids = _block_ids(block_ids, cache.layout.num_blocks)
+    ids, plan, phases, slots = _setup(cache, block_ids, is_scatter, fmt, num_tokens, positions, backend)
     n = len(ids)
-    pos = None if positions is None else _positions(positions, ids, num_tokens, backend)
-    slots = n if pos is None else int(pos.max()) + 1
-    tokens = _tokens(cache, slots, fmt, num_tokens)
-    plan = cache.plan(fmt, slots, tokens)
     bases, offset = cache.bases_array, 0
     if layer is not None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cache.num_layers:
@@ -375,18 +386,13 @@ def _run(
             f"{what}: buffer holds {info.nbytes} bytes; {need} needed "
             f"({len(bases)} layer(s) x {plan.layer_dst} B at offset {offset}, fmt={fmt})"
         )
-    phases: list[tuple[np.ndarray, np.ndarray | None]]
-    if pos is not None:
-        phases = [(ids, pos)]
-    else:
-        phases = _scatter_phases(ids, tokens < n * cache.layout.block_size) if is_scatter else [(ids, None)]
     nbytes = len(bases) * plan.layer_dst * n // slots
     if cache.device == "cuda" or info.device == "cuda" or backend == "cuda":
         if backend not in ("auto", "cuda"):
             raise InvalidArgument(f"backend {backend!r} cannot reach GPU memory; use 'auto' or 'cuda'")
         if cache.device != "cuda":
             raise InvalidArgument(f"{what}: chunk on GPU but cache on host; move one of them")
-        if pos is not None and info.device != "cuda":
+        if positions is not None and info.device != "cuda":
             raise InvalidArgument(f"{what}: positions on a GPU cache need the chunk in device memory")
         from kvstore.kernels import cuda  # CuPy is imported only for GPU caches
 
@@ -406,7 +412,7 @@ def _run(
             )
         _count("native", nbytes)
         return nbytes
-    if pos is not None:
+    if positions is not None:
         raise KVStoreError(f"positions need the native kernels, unavailable here: {cpu.native_error()}")
     fallback = backend == "auto"
     if fallback:

@@ -29,7 +29,7 @@ from kvstore.kernels.paged import CopyPlan, PagedCache
 SOURCE = "paged_copy.cu"
 THREADS = 256
 _lock = threading.Lock()
-_modules: dict[int, Any] = {}
+_modules: dict[tuple[int, str], Any] = {}
 _sm_counts: dict[int, int] = {}
 # Device copy of each cache's per-layer base addresses, uploaded once per cache.
 _device_bases: weakref.WeakKeyDictionary[PagedCache, Any] = weakref.WeakKeyDictionary()
@@ -52,20 +52,21 @@ def cupy() -> Any:
     return cp
 
 
-def module(device_id: int) -> Any:
-    """The compiled RawModule for ``device_id`` (compiled once per device)."""
+def module(device_id: int, name: str = SOURCE) -> Any:
+    """The compiled RawModule of csrc/cuda/``name`` for ``device_id`` (compiled once per device)."""
     with _lock:
-        mod = _modules.get(device_id)
+        mod = _modules.get((device_id, name))
         if mod is None:
             cp = cupy()
             with cp.cuda.Device(device_id):
-                mod = cp.RawModule(code=source_path().read_text(), options=("--std=c++17",))
+                mod = cp.RawModule(code=source_path(name).read_text(), options=("--std=c++17",))
                 mod.compile()
-            _modules[device_id] = mod
+            _modules[(device_id, name)] = mod
         return mod
 
 
-def _sm_count(cp: Any, device_id: int) -> int:
+def sm_count(cp: Any, device_id: int) -> int:
+    """Streaming multiprocessors of ``device_id`` (queried once)."""
     n = _sm_counts.get(device_id)
     if n is None:  # Device.attributes queries every attribute: far too slow per launch
         n = _sm_counts[device_id] = int(cp.cuda.runtime.deviceGetAttribute(16, device_id))
@@ -144,7 +145,7 @@ def _launch(
     kernel = kern_mod.get_function(f"kvs_paged_copy_v{v}")
     items = len(bases) * n_ids
     item_vecs = max(1, plan.layer_dst // plan.chunk_blocks // v)
-    sms = _sm_count(cp, int(cp.cuda.runtime.getDevice()))
+    sms = sm_count(cp, int(cp.cuda.runtime.getDevice()))
     want = _pow2_ceil(max(1, (8 * sms + items - 1) // items))
     cap = _pow2_ceil(max(1, item_vecs // (THREADS * 8)))  # >= 8 vectors per thread: long-lived CTAs
     gy = max(1, min(want, cap, 32768))

@@ -11,7 +11,6 @@ and :meth:`wait` synchronizes it (the tier's calls are blocking).
 from __future__ import annotations
 
 import sys
-import threading
 from typing import Any
 
 import numpy as np
@@ -19,27 +18,12 @@ import numpy as np
 from kvstore.checksum import address_of
 from kvstore.devmem import DeviceBuffer
 from kvstore.errors import InvalidArgument, KVStoreError
-from kvstore.kernels.cuda import cupy, source_path
+from kvstore.kernels.cuda import cupy, module, sm_count
 
 THREADS = 256
 _BLOCKS_PER_SM = 8
 _HOST_TO_DEVICE, _DEVICE_TO_HOST, _DEVICE_TO_DEVICE = 1, 2, 3
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1
-_SM_COUNT_ATTRIBUTE = 16  # cudaDevAttrMultiProcessorCount
-
-_lock = threading.Lock()
-_modules: dict[int, Any] = {}
-
-
-def _module(cp: Any, device_id: int) -> Any:
-    with _lock:
-        mod = _modules.get(device_id)
-        if mod is None:
-            with cp.cuda.Device(device_id):
-                mod = cp.RawModule(code=source_path("device_sum.cu").read_text(), options=("--std=c++17",))
-                mod.compile()
-            _modules[device_id] = mod
-        return mod
 
 
 class CudaHbmDevice:
@@ -54,11 +38,11 @@ class CudaHbmDevice:
         self.device_id = device_id
         with cp.cuda.Device(device_id):
             self._stream = cp.cuda.Stream(non_blocking=True)
-            mod = _module(cp, device_id)
+            mod = module(device_id, "device_sum.cu")
             self._dsum, self._dsum_copy = mod.get_function("kvs_dsum"), mod.get_function("kvs_dsum_copy")
             self._slots = cp.zeros(64, dtype=cp.uint64)
             self._host_slots = self._pinned_slots(64)
-            self._sms = int(self._rt.deviceGetAttribute(_SM_COUNT_ATTRIBUTE, device_id))
+            self._sms = sm_count(cp, device_id)
         self._pending = 0  # sums queued since the last wait
         self._mine: dict[int, Any] = {}  # address -> cupy Memory
         self._opened: dict[bytes, int] = {}  # IPC handle -> address in this process

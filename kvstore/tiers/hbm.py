@@ -39,7 +39,7 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -110,8 +110,7 @@ class DeviceChunk:
     key: bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"handle": self.handle, "arena_bytes": self.arena_bytes, "device_id": self.device_id,
-                "offset": self.offset, "size": self.size, "dsum": self.dsum, "key": self.key}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeviceChunk:
@@ -128,7 +127,7 @@ class _Extent:
         self.live = True  # still the chunk of its key
 
 
-Demote = Callable[[bytes, int], Allocation | None]
+ReserveDram = Callable[[int], Allocation | None]
 """DRAM space for a demoted chunk of the given size, or None when there is none."""
 Adopt = Callable[[bytes, Allocation, int, np.ndarray], None]
 """Hand a filled DRAM allocation (checksum, block sums) to the DRAM tier."""
@@ -141,7 +140,7 @@ class HbmTier:
 
     def __init__(self, capacity: int, device: HbmDevice, *, alignment: int = 4096,
                  high_watermark: float = 0.95, low_watermark: float = 0.85,
-                 reserve_dram: Demote | None = None, adopt_dram: Adopt | None = None) -> None:
+                 reserve_dram: ReserveDram | None = None, adopt_dram: Adopt | None = None) -> None:
         if capacity < alignment:
             raise InvalidArgument(f"the HBM tier needs at least {alignment} bytes, got {capacity}")
         self.device = device
@@ -199,21 +198,19 @@ class HbmTier:
             dst = self.arena[off : off + n]
             try:
                 self.device.after_callers()
-                if isinstance(src, DeviceBuffer):
-                    if src.address % WORD == 0:
-                        self.device.sum(src, seed, dst)
-                    else:
-                        self.device.copy(dst, src)
-                        self.device.sum(dst, seed)
+                if isinstance(src, DeviceBuffer) and src.address % WORD == 0:
+                    dsum = _summed(self.device, src, seed, dst)  # copied and summed in one kernel
                 else:
-                    self.device.to_device(dst, src)
-                    self.device.sum(dst, seed)
-                (acc,) = self.device.wait()
+                    if isinstance(src, DeviceBuffer):
+                        self.device.copy(dst, src)
+                    else:
+                        self.device.to_device(dst, src)
+                    dsum = _summed(self.device, dst, seed)
             except BaseException:
                 self._alloc.free(off, n)
                 raise
             self._supersede(key)  # (only now: a put that fails loses nothing)
-            self._chunks[key] = _Extent(off, n, finish(acc, n, seed))
+            self._chunks[key] = _Extent(off, n, dsum)
             if pin:
                 self._pins.add(key)
             self.counters["puts.hbm"] += 1
@@ -259,13 +256,10 @@ class HbmTier:
 
     def _move_to_dram(self, key: bytes, ext: _Extent) -> None:
         src = self.arena[ext.offset : ext.offset + ext.size]
-        seed = key_seed(key)
-        self.device.sum(src, seed)
-        (acc,) = self.device.wait()
-        if finish(acc, ext.size, seed) != ext.dsum:
+        if _summed(self.device, src, key_seed(key)) != ext.dsum:
             self._corrupt(key, "on demotion")
             return
-        alloc = self._reserve_dram(key, ext.size) if self._reserve_dram is not None else None
+        alloc = self._reserve_dram(ext.size) if self._reserve_dram is not None else None
         if alloc is None or self._adopt_dram is None:
             self.counters["hbm.dropped"] += 1
             log.info("HBM tier: dropped %d-byte chunk (no DRAM room to demote it to)", ext.size)
@@ -300,17 +294,9 @@ class HbmTier:
             seed = key_seed(key)
             self.device.after_callers()
             if isinstance(dst, DeviceBuffer):
-                if dst.address % WORD == 0:
-                    self.device.sum(src, seed, dst[: ext.size])
-                    (acc,) = self.device.wait()
-                    ok = finish(acc, ext.size, seed) == ext.dsum
-                else:
-                    ok = self._verified(src, seed, ext)
-                    if ok:
-                        self.device.copy(dst[: ext.size], src)
-                        self.device.wait()
+                ok = _copy_verified(self.device, src, dst, seed, ext.dsum)
             else:
-                ok = self._verified(src, seed, ext)
+                ok = _summed(self.device, src, seed) == ext.dsum  # verified before it leaves the GPU
                 if ok:
                     self.device.to_host(dst[: ext.size], src)
                     self.device.wait()
@@ -320,11 +306,6 @@ class HbmTier:
             self._chunks.move_to_end(key)
             self.counters["hits.hbm"] += 1
             return ext.size
-
-    def _verified(self, src: DeviceBuffer, seed: int, ext: _Extent) -> bool:
-        self.device.sum(src, seed)
-        (acc,) = self.device.wait()
-        return finish(acc, ext.size, seed) == ext.dsum
 
     def _drop_corrupt(self, key: bytes, ext: _Extent) -> None:
         self._corrupt(key, "on read")
@@ -343,7 +324,7 @@ class HbmTier:
                 return None
             src = self.arena[ext.offset : ext.offset + ext.size]
             self.device.after_callers()
-            if not self._verified(src, key_seed(key), ext):
+            if _summed(self.device, src, key_seed(key)) != ext.dsum:
                 self._drop_corrupt(key, ext)
                 return None
             ext.refs += 1
@@ -453,16 +434,26 @@ def read_exported(chunk: DeviceChunk, dst: DeviceBuffer, device: HbmDevice) -> b
         raise InvalidArgument(f"buffer of {len(dst)} bytes is smaller than the chunk ({chunk.size} bytes)")
     peer = device.open_ipc(chunk.handle, chunk.arena_bytes)
     src = peer[chunk.offset : chunk.offset + chunk.size]
-    seed = key_seed(chunk.key)
     device.after_callers()
-    if dst.address % WORD == 0:
-        device.sum(src, seed, dst[: chunk.size])
-        (acc,) = device.wait()
-        return finish(acc, chunk.size, seed) == chunk.dsum
-    device.sum(src, seed)
+    return _copy_verified(device, src, dst, key_seed(chunk.key), chunk.dsum)
+
+
+def _summed(device: HbmDevice, src: DeviceBuffer, seed: int, dst: DeviceBuffer | None = None) -> int:
+    """The device sum of ``src`` (copied into ``dst`` by the same kernel, when given),
+    once everything queued on ``device`` has run."""
+    device.sum(src, seed, dst)
     (acc,) = device.wait()
-    if finish(acc, chunk.size, seed) != chunk.dsum:
+    return finish(acc, len(src), seed)
+
+
+def _copy_verified(device: HbmDevice, src: DeviceBuffer, dst: DeviceBuffer, seed: int, dsum: int) -> bool:
+    """Copy ``src`` into ``dst`` device to device, verified against ``dsum``: in one kernel
+    when ``dst`` is 8-byte aligned (a mismatch leaves ``dst`` undefined), else summed
+    first and copied only if it verified."""
+    if dst.address % WORD == 0:
+        return _summed(device, src, seed, dst[: len(src)]) == dsum
+    if _summed(device, src, seed) != dsum:
         return False
-    device.copy(dst[: chunk.size], src)
+    device.copy(dst[: len(src)], src)
     device.wait()
     return True

@@ -509,7 +509,14 @@ class TierManager:
 
         return self._read_leased(key, lease, zero_copy, "hits.dram")
 
-    def _read_leased(self, key: bytes, lease: Lease, read: Callable[[Lease], T], hit: str) -> T | None:
+    def read_held(self, key: bytes, read: Callable[[Lease], T]) -> T | None:
+        """Run ``read`` on ``key``'s bytes held in DRAM (promoted from disk if need be), for a
+        reader that moves them its own way (a DMA to a GPU) and verifies them first; a
+        :class:`Corruption` it raises drops the chunk (a miss). ``None`` on a miss."""
+        lease = self.acquire(key)  # (counts the hit)
+        return None if lease is None else self._read_leased(key, lease, read, None)
+
+    def _read_leased(self, key: bytes, lease: Lease, read: Callable[[Lease], T], hit: str | None) -> T | None:
         """Run ``read`` outside the lock, then release; a Corruption drops the chunk (a miss)."""
         try:
             out = read(lease)
@@ -518,7 +525,8 @@ class TierManager:
             return None
         finally:
             lease.release()
-        self.count(hit)
+        if hit is not None:
+            self.count(hit)
         return out
 
     def _on_dram_corrupt(self, key: bytes, alloc: Any, err: Corruption) -> None:

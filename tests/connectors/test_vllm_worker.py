@@ -41,15 +41,20 @@ def worker(cluster: Cluster, fill: float | None, **cfg_kw: Any) -> tuple[WorkerS
     return w, layers
 
 
-def saved(cluster: Cluster, salt: str) -> list[torch.Tensor]:
-    w, layers = worker(cluster, None)
-    meta = KVStoreConnectorMetadata(saves=[SaveSpec("p", TOKENS, salt, 0, 2, [0, 1, 2, 3])])
+def save_step(w: WorkerSide, saves: list[SaveSpec]) -> None:
+    """One step saving ``saves`` (two chunks in all), then the worker shut down."""
+    meta = KVStoreConnectorMetadata(saves=saves)
     for name in NAMES:
         w.save_kv_layer(meta, name)
     w.wait_for_save(meta)
     w.wait_idle()
     assert w.counters["saved_chunks"] == 2
     w.shutdown()
+
+
+def saved(cluster: Cluster, salt: str) -> list[torch.Tensor]:
+    w, layers = worker(cluster, None)
+    save_step(w, [SaveSpec("p", TOKENS, salt, 0, 2, [0, 1, 2, 3])])
     return layers
 
 
@@ -61,14 +66,7 @@ def load(w: WorkerSide, salt: str) -> KVStoreConnectorMetadata:
 
 def save_two_requests(w: WorkerSide, salt: str) -> None:
     """One step saving two requests' chunks (chunk 0 from blocks 0-1, chunk 1 from 2-3)."""
-    meta = KVStoreConnectorMetadata(saves=[SaveSpec("p", TOKENS, salt, 0, 1, [0, 1]),
-                                           SaveSpec("q", TOKENS, salt, 1, 1, [2, 3])])
-    for name in NAMES:
-        w.save_kv_layer(meta, name)
-    w.wait_for_save(meta)
-    w.wait_idle()
-    assert w.counters["saved_chunks"] == 2
-    w.shutdown()
+    save_step(w, [SaveSpec("p", TOKENS, salt, 0, 1, [0, 1]), SaveSpec("q", TOKENS, salt, 1, 1, [2, 3])])
 
 
 def load_all_layers(w: WorkerSide, salt: str) -> None:

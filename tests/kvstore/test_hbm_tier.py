@@ -444,3 +444,17 @@ def test_racing_puts_of_one_key_in_both_tiers_never_lose_it(dev: HostHbmDevice) 
         assert s.get(b"k") == b"h" * 4096
         tiers = s.stats()["tiers"]
         assert (tiers["hbm"]["chunks"], tiers["dram"]["chunks"]) == (0, 1)
+
+
+def test_a_corrupt_dram_chunk_never_reaches_a_device_buffer() -> None:
+    copier = HostCopier()
+    with LocalStore(dram="1MiB", prefault=False, device_copier=copier) as s:
+        s.put(b"k", b"v" * 5000)
+        loc = s.location(b"k")
+        assert loc is not None
+        s.arena.buffer[loc[0] + 10] ^= 1
+        out = FakeCudaArray(5000, fill=0xAB)
+        assert s.get_into(b"k", out) is None
+        assert out.tobytes() == bytes([0xAB]) * 5000 and copier.to_device_from == []
+        c = s.stats()["counters"]
+        assert c["corrupt.dram"] == 1 and c["misses.corrupt"] == 1 and not s.exists(b"k")
